@@ -1,0 +1,1 @@
+"""chat: a real-time chat server on FastAPI and PostgreSQL."""

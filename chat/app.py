@@ -1,0 +1,75 @@
+"""The app factory and its lifespan: engine, broadcaster with our backend, hub."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+
+from broadcaster import Broadcast
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from chat import http, ws
+from chat.auth import Refused, refuse
+from chat.config import Settings, get_settings
+from chat.db import create_engine
+from chat.hub import Hub
+from chat.pubsub import PostgresBackend
+
+log = logging.getLogger("chat.app")
+
+
+async def _exit_with_parent(parent: int) -> None:
+    """A worker whose supervisor died (kill -9) stops itself instead of serving on alone."""
+    while os.getppid() == parent:  # noqa: ASYNC110 (nothing to wait on: the kernel re-parents us)
+        await asyncio.sleep(1.0)
+    log.warning("supervisor %d is gone; shutting down", parent)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        url = settings.database_url
+        if not url:
+            raise RuntimeError("DATABASE_URL is not set: start the server with `chat serve`")
+        engine = create_engine(settings, url)
+        backend = PostgresBackend(
+            settings.listen_database_url or url,
+            heartbeat=settings.listen_heartbeat_seconds,
+            timeout=settings.listen_timeout_seconds,
+        )
+        broadcast = Broadcast(backend=backend)
+        await broadcast.connect()
+        hub = Hub(broadcast, engine)
+        app.state.settings, app.state.engine, app.state.backend, app.state.hub = (
+            settings,
+            engine,
+            backend,
+            hub,
+        )
+        watchdog = None
+        if supervisor := os.environ.get("CHAT_SUPERVISOR_PID"):
+            watchdog = asyncio.create_task(_exit_with_parent(int(supervisor)))
+        try:
+            yield
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            await hub.close()
+            await broadcast.disconnect()
+            await engine.dispose()
+
+    app = FastAPI(title="chat", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.include_router(http.router)
+    app.include_router(ws.router)
+    app.add_exception_handler(Refused, refuse)  # type: ignore[arg-type]
+    app.mount("/static", StaticFiles(directory=http.STATIC), name="static")
+    return app

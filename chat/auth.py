@@ -1,0 +1,87 @@
+"""Who is connecting: the token (cookie `session`, or query `token`) and the Origin, checked
+before a socket is accepted. Refusals are HTTP responses with a JSON reason: a close sent before
+accept() would reach a real client only as a bare 403."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from fastapi import Cookie, Depends, Query
+from fastapi.responses import JSONResponse
+from starlette.requests import HTTPConnection
+from starlette.websockets import WebSocket
+
+from chat import store
+from chat.config import Settings
+from chat.db import engine_of
+from chat.store import Identity, TokenRefused
+
+log = logging.getLogger("chat.auth")
+
+
+class Refused(Exception):
+    """Refuse a socket before accept (or an HTTP request) with a status and a safe reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def origin_allowed(conn: HTTPConnection, settings: Settings) -> bool:
+    origin = conn.headers.get("origin")
+    if origin is None:
+        return True  # not a browser: browsers always send Origin on WebSocket handshakes
+    origin = origin.rstrip("/")
+    if "*" in settings.allowed_origins or origin in settings.allowed_origins:
+        return True
+    return urlsplit(origin).netloc == conn.headers.get("host")  # same origin
+
+
+def check_origin(conn: HTTPConnection) -> None:
+    if not origin_allowed(conn, conn.app.state.settings):
+        raise Refused(403, "origin not allowed")
+
+
+async def raw_token(
+    websocket: WebSocket,
+    session: Annotated[str | None, Cookie()] = None,
+    token: Annotated[str | None, Query()] = None,
+) -> str:
+    check_origin(websocket)
+    value = session or token  # the cookie wins, as in the FastAPI chapter
+    if not value:
+        raise Refused(401, "missing token")
+    return value
+
+
+async def identity_of(conn: HTTPConnection, raw: str) -> Identity:
+    async with engine_of(conn).connect() as db:  # type: ignore[arg-type]
+        try:
+            return await store.identity_for_token(db, raw=raw)
+        except TokenRefused as exc:
+            raise Refused(401, exc.reason) from None
+
+
+async def socket_identity(websocket: WebSocket, raw: Annotated[str, Depends(raw_token)]) -> Identity:
+    return await identity_of(websocket, raw)
+
+
+SocketToken = Annotated[str, Depends(raw_token)]
+SocketUser = Annotated[Identity, Depends(socket_identity)]
+
+
+async def refuse(conn: HTTPConnection, exc: Exception) -> JSONResponse | None:
+    """Exception handler for Refused, on sockets and on HTTP routes alike."""
+    assert isinstance(exc, Refused)
+    log.info("refused %s %s: %s", conn.scope["type"], conn.url.path, exc.reason)
+    response = JSONResponse({"detail": exc.reason}, status_code=exc.status)
+    if not isinstance(conn, WebSocket):
+        return response
+    try:
+        await conn.send_denial_response(response)
+    except RuntimeError:  # a server without the denial-response extension
+        await conn.close(1008, exc.reason)
+    return None

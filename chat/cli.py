@@ -1,0 +1,206 @@
+"""The `chat` command: serve, migrate, and token management."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import re
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from datetime import timedelta
+from pathlib import Path
+
+import click
+
+from chat import logs
+from chat.config import Settings, get_settings
+from chat.embedded import EmbeddedError, EmbeddedPostgres
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def database(settings: Settings, *, own: bool = False) -> Iterator[tuple[str, bool]]:
+    """Yield (url, embedded). Without DATABASE_URL, use the embedded Postgres in the data folder:
+    one already running there (unless `own`), or one we start now and stop on the way out."""
+    if settings.database_url:
+        yield settings.database_url, False
+        return
+    pg = EmbeddedPostgres(settings.data_dir)
+    if not own and (url := pg.running_url()):
+        yield url, True
+        return
+    try:
+        url = pg.start()
+    except EmbeddedError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        yield url, True
+    finally:
+        pg.stop()
+
+
+def run_migrations(url: str, revision: str = "head") -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(ROOT / "migrations"))
+    config.attributes["url"] = url
+    config.attributes["configure_logging"] = False
+    command.upgrade(config, revision)
+
+
+def parse_ttl(value: str) -> timedelta | None:
+    if value in ("never", "0"):
+        return None
+    match = re.fullmatch(r"(\d+)([smhdw])", value)
+    if not match:
+        raise click.BadParameter("use a number and a unit (30s, 90m, 12h, 30d, 2w) or 'never'")
+    unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[match.group(2)]
+    return timedelta(**{unit: int(match.group(1))})
+
+
+async def _with_conn(url: str, work):  # type: ignore[no-untyped-def]
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return await work(conn)
+    finally:
+        await engine.dispose()
+
+
+@click.group()
+@click.option("--log-level", default="INFO", show_default=True)
+def main(log_level: str) -> None:
+    """A real-time chat server on PostgreSQL."""
+    logs.configure(log_level.upper())
+
+
+@main.command()
+@click.option("--host", help="Address to bind [CHAT_HOST, default 127.0.0.1].")
+@click.option("--port", type=int, help="Port [CHAT_PORT, default 8000].")
+@click.option("--workers", type=int, help="Server processes [CHAT_WORKERS, default 1].")
+@click.option("--no-link", is_flag=True, help="Do not create a sign-in link (embedded Postgres only).")
+def serve(host: str | None, port: int | None, workers: int | None, no_link: bool) -> None:
+    """Migrate and serve; with no DATABASE_URL, on the embedded Postgres."""
+    import uvicorn
+
+    from chat import store
+
+    settings = get_settings()
+    host = host or settings.host
+    port = settings.port if port is None else port
+    workers = workers or settings.workers
+    with database(settings, own=True) as (url, embedded):
+        run_migrations(url)
+        os.environ["DATABASE_URL"] = url  # for the app, in this process and in the workers
+        get_settings.cache_clear()
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        address = f"http://{shown}:{port}/"
+        if embedded:
+            click.echo(f"embedded Postgres: {settings.data_dir / 'pgdata'}")
+        if embedded and not no_link:
+            name = re.sub(r"[^\w.-]", "", getpass.getuser()) or "guest"
+            _, raw = asyncio.run(
+                _with_conn(
+                    url,
+                    lambda c: store.create_token(c, user_name=name, ttl=timedelta(days=30), label="serve"),
+                )
+            )
+            # In the fragment, which browsers never send to the server, so it reaches no log.
+            click.echo(f"chat is running: open {address}#token={raw}  (signed in as {name})")
+        else:
+            click.echo(f"chat is running at {address}")
+        if workers > 1:
+            os.environ["CHAT_SUPERVISOR_PID"] = str(os.getpid())
+        # uvicorn re-raises SIGTERM after its own shutdown; make that unwind through `finally`
+        # so the embedded Postgres is stopped too.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+        with suppress(KeyboardInterrupt):
+            uvicorn.run(
+                "chat.app:create_app",
+                factory=True,
+                host=host,
+                port=port,
+                workers=workers,
+                ws=settings.ws,
+                ws_max_size=settings.frame_limit,
+                log_config=logs.log_config(),
+                timeout_graceful_shutdown=10,
+            )
+
+
+@main.command()
+@click.argument("revision", default="head")
+def migrate(revision: str) -> None:
+    """Upgrade the database schema (alembic upgrade REVISION)."""
+    with database(get_settings()) as (url, _):
+        run_migrations(url, revision)
+    click.echo(f"database is at {revision}")
+
+
+@main.group()
+def token() -> None:
+    """Create, list and revoke access tokens (the database keeps only their hashes)."""
+
+
+@token.command("create")
+@click.argument("name")
+@click.option("--ttl", default="30d", show_default=True, help="Lifetime: 30s, 90m, 12h, 30d, 2w or never.")
+@click.option("--label", default="", help="A note to tell tokens apart.")
+def token_create(name: str, ttl: str, label: str) -> None:
+    """Create a token for user NAME (created if new); the raw token is the last line."""
+    from chat import store
+
+    lifetime = parse_ttl(ttl)
+    with database(get_settings()) as (url, _):
+        run_migrations(url)
+        token_id, raw = asyncio.run(
+            _with_conn(url, lambda c: store.create_token(c, user_name=name, ttl=lifetime, label=label))
+        )
+    click.echo(
+        f"token {token_id} for {name}, expires {'never' if lifetime is None else f'in {ttl}'}", err=True
+    )
+    click.echo(raw)
+
+
+@token.command("list")
+@click.option("--user", "user_name", help="Only this user's tokens.")
+def token_list(user_name: str | None) -> None:
+    """List tokens (never their values)."""
+    from chat import store
+
+    with database(get_settings()) as (url, _):
+        rows = asyncio.run(_with_conn(url, lambda c: store.list_tokens(c, user_name=user_name)))
+    click.echo(f"{'id':>5}  {'user':<20} {'state':<8} {'created':<20} {'expires':<20} label")
+    for r in rows:
+        state = "revoked" if r.revoked_at else "active"
+        expires = r.expires_at.strftime("%Y-%m-%d %H:%M") if r.expires_at else "never"
+        click.echo(
+            f"{r.id:>5}  {r.name:<20} {state:<8} {r.created_at:%Y-%m-%d %H:%M}     {expires:<20} {r.label}"
+        )
+
+
+@token.command("revoke")
+@click.argument("token_ids", nargs=-1, type=int)
+@click.option("--user", "user_name", help="Revoke all of this user's tokens.")
+def token_revoke(token_ids: tuple[int, ...], user_name: str | None) -> None:
+    """Revoke tokens by id (see `chat token list`), or all of a user's."""
+    from chat import store
+
+    if not token_ids and not user_name:
+        raise click.UsageError("name token ids or --user")
+    with database(get_settings()) as (url, _):
+        count = asyncio.run(
+            _with_conn(
+                url,
+                lambda c: store.revoke_tokens(c, token_ids=list(token_ids) or None, user_name=user_name),
+            )
+        )
+    click.echo(f"revoked {count} token(s)")

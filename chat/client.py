@@ -1,0 +1,92 @@
+"""One socket's outgoing side: a bounded queue drained by a single writer task.
+
+Feeds and the receive loop only ever `offer()` (never block); the sender task is the only writer
+to the socket. A socket whose queue overflows is cut off with CLOSE_SLOW_CONSUMER, so one slow
+reader never stalls a room; it reconnects and resumes by seq.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from chat.protocol import CLOSE_SLOW_CONSUMER
+from chat.store import MessageRecord
+
+log = logging.getLogger("chat.client")
+
+
+@dataclass(slots=True, frozen=True)
+class RoomEvent:
+    """An ephemeral room event (join, leave): fanned out, never stored, carries no seq."""
+
+    frame: str
+
+
+Item = MessageRecord | RoomEvent | str  # str: a frame for this socket alone (ack, error, ...)
+Render = Callable[[Item], str | None]  # None: this socket does not show that item
+
+
+class Client:
+    def __init__(self, ws: WebSocket, *, queue_size: int, render: Render, live_only: bool = False) -> None:
+        self.ws = ws
+        self.live_only = live_only  # no history: start at the room's head when joining
+        self.render = render
+        self.queue: asyncio.Queue[Item] = asyncio.Queue(queue_size)
+        self.cursor = 0  # the highest seq this socket has been sent
+        self.overflowed = False
+        self._sender: asyncio.Task[None] | None = None
+
+    def offer(self, item: Item) -> None:
+        if self.overflowed:
+            return
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            if self._sender is not None:
+                self._sender.cancel()
+
+    async def emit(self, item: Item) -> None:
+        """Send one item now, skipping messages at or below the cursor (already sent)."""
+        if isinstance(item, MessageRecord):
+            if item.seq <= self.cursor:
+                return
+            self.cursor = item.seq
+        text = self.render(item)
+        if text is not None:
+            await self.ws.send_text(text)
+
+    async def _drain(self) -> None:
+        while True:
+            await self.emit(await self.queue.get())
+
+    async def serve(self, receive_loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run the writer beside `receive_loop` until either ends, then close as needed."""
+        self._sender = asyncio.create_task(self._drain())
+        receiver = asyncio.create_task(receive_loop())
+        tasks = (self._sender, receiver)
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        error = results[1]
+        if isinstance(error, Exception) and not isinstance(error, WebSocketDisconnect):
+            # A bug in handling a frame: log it with the traceback, and let the client retry.
+            log.error("receive loop failed", exc_info=error)
+        if self.overflowed:
+            log.info("closing a slow consumer (queue of %d full)", self.queue.maxsize)
+            await self.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and resume")
+
+    async def close(self, code: int, reason: str) -> None:
+        # Bounded: a client that stopped reading may never let the close frame through.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(code, reason), 2.0)

@@ -1,0 +1,169 @@
+"""This process's sockets, per room, fed from broadcaster.
+
+One feed per room with local sockets: it subscribes to the room's channel (LISTEN happens once
+per process), keeps the last seq it dispatched, and hands every message to every local socket
+in seq order, exactly once. Whatever NOTIFY could not carry (a payload over 8000 bytes, a gap,
+notifications missed while the listener reconnected) is read from the table by seq.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from datetime import datetime
+from typing import Any
+
+from broadcaster import Broadcast
+from broadcaster._base import Unsubscribed
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chat import store
+from chat.client import Client, RoomEvent
+from chat.protocol import dumps
+from chat.pubsub import RESYNC
+from chat.store import MessageRecord
+
+log = logging.getLogger("chat.hub")
+
+BACKFILL_PAGE = 500
+
+
+def channel_of(room_id: int) -> str:
+    return f"room_{room_id}"  # room names may be longer than a channel name's 63 bytes
+
+
+class RoomFeed:
+    def __init__(self, hub: Hub, room_id: int, name: str) -> None:
+        self.hub = hub
+        self.room_id = room_id
+        self.name = name
+        self.clients: set[Client] = set()
+        self.last_seq = 0
+        self.ready = asyncio.Event()
+        self.task = asyncio.create_task(self._run(), name=f"feed-{name}")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with self.hub.broadcast.subscribe(channel_of(self.room_id)) as subscriber:
+                    if not self.ready.is_set():
+                        # LISTEN first, then read the head: every later commit is notified to us.
+                        async with self.hub.engine.connect() as conn:
+                            self.last_seq = await store.room_head(conn, room_id=self.room_id)
+                        for client in self.clients:
+                            if client.live_only:
+                                client.cursor = max(client.cursor, self.last_seq)
+                        self.ready.set()
+                    else:
+                        await self._backfill()
+                    while True:
+                        await self._handle((await subscriber.get()).message)
+            except Unsubscribed:
+                return
+            except Exception:
+                log.exception("feed for room %r failed; resubscribing", self.name)
+                await asyncio.sleep(1.0)
+
+    async def _handle(self, payload: str) -> None:
+        if payload == RESYNC:
+            await self._backfill()
+            return
+        try:
+            data: dict[str, Any] = json.loads(payload)
+        except ValueError:
+            log.warning("room %r: unreadable notification; reading the table instead", self.name)
+            await self._backfill()
+            return
+        seq = data.get("seq")
+        if seq is None:
+            if data.get("type") in ("join", "leave"):
+                self._dispatch(RoomEvent(dumps({**data, "room": self.name})))
+            return
+        if seq <= self.last_seq:
+            return  # already dispatched (a backfill got there first)
+        if seq == self.last_seq + 1 and not data.get("ref"):
+            self._dispatch(
+                MessageRecord(
+                    seq=seq,
+                    author=data["author"],
+                    body=data["body"],
+                    kind=data["kind"],
+                    author_id=data.get("author_id"),
+                    client_id=data.get("client_id"),
+                    sent_at=datetime.fromisoformat(data["sent_at"]),
+                )
+            )
+        else:
+            await self._backfill()  # a payload too big for NOTIFY, or a gap
+
+    async def _backfill(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                async with self.hub.engine.connect() as conn:
+                    while True:
+                        rows = await store.messages_after(
+                            conn, room_id=self.room_id, after=self.last_seq, limit=BACKFILL_PAGE
+                        )
+                        for row in rows:
+                            self._dispatch(row)
+                        if len(rows) < BACKFILL_PAGE:
+                            return
+            except (OSError, TimeoutError, ConnectionError) as exc:
+                log.warning("room %r: backfill failed (%r); retrying", self.name, exc)
+            except Exception as exc:  # asyncpg/SQLAlchemy errors while Postgres restarts
+                log.warning("room %r: backfill failed (%r); retrying", self.name, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _dispatch(self, item: MessageRecord | RoomEvent) -> None:
+        if isinstance(item, MessageRecord):
+            self.last_seq = item.seq
+        for client in list(self.clients):
+            client.offer(item)
+
+
+class Hub:
+    def __init__(self, broadcast: Broadcast, engine: AsyncEngine) -> None:
+        self.broadcast = broadcast
+        self.engine = engine
+        self.feeds: dict[int, RoomFeed] = {}
+
+    async def join(self, room_id: int, name: str, client: Client, *, timeout: float = 10.0) -> None:
+        feed = self.feeds.get(room_id)
+        if feed is None:
+            feed = self.feeds[room_id] = RoomFeed(self, room_id, name)
+        if client.live_only and feed.ready.is_set():
+            client.cursor = feed.last_seq  # before any further dispatch can reach it
+        feed.clients.add(client)
+        try:
+            await asyncio.wait_for(feed.ready.wait(), timeout)
+        except BaseException:
+            self.leave(room_id, client)
+            raise
+
+    def leave(self, room_id: int, client: Client) -> None:
+        feed = self.feeds.get(room_id)
+        if feed is None:
+            return
+        feed.clients.discard(client)
+        if not feed.clients:
+            del self.feeds[room_id]
+            feed.task.cancel()  # leaves the channel; the backend UNLISTENs
+
+    async def publish(self, room_id: int, event: dict[str, Any]) -> None:
+        """Fan out an ephemeral event to the room in every process (best effort)."""
+        try:
+            await self.broadcast.publish(channel_of(room_id), dumps(event))
+        except Exception as exc:
+            log.warning("could not publish %s: %r", event.get("type"), exc)
+
+    async def close(self) -> None:
+        feeds, self.feeds = list(self.feeds.values()), {}
+        for feed in feeds:
+            feed.task.cancel()
+        for feed in feeds:
+            with contextlib.suppress(asyncio.CancelledError):
+                await feed.task

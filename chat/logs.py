@@ -1,0 +1,44 @@
+"""Logging set-up. A raw token must never reach a log: uvicorn logs every WebSocket handshake
+with its query string, so every handler redacts tokens, whatever logger the record came from."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import logging.config
+import re
+from typing import Any
+
+from uvicorn.config import LOGGING_CONFIG
+
+_SECRETS = re.compile(r"((?:token|session)=)[^&\s\"';]+|chat_[A-Za-z0-9_-]{16,}")
+
+
+def redact(text: str) -> str:
+    return _SECRETS.sub(lambda m: (m.group(1) or "") + "[redacted]", text)
+
+
+class RedactTokens(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: redact(v) if isinstance(v, str) else v for k, v in record.args.items()}
+        return True
+
+
+def log_config(level: str = "INFO") -> dict[str, Any]:
+    """uvicorn's own logging config, plus our loggers, with the redaction on every handler."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["filters"] = {"redact": {"()": "chat.logs.RedactTokens"}}
+    for handler in config["handlers"].values():
+        handler["filters"] = ["redact"]
+    config["loggers"]["chat"] = {"handlers": ["default"], "level": level, "propagate": False}
+    config["loggers"]["uvicorn"]["level"] = level
+    return config
+
+
+def configure(level: str = "INFO") -> None:
+    logging.config.dictConfig(log_config(level))

@@ -1,0 +1,99 @@
+"""The room socket's JSON protocol: frames in (pydantic) and frames out, and the close codes.
+
+Every frame is a JSON object with a "type". README's "Protocol" section documents them all.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from chat.store import MessageRecord
+
+# Close codes (RFC 6455 section 7.4; 4000-4999 are ours).
+CLOSE_GOING_AWAY = 1001  # the server is shutting down: reconnect (to another process) and resume
+CLOSE_POLICY = 1008  # a policy violation
+CLOSE_TOO_BIG = 1009  # a frame over the hard frame limit (closed by uvicorn)
+CLOSE_SLOW_CONSUMER = 4000  # this socket's outgoing queue overflowed: reconnect with "after"
+
+
+class _Frame(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SendFrame(_Frame):
+    type: Literal["send"]
+    body: str
+    # The client's own id for the message: a resend with the same id stores nothing new.
+    client_id: str | None = Field(default=None, min_length=1, max_length=64)
+
+
+class PingFrame(_Frame):
+    type: Literal["ping"]
+
+
+class HistoryFrame(_Frame):
+    type: Literal["history"]
+    before: int = Field(ge=1)
+    limit: int = Field(default=50, ge=1)
+
+
+Incoming = SendFrame | PingFrame | HistoryFrame
+_incoming: TypeAdapter[Incoming] = TypeAdapter(Annotated[Incoming, Field(discriminator="type")])
+
+
+class BadFrame(Exception):
+    """A frame we refuse; `code` and `detail` go back to the client in an error frame."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+def parse(text: str) -> Incoming:
+    try:
+        return _incoming.validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        kind = first["type"]
+        if kind == "json_invalid":
+            raise BadFrame("invalid_json", "the frame is not valid JSON") from None
+        if kind in ("union_tag_invalid", "union_tag_not_found", "model_attributes_type"):
+            raise BadFrame("unknown_type", 'the frame needs a "type" of send, ping or history') from None
+        where = ".".join(str(p) for p in first["loc"][1:]) or "frame"
+        raise BadFrame("invalid_frame", f"{where}: {first['msg']}") from None
+
+
+# --- frames out ----------------------------------------------------------------------------------
+
+
+def dumps(frame: dict[str, Any]) -> str:
+    return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+
+
+def message_dict(room: str, message: MessageRecord) -> dict[str, Any]:
+    return {
+        "type": "message",
+        "room": room,
+        "seq": message.seq,
+        "author": message.author,
+        "kind": message.kind,
+        "body": message.body,
+        "sent_at": message.sent_at.astimezone(UTC).isoformat(timespec="milliseconds"),
+        "client_id": message.client_id,
+    }
+
+
+def message_frame(room: str, message: MessageRecord) -> str:
+    # Built once per message per process, then shared by every socket in the room.
+    if message._frame is None:
+        message._frame = dumps(message_dict(room, message))
+    return message._frame
+
+
+def error_frame(code: str, detail: str, **extra: Any) -> str:
+    return dumps({"type": "error", "code": code, "detail": detail, **extra})

@@ -1,0 +1,132 @@
+"""A room socket's session: validates what the client sends, stores it, and answers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chat import protocol, store
+from chat.client import Client
+from chat.config import Settings
+from chat.hub import Hub
+from chat.protocol import BadFrame, HistoryFrame, PingFrame, SendFrame
+from chat.store import Identity
+
+log = logging.getLogger("chat.service")
+
+REPLAY_PAGE = 500
+
+
+def check_body(body: str, *, max_bytes: int) -> None:
+    size = len(body.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise BadFrame("too_large", f"the message is {size} bytes; the limit is {max_bytes}")
+    if not body.strip():
+        raise BadFrame("empty", "the message is empty")
+    if "\x00" in body:
+        raise BadFrame("invalid_text", "the message contains a NUL character")
+    try:
+        body.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadFrame("invalid_text", "the message contains a lone surrogate") from None
+
+
+class RoomSession:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        engine: AsyncEngine,
+        hub: Hub,
+        identity: Identity,
+        room_id: int,
+        room: str,
+        client: Client,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.hub = hub
+        self.identity = identity
+        self.room_id = room_id
+        self.room = room
+        self.client = client
+
+    async def replay(self, *, after: int | None) -> None:
+        """Send history straight to the socket; the live queue fills meanwhile and the cursor
+        drops what replay already sent. With `after`: every message after it, page by page."""
+        client = self.client
+        async with self.engine.connect() as conn:
+            head = await store.room_head(conn, room_id=self.room_id)
+            if after is None:
+                rows = await store.messages_before(
+                    conn, room_id=self.room_id, before=None, limit=self.settings.history_on_join
+                )
+                client.cursor = rows[0].seq - 1 if rows else head
+                for row in rows:
+                    await client.emit(row)
+            else:
+                client.cursor = min(after, head)  # a cursor from the future: resume from now
+                while rows := await store.messages_after(
+                    conn, room_id=self.room_id, after=client.cursor, limit=REPLAY_PAGE
+                ):
+                    for row in rows:
+                        await client.emit(row)
+        await client.emit(
+            protocol.dumps(
+                {"type": "ready", "room": self.room, "user": self.identity.name, "last_seq": client.cursor}
+            )
+        )
+
+    async def handle(self, text: str) -> None:
+        try:
+            frame = protocol.parse(text)
+            if isinstance(frame, SendFrame):
+                await self.send(frame)
+            elif isinstance(frame, HistoryFrame):
+                await self.history(frame)
+            elif isinstance(frame, PingFrame):
+                self.reply({"type": "pong"})
+        except BadFrame as exc:
+            self.client.offer(protocol.error_frame(exc.code, exc.detail))
+
+    def reply(self, frame: dict[str, Any]) -> None:
+        self.client.offer(protocol.dumps(frame))
+
+    async def send(self, frame: SendFrame) -> None:
+        check_body(frame.body, max_bytes=self.settings.max_message_bytes)
+        try:
+            async with self.engine.connect() as conn:
+                appended = await store.append_message(
+                    conn,
+                    room_id=self.room_id,
+                    author_id=self.identity.user_id,
+                    author=self.identity.name,
+                    body=frame.body,
+                    client_id=frame.client_id,
+                )
+        except Exception as exc:
+            log.warning("storing a message failed: %r", exc)
+            raise BadFrame("unavailable", "the message was not stored; send it again") from None
+        self.reply(
+            {
+                "type": "ack",
+                "client_id": frame.client_id,
+                "seq": appended.message.seq,
+                "duplicate": appended.duplicate,
+            }
+        )
+
+    async def history(self, frame: HistoryFrame) -> None:
+        limit = min(frame.limit, self.settings.history_page_max)
+        async with self.engine.connect() as conn:
+            rows = await store.messages_before(conn, room_id=self.room_id, before=frame.before, limit=limit)
+        self.reply(
+            {
+                "type": "history",
+                "room": self.room,
+                "before": frame.before,
+                "messages": [protocol.message_dict(self.room, r) for r in rows],
+            }
+        )

@@ -1,0 +1,246 @@
+"""Queries. Plain keyword-only functions on an AsyncConnection; each write is one short transaction."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from chat.models import Message, Room, Token, User
+
+TOKEN_PREFIX = "chat_"
+
+
+@dataclass(slots=True)
+class MessageRecord:
+    seq: int
+    author: str
+    body: str
+    kind: str = "text"
+    author_id: int | None = None
+    client_id: str | None = None
+    sent_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    _frame: str | None = None  # the JSON frame, built once per process and shared by all sockets
+
+    @classmethod
+    def from_row(cls, row: Any) -> MessageRecord:
+        return cls(
+            seq=row.seq,
+            author=row.author,
+            body=row.body,
+            kind=row.kind,
+            author_id=row.author_id,
+            client_id=row.client_id,
+            sent_at=row.created_at,
+        )
+
+
+_MESSAGE_COLUMNS = (
+    Message.seq,
+    Message.author,
+    Message.body,
+    Message.kind,
+    Message.author_id,
+    Message.client_id,
+    Message.created_at,
+)
+
+
+@asynccontextmanager
+async def _write(conn: AsyncConnection) -> AsyncIterator[None]:
+    """One short write transaction, ending any implicit read transaction first."""
+    if conn.in_transaction():
+        await conn.commit()
+    async with conn.begin():
+        yield
+
+
+# --- rooms -------------------------------------------------------------------------------------
+
+
+async def room_id(conn: AsyncConnection, *, name: str, create: bool = True) -> int | None:
+    found = await conn.scalar(select(Room.id).where(Room.name == name))
+    if found is not None or not create:
+        return found
+    async with _write(conn):
+        await conn.execute(pg_insert(Room).values(name=name).on_conflict_do_nothing(index_elements=["name"]))
+    return await conn.scalar(select(Room.id).where(Room.name == name))
+
+
+async def room_head(conn: AsyncConnection, *, room_id: int) -> int:
+    head = await conn.scalar(select(Room.last_seq).where(Room.id == room_id))
+    return int(head or 0)
+
+
+# --- messages ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Appended:
+    message: MessageRecord
+    duplicate: bool  # True when client_id had been used before: nothing new was written
+
+
+async def append_message(
+    conn: AsyncConnection,
+    *,
+    room_id: int,
+    author_id: int | None,
+    author: str,
+    body: str,
+    kind: str = "text",
+    client_id: str | None = None,
+) -> Appended:
+    """Store one message; the triggers give it its seq and NOTIFY it at commit."""
+    stmt = (
+        insert(Message)
+        .values(
+            room_id=room_id, author_id=author_id, author=author, body=body, kind=kind, client_id=client_id
+        )
+        .returning(*_MESSAGE_COLUMNS)
+    )
+    try:
+        async with _write(conn):
+            row = (await conn.execute(stmt)).one()
+        return Appended(MessageRecord.from_row(row), duplicate=False)
+    except IntegrityError:
+        # Never INSERT .. ON CONFLICT here: the seq trigger has already run by then, so a skipped
+        # row would leave a gap. A failed INSERT rolls the whole transaction back, bump included.
+        if client_id is None:
+            raise
+        existing = await conn.execute(
+            select(*_MESSAGE_COLUMNS).where(
+                Message.room_id == room_id, Message.author_id == author_id, Message.client_id == client_id
+            )
+        )
+        return Appended(MessageRecord.from_row(existing.one()), duplicate=True)
+
+
+async def messages_after(
+    conn: AsyncConnection, *, room_id: int, after: int, limit: int
+) -> list[MessageRecord]:
+    """The next `limit` messages with seq > after, oldest first."""
+    rows = await conn.execute(
+        select(*_MESSAGE_COLUMNS)
+        .where(Message.room_id == room_id, Message.seq > after)
+        .order_by(Message.seq)
+        .limit(limit)
+    )
+    return [MessageRecord.from_row(r) for r in rows]
+
+
+async def messages_before(
+    conn: AsyncConnection, *, room_id: int, before: int | None, limit: int
+) -> list[MessageRecord]:
+    """The `limit` messages just before seq `before` (or the latest ones), oldest first."""
+    query = select(*_MESSAGE_COLUMNS).where(Message.room_id == room_id)
+    if before is not None:
+        query = query.where(Message.seq < before)
+    rows = await conn.execute(query.order_by(Message.seq.desc()).limit(limit))
+    return [MessageRecord.from_row(r) for r in reversed(rows.all())]
+
+
+async def message_at(conn: AsyncConnection, *, room_id: int, seq: int) -> MessageRecord | None:
+    row = (
+        await conn.execute(select(*_MESSAGE_COLUMNS).where(Message.room_id == room_id, Message.seq == seq))
+    ).one_or_none()
+    return MessageRecord.from_row(row) if row else None
+
+
+# --- users and tokens --------------------------------------------------------------------------
+
+
+def hash_token(raw: str) -> bytes:
+    # Tokens carry 256 random bits, so a fast hash is enough: nothing to brute-force.
+    return hashlib.sha256(raw.encode()).digest()
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+@dataclass(slots=True, frozen=True)
+class Identity:
+    user_id: int
+    name: str
+    token_id: int
+    expires_at: datetime | None
+
+
+class TokenRefused(Exception):
+    """The token is unknown, expired or revoked; `reason` is safe to show the client."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def identity_for_token(conn: AsyncConnection, *, raw: str) -> Identity:
+    row = (
+        await conn.execute(
+            select(Token.id, Token.expires_at, Token.revoked_at, User.id.label("user_id"), User.name)
+            .join(User, User.id == Token.user_id)
+            .where(Token.hash == hash_token(raw))
+        )
+    ).one_or_none()
+    if row is None:
+        raise TokenRefused("invalid token")
+    if row.revoked_at is not None:
+        raise TokenRefused("token revoked")
+    if row.expires_at is not None and row.expires_at <= datetime.now(UTC):
+        raise TokenRefused("token expired")
+    return Identity(user_id=row.user_id, name=row.name, token_id=row.id, expires_at=row.expires_at)
+
+
+async def create_token(
+    conn: AsyncConnection, *, user_name: str, ttl: timedelta | None, label: str = ""
+) -> tuple[int, str]:
+    """Create the user if needed and a token for them; returns (token id, raw token)."""
+    raw = new_token()
+    async with _write(conn):
+        await conn.execute(
+            pg_insert(User).values(name=user_name).on_conflict_do_nothing(index_elements=["name"])
+        )
+        user_id = await conn.scalar(select(User.id).where(User.name == user_name))
+        expires = datetime.now(UTC) + ttl if ttl else None
+        token_id = await conn.scalar(
+            insert(Token)
+            .values(user_id=user_id, hash=hash_token(raw), label=label, expires_at=expires)
+            .returning(Token.id)
+        )
+    assert token_id is not None
+    return token_id, raw
+
+
+async def list_tokens(conn: AsyncConnection, *, user_name: str | None = None) -> list[Any]:
+    query = (
+        select(Token.id, User.name, Token.label, Token.created_at, Token.expires_at, Token.revoked_at)
+        .join(User, User.id == Token.user_id)
+        .order_by(Token.id)
+    )
+    if user_name is not None:
+        query = query.where(User.name == user_name)
+    return list(await conn.execute(query))
+
+
+async def revoke_tokens(
+    conn: AsyncConnection, *, token_ids: list[int] | None = None, user_name: str | None = None
+) -> int:
+    """Revoke tokens by id or all of a user's; returns how many were newly revoked."""
+    stmt = update(Token).where(Token.revoked_at.is_(None)).values(revoked_at=func.now())
+    if token_ids is not None:
+        stmt = stmt.where(Token.id.in_(token_ids))
+    if user_name is not None:
+        stmt = stmt.where(Token.user_id == select(User.id).where(User.name == user_name).scalar_subquery())
+    async with _write(conn):
+        result = await conn.execute(stmt)
+    return result.rowcount

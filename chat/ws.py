@@ -1,0 +1,161 @@
+"""WebSocket routes: the room socket, and the FastAPI chapter's three examples upgraded
+(tokens checked against the database, broadcast across processes, messages persisted)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import MutableMapping
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
+
+from chat import protocol, store
+from chat.auth import Refused, SocketToken, SocketUser
+from chat.client import Client, Item, RoomEvent
+from chat.db import engine_of
+from chat.service import RoomSession, check_body
+from chat.store import MessageRecord
+
+router = APIRouter()
+
+ROOM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+CHAPTER_ROOM = "_chapter"  # where /ws/{client_id} keeps its messages; no user room starts with "_"
+
+
+async def _room_id(websocket: WebSocket, name: str) -> int:
+    async with engine_of(websocket).connect() as conn:
+        room_id = await store.room_id(conn, name=name)
+    assert room_id is not None
+    return room_id
+
+
+def _receive_text_or_none(message: MutableMapping[str, Any]) -> str | None:
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(int(message.get("code") or 1000))
+    text = message.get("text")
+    return text if isinstance(text, str) else None
+
+
+@router.websocket("/rooms/{room}/ws")
+async def room_socket(
+    websocket: WebSocket,
+    room: str,
+    user: SocketUser,
+    after: Annotated[int | None, Query(ge=0)] = None,
+) -> None:
+    if not ROOM_NAME.fullmatch(room):
+        raise Refused(400, "invalid room name: 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
+    state = websocket.app.state
+    room_id = await _room_id(websocket, room)
+    await websocket.accept()
+
+    def render(item: Item) -> str:
+        if isinstance(item, MessageRecord):
+            return protocol.message_frame(room, item)
+        return item.frame if isinstance(item, RoomEvent) else item
+
+    client = Client(websocket, queue_size=state.settings.socket_queue, render=render)
+    session = RoomSession(
+        settings=state.settings,
+        engine=state.engine,
+        hub=state.hub,
+        identity=user,
+        room_id=room_id,
+        room=room,
+        client=client,
+    )
+    await state.hub.join(room_id, room, client)
+    try:
+        await session.replay(after=after)
+        await state.hub.publish(room_id, {"type": "join", "user": user.name})
+
+        async def receive_loop() -> None:
+            while True:
+                text = _receive_text_or_none(await websocket.receive())
+                if text is None:
+                    client.offer(protocol.error_frame("binary_not_supported", "send JSON text frames"))
+                else:
+                    await session.handle(text)
+
+        await client.serve(receive_loop)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        state.hub.leave(room_id, client)
+    await state.hub.publish(room_id, {"type": "leave", "user": user.name})
+
+
+# --- the FastAPI chapter's examples -----------------------------------------------------------
+
+
+@router.websocket("/ws")
+async def echo(websocket: WebSocket) -> None:
+    """Example 1: answers each text with `Message text was: {data}`."""
+    await websocket.accept()
+    try:
+        while True:
+            text = _receive_text_or_none(await websocket.receive())
+            await websocket.send_text(
+                f"Message text was: {text}" if text is not None else "binary frames are not supported"
+            )
+    except WebSocketDisconnect:
+        pass
+
+
+@router.websocket("/items/{item_id}/ws")
+async def items(
+    websocket: WebSocket, item_id: str, token: SocketToken, user: SocketUser, q: int | None = None
+) -> None:
+    """Example 2: dependencies; the token must be a live one from the tokens table."""
+    await websocket.accept()
+    try:
+        while True:
+            data = _receive_text_or_none(await websocket.receive())
+            await websocket.send_text(f"Session cookie or query token value is: {token}")
+            if q is not None:
+                await websocket.send_text(f"Query parameter q is: {q}")
+            await websocket.send_text(f"Message text was: {data}, for item ID: {item_id}")
+    except WebSocketDisconnect:
+        pass
+
+
+@router.websocket("/ws/{client_id}")
+async def clients(websocket: WebSocket, client_id: int, user: SocketUser) -> None:
+    """Example 3: broadcast to every client in every process; persisted in the `_chapter` room."""
+    state = websocket.app.state
+    room_id = await _room_id(websocket, CHAPTER_ROOM)
+    await websocket.accept()
+
+    def render(item: Item) -> str | None:
+        if isinstance(item, MessageRecord):
+            return item.body
+        return None if isinstance(item, RoomEvent) else item
+
+    client = Client(websocket, queue_size=state.settings.socket_queue, render=render, live_only=True)
+
+    async def post(body: str, kind: str) -> None:
+        async with state.engine.connect() as conn:
+            await store.append_message(
+                conn, room_id=room_id, author_id=user.user_id, author=user.name, body=body, kind=kind
+            )
+
+    async def receive_loop() -> None:
+        while True:
+            data = _receive_text_or_none(await websocket.receive())
+            if data is None:
+                client.offer("binary frames are not supported")
+                continue
+            try:
+                check_body(data, max_bytes=state.settings.max_message_bytes)
+            except protocol.BadFrame as exc:
+                client.offer(f"Error: {exc.detail}")
+                continue
+            client.offer(f"You wrote: {data}")
+            await post(f"Client #{client_id} says: {data}", "text")
+
+    await state.hub.join(room_id, CHAPTER_ROOM, client)
+    try:
+        await client.serve(receive_loop)
+    finally:
+        state.hub.leave(room_id, client)
+    await post(f"Client #{client_id} left the chat", "notice")

@@ -1,0 +1,71 @@
+"""Real server processes for tests: `python -m chat serve` on a free port, on the test database."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(
+        self, database_url: str, log_dir: Path, *, workers: int = 1, env: dict[str, str] | None = None
+    ) -> None:
+        self.port = free_port()
+        self.log_path = log_dir / f"server-{self.port}.log"
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+        environment.update({"DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1", **(env or {})})
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "chat", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--workers", str(workers)],
+                env=environment,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        self.wait_ready()
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def ws(self, path: str) -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.http}/readyz", timeout=1.0).status_code == 200:
+                    return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"server not ready in {timeout}s:\n{self.log()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode

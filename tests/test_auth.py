@@ -1,0 +1,97 @@
+"""Tokens are checked against the database before a socket is accepted, on every socket route."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import httpx
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+from websockets.typing import Origin
+
+from chat import store
+from tests.conftest import MakeToken, unique
+from tests.servers import Server
+
+ROUTES = ["/rooms/general/ws", "/items/foo/ws", "/ws/1234"]
+
+
+async def refusal(url: str, **kwargs: object) -> tuple[int, str]:
+    """Connect, expecting a refusal before accept; returns the HTTP status and the reason."""
+    with pytest.raises(InvalidStatus) as caught:
+        async with connect(url, **kwargs):  # type: ignore[arg-type]
+            pass
+    response = caught.value.response
+    return response.status_code, json.loads(bytes(response.body or b"{}")).get("detail", "")
+
+
+async def revoked_token(engine: AsyncEngine, make_token: MakeToken) -> str:
+    raw = await make_token()
+    async with engine.connect() as conn:
+        who = await store.identity_for_token(conn, raw=raw)
+        assert await store.revoke_tokens(conn, token_ids=[who.token_id]) == 1
+    return raw
+
+
+@pytest.mark.parametrize("route", ROUTES)
+async def test_refused_before_accept(
+    server_a: Server, engine: AsyncEngine, make_token: MakeToken, route: str
+) -> None:
+    expired = await make_token(ttl=timedelta(seconds=-1))
+    revoked = await revoked_token(engine, make_token)
+    cases = {
+        "missing": (server_a.ws(route), (401, "missing token")),
+        "unknown": (server_a.ws(route) + "?token=some-key-token", (401, "invalid token")),
+        "expired": (server_a.ws(route) + f"?token={expired}", (401, "token expired")),
+        "revoked": (server_a.ws(route) + f"?token={revoked}", (401, "token revoked")),
+    }
+    for name, (url, expected) in cases.items():
+        assert await refusal(url) == expected, name
+    # A cookie naming a bad token wins over a good query token, as in the chapter.
+    good = await make_token()
+    assert await refusal(
+        server_a.ws(route) + f"?token={good}", additional_headers={"Cookie": "session=some-key-token"}
+    ) == (401, "invalid token")
+
+
+@pytest.mark.parametrize("route", ROUTES)
+async def test_accepted_with_cookie_or_query(server_a: Server, make_token: MakeToken, route: str) -> None:
+    raw = await make_token()
+    async with connect(server_a.ws(route) + f"?token={raw}") as ws:
+        await ws.send("hello")
+        assert await ws.recv(decode=True)
+    async with connect(server_a.ws(route), additional_headers={"Cookie": f"session={raw}"}) as ws:
+        await ws.send("hello")
+        assert await ws.recv(decode=True)
+
+
+async def test_origin_check(server_a: Server, make_token: MakeToken) -> None:
+    raw = await make_token()
+    url = server_a.ws("/rooms/general/ws")
+    cookie = {"Cookie": f"session={raw}"}
+    assert await refusal(url, additional_headers=cookie, origin=Origin("http://evil.example")) == (
+        403,
+        "origin not allowed",
+    )
+    async with connect(
+        url, additional_headers=cookie, origin=Origin(f"http://127.0.0.1:{server_a.port}")
+    ) as ws:
+        assert json.loads(await ws.recv())["type"] in ("message", "ready")
+
+
+async def test_session_cookie_sign_in(server_a: Server, make_token: MakeToken) -> None:
+    name = unique("signin")
+    raw = await make_token(name)
+    async with httpx.AsyncClient(base_url=server_a.http) as http:
+        bad = await http.post("/api/session", json={"token": "some-key-token"})
+        assert (bad.status_code, bad.json()["detail"]) == (401, "invalid token")
+        assert (await http.get("/api/me")).status_code == 401
+        ok = await http.post("/api/session", json={"token": raw})
+        assert ok.status_code == 200 and ok.json()["user"] == name
+        assert "httponly" in ok.headers["set-cookie"].lower()
+        assert (await http.get("/api/me")).json()["user"] == name
+        assert (await http.delete("/api/session")).status_code == 204
+        assert (await http.get("/api/me")).status_code == 401
