@@ -164,9 +164,7 @@ def token_create(name: str, ttl: str, label: str) -> None:
         token_id, raw = asyncio.run(
             _with_conn(url, lambda c: store.create_token(c, user_name=name, ttl=lifetime, label=label))
         )
-    click.echo(
-        f"token {token_id} for {name}, expires {'never' if lifetime is None else f'in {ttl}'}", err=True
-    )
+    click.echo(f"token {token_id} for {name}, expires {'never' if lifetime is None else f'in {ttl}'}", err=True)
     click.echo(raw)
 
 
@@ -182,9 +180,7 @@ def token_list(user_name: str | None) -> None:
     for r in rows:
         state = "revoked" if r.revoked_at else "active"
         expires = r.expires_at.strftime("%Y-%m-%d %H:%M") if r.expires_at else "never"
-        click.echo(
-            f"{r.id:>5}  {r.name:<20} {state:<8} {r.created_at:%Y-%m-%d %H:%M}     {expires:<20} {r.label}"
-        )
+        click.echo(f"{r.id:>5}  {r.name:<20} {state:<8} {r.created_at:%Y-%m-%d %H:%M}     {expires:<20} {r.label}")
 
 
 @token.command("revoke")

@@ -21,6 +21,10 @@ from chat.store import MessageRecord
 
 log = logging.getLogger("chat.client")
 
+# A slow consumer's close frame waits behind what it has not read yet: give it this long to
+# drain and see the close code, then drop the connection (the client then sees 1006).
+CLOSE_GRACE_SECONDS = 10.0
+
 
 @dataclass(slots=True, frozen=True)
 class RoomEvent:
@@ -86,7 +90,7 @@ class Client:
             log.info("closing a slow consumer (queue of %d full)", self.queue.maxsize)
             await self.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and resume")
 
-    async def close(self, code: int, reason: str) -> None:
+    async def close(self, code: int, reason: str, grace: float = CLOSE_GRACE_SECONDS) -> None:
         # Bounded: a client that stopped reading may never let the close frame through.
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ws.close(code, reason), 2.0)
+            await asyncio.wait_for(self.ws.close(code, reason), grace)

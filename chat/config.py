@@ -37,9 +37,7 @@ def libpq_url(url: str) -> str:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHAT_", env_file=".env", extra="ignore")
 
-    database_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("DATABASE_URL", "CHAT_DATABASE_URL")
-    )
+    database_url: str | None = Field(default=None, validation_alias=AliasChoices("DATABASE_URL", "CHAT_DATABASE_URL"))
     # A direct (not pooled) DSN for the LISTEN connection, when DATABASE_URL goes through PgBouncer.
     listen_database_url: str | None = None
     data_dir: Path = Field(default_factory=default_data_dir)

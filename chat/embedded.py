@@ -205,11 +205,7 @@ class EmbeddedPostgres:
                 raise EmbeddedError(f"postgres exited with {self.process.returncode}:\n{self._log_tail()}")
             with contextlib.suppress(OSError):
                 lines = pidfile.read_text().split("\n")
-                if (
-                    len(lines) > 7
-                    and lines[7].strip() == "ready"
-                    and lines[0].strip() == str(self.process.pid)
-                ):
+                if len(lines) > 7 and lines[7].strip() == "ready" and lines[0].strip() == str(self.process.pid):
                     return
             time.sleep(0.02)
         self.stop()

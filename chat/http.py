@@ -55,9 +55,7 @@ class Me(BaseModel):
     expires_at: datetime | None
 
 
-@router.post(
-    "/api/session", responses={401: {"description": "the token is missing, unknown, expired or revoked"}}
-)
+@router.post("/api/session", responses={401: {"description": "the token is missing, unknown, expired or revoked"}})
 async def sign_in(body: SessionIn, request: Request, response: Response) -> Me:
     """Check a token and keep it in the `session` cookie (HttpOnly), so it stays out of URLs."""
     check_origin(request)

@@ -18,8 +18,15 @@ def redact(text: str) -> str:
     return _SECRETS.sub(lambda m: (m.group(1) or "") + "[redacted]", text)
 
 
+# uvicorn 0.54 logs this after every HTTP denial response, which is how we refuse sockets: the
+# refusal itself is logged (by us and by uvicorn's "connection rejected"), so the line is noise.
+_DENIAL_NOISE = "ASGI callable returned without completing handshake."
+
+
 class RedactTokens(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == _DENIAL_NOISE:
+            return False
         if isinstance(record.msg, str):
             record.msg = redact(record.msg)
         if isinstance(record.args, tuple):

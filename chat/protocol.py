@@ -62,7 +62,9 @@ def parse(text: str) -> Incoming:
         kind = first["type"]
         if kind == "json_invalid":
             raise BadFrame("invalid_json", "the frame is not valid JSON") from None
-        if kind in ("union_tag_invalid", "union_tag_not_found", "model_attributes_type"):
+        if kind in ("dict_type", "model_type"):
+            raise BadFrame("invalid_frame", "a frame must be a JSON object") from None
+        if kind in ("union_tag_invalid", "union_tag_not_found"):
             raise BadFrame("unknown_type", 'the frame needs a "type" of send, ping or history') from None
         where = ".".join(str(p) for p in first["loc"][1:]) or "frame"
         raise BadFrame("invalid_frame", f"{where}: {first['msg']}") from None

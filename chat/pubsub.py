@@ -124,9 +124,7 @@ class PostgresBackend(BroadcastBackend):
     async def _beat(self) -> None:
         async with self._lock:
             assert self._conn is not None
-            usage = await asyncio.wait_for(
-                self._conn.fetchval("SELECT pg_notification_queue_usage()"), self._timeout
-            )
+            usage = await asyncio.wait_for(self._conn.fetchval("SELECT pg_notification_queue_usage()"), self._timeout)
             self.queue_usage = float(usage)
 
     async def _supervise(self) -> None:

@@ -74,12 +74,11 @@ class RoomSession:
                     for row in rows:
                         await client.emit(row)
         await client.emit(
-            protocol.dumps(
-                {"type": "ready", "room": self.room, "user": self.identity.name, "last_seq": client.cursor}
-            )
+            protocol.dumps({"type": "ready", "room": self.room, "user": self.identity.name, "last_seq": client.cursor})
         )
 
     async def handle(self, text: str) -> None:
+        frame: protocol.Incoming | None = None
         try:
             frame = protocol.parse(text)
             if isinstance(frame, SendFrame):
@@ -89,7 +88,9 @@ class RoomSession:
             elif isinstance(frame, PingFrame):
                 self.reply({"type": "pong"})
         except BadFrame as exc:
-            self.client.offer(protocol.error_frame(exc.code, exc.detail))
+            # Errors answering a send name its client_id, so the client knows which one failed.
+            extra = {"client_id": frame.client_id} if isinstance(frame, SendFrame) else {}
+            self.client.offer(protocol.error_frame(exc.code, exc.detail, **extra))
 
     def reply(self, frame: dict[str, Any]) -> None:
         self.client.offer(protocol.dumps(frame))

@@ -103,9 +103,7 @@ async def append_message(
     """Store one message; the triggers give it its seq and NOTIFY it at commit."""
     stmt = (
         insert(Message)
-        .values(
-            room_id=room_id, author_id=author_id, author=author, body=body, kind=kind, client_id=client_id
-        )
+        .values(room_id=room_id, author_id=author_id, author=author, body=body, kind=kind, client_id=client_id)
         .returning(*_MESSAGE_COLUMNS)
     )
     try:
@@ -125,9 +123,7 @@ async def append_message(
         return Appended(MessageRecord.from_row(existing.one()), duplicate=True)
 
 
-async def messages_after(
-    conn: AsyncConnection, *, room_id: int, after: int, limit: int
-) -> list[MessageRecord]:
+async def messages_after(conn: AsyncConnection, *, room_id: int, after: int, limit: int) -> list[MessageRecord]:
     """The next `limit` messages with seq > after, oldest first."""
     rows = await conn.execute(
         select(*_MESSAGE_COLUMNS)
@@ -207,9 +203,7 @@ async def create_token(
     """Create the user if needed and a token for them; returns (token id, raw token)."""
     raw = new_token()
     async with _write(conn):
-        await conn.execute(
-            pg_insert(User).values(name=user_name).on_conflict_do_nothing(index_elements=["name"])
-        )
+        await conn.execute(pg_insert(User).values(name=user_name).on_conflict_do_nothing(index_elements=["name"]))
         user_id = await conn.scalar(select(User.id).where(User.name == user_name))
         expires = datetime.now(UTC) + ttl if ttl else None
         token_id = await conn.scalar(

@@ -103,9 +103,7 @@ async def echo(websocket: WebSocket) -> None:
 
 
 @router.websocket("/items/{item_id}/ws")
-async def items(
-    websocket: WebSocket, item_id: str, token: SocketToken, user: SocketUser, q: int | None = None
-) -> None:
+async def items(websocket: WebSocket, item_id: str, token: SocketToken, user: SocketUser, q: int | None = None) -> None:
     """Example 2: dependencies; the token must be a live one from the tokens table."""
     await websocket.accept()
     try:

@@ -37,9 +37,7 @@ async def revoked_token(engine: AsyncEngine, make_token: MakeToken) -> str:
 
 
 @pytest.mark.parametrize("route", ROUTES)
-async def test_refused_before_accept(
-    server_a: Server, engine: AsyncEngine, make_token: MakeToken, route: str
-) -> None:
+async def test_refused_before_accept(server_a: Server, engine: AsyncEngine, make_token: MakeToken, route: str) -> None:
     expired = await make_token(ttl=timedelta(seconds=-1))
     revoked = await revoked_token(engine, make_token)
     cases = {
@@ -76,9 +74,7 @@ async def test_origin_check(server_a: Server, make_token: MakeToken) -> None:
         403,
         "origin not allowed",
     )
-    async with connect(
-        url, additional_headers=cookie, origin=Origin(f"http://127.0.0.1:{server_a.port}")
-    ) as ws:
+    async with connect(url, additional_headers=cookie, origin=Origin(f"http://127.0.0.1:{server_a.port}")) as ws:
         assert json.loads(await ws.recv())["type"] in ("message", "ready")
 
 

@@ -80,13 +80,9 @@ def upgrade() -> None:
     )
     op.create_table(
         "messages",
-        sa.Column(
-            "room_id", sa.BigInteger(), sa.ForeignKey("rooms.id", ondelete="CASCADE"), primary_key=True
-        ),
+        sa.Column("room_id", sa.BigInteger(), sa.ForeignKey("rooms.id", ondelete="CASCADE"), primary_key=True),
         sa.Column("seq", sa.BigInteger(), primary_key=True),
-        sa.Column(
-            "author_id", sa.BigInteger(), sa.ForeignKey("users.id", ondelete="SET NULL"), nullable=True
-        ),
+        sa.Column("author_id", sa.BigInteger(), sa.ForeignKey("users.id", ondelete="SET NULL"), nullable=True),
         sa.Column("author", sa.Text(), nullable=False),
         sa.Column("kind", sa.Text(), server_default="text", nullable=False),
         sa.Column("body", sa.Text(), nullable=False),
@@ -103,13 +99,9 @@ def upgrade() -> None:
     )
     op.execute(SEQ_FUNCTION)
     op.execute(NOTIFY_FUNCTION)
+    op.execute("CREATE TRIGGER messages_seq BEFORE INSERT ON messages FOR EACH ROW EXECUTE FUNCTION chat_message_seq()")
     op.execute(
-        "CREATE TRIGGER messages_seq BEFORE INSERT ON messages "
-        "FOR EACH ROW EXECUTE FUNCTION chat_message_seq()"
-    )
-    op.execute(
-        "CREATE TRIGGER messages_notify AFTER INSERT ON messages "
-        "FOR EACH ROW EXECUTE FUNCTION chat_message_notify()"
+        "CREATE TRIGGER messages_notify AFTER INSERT ON messages FOR EACH ROW EXECUTE FUNCTION chat_message_notify()"
     )
 
 

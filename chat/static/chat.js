@@ -1,0 +1,569 @@
+// The chat page: sign-in, rooms, one room socket at a time, resume by seq, pending sends.
+// Every piece of user-controlled text goes through textContent, never innerHTML.
+'use strict';
+
+const ROOM_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
+const HISTORY_LIMIT = 50;
+const PING_MS = 25000;
+const STALE_MS = 70000; // nothing heard for this long (pongs included): the socket is dead
+const SEND_ERRORS = new Set(['too_large', 'empty', 'invalid_text', 'invalid_frame', 'unavailable']);
+const LABELS = { connecting: 'Connecting…', connected: 'Connected', reconnecting: 'Reconnecting…', offline: 'Offline' };
+
+const el = {};
+let me = null; // the signed-in user's name
+let rooms = []; // the rooms in the sidebar
+let current = null; // the room being shown
+let shown = null; // the room whose nodes are in #messages and #outbox
+const roomState = new Map(); // room name -> state, see stateOf
+let conn = null; // {ws, room, opened, ready, inflight: [client_id, ...], lastHeard}
+const retry = { attempt: 0, failures: 0, timer: null, tick: null };
+let pingTimer = null;
+
+// --- helpers ---------------------------------------------------------------------------------
+
+function load(key, fallback) {
+  try {
+    const raw = localStorage.getItem(key);
+    return raw === null ? fallback : JSON.parse(raw);
+  } catch (e) { return fallback; }
+}
+
+function save(key, value) {
+  try { localStorage.setItem(key, JSON.stringify(value)); } catch (e) { /* storage off: fine */ }
+}
+
+function node(tag, className, text) {
+  const n = document.createElement(tag);
+  n.className = className;
+  if (text !== undefined) n.textContent = text == null ? '' : String(text);
+  return n;
+}
+
+function newClientId() {
+  if (window.crypto && typeof crypto.randomUUID === 'function') return crypto.randomUUID();
+  return Date.now().toString(36) + Math.random().toString(36).slice(2) + Math.random().toString(36).slice(2);
+}
+
+function detailOf(data, fallback) {
+  if (data && typeof data.detail === 'string') return data.detail;
+  if (data && Array.isArray(data.detail)) return data.detail.map((d) => (d && d.msg) || '').join('; ') || fallback;
+  return fallback;
+}
+
+async function api(method, path, body) {
+  const init = { method, credentials: 'same-origin', headers: {} };
+  if (body !== undefined) {
+    init.headers['Content-Type'] = 'application/json';
+    init.body = JSON.stringify(body);
+  }
+  const res = await fetch(path, init);
+  let data = null;
+  try { data = await res.json(); } catch (e) { /* 204, or not JSON */ }
+  return { ok: res.ok, status: res.status, data };
+}
+
+function showText(target, text) {
+  target.textContent = text || '';
+  target.hidden = !text;
+}
+
+function showView(name) {
+  el.loading.hidden = name !== 'loading';
+  el.signinView.hidden = name !== 'signin';
+  el.chatView.hidden = name !== 'chat';
+  el.account.hidden = name !== 'chat';
+}
+
+function setStatus(state, label) {
+  el.status.dataset.state = state;
+  el.status.textContent = label || LABELS[state];
+}
+
+function showBanner(text, code) {
+  el.errorText.textContent = text;
+  el.banner.dataset.code = code || '';
+  el.banner.hidden = false;
+}
+
+// --- sign-in ---------------------------------------------------------------------------------
+
+function tokenFromHash() {
+  if (!location.hash) return null;
+  const token = new URLSearchParams(location.hash.slice(1)).get('token');
+  if (token === null) return null;
+  history.replaceState(null, '', location.pathname + location.search); // keep the token out of the URL
+  return token.trim() || null;
+}
+
+async function checkMe() {
+  try {
+    const r = await api('GET', '/api/me');
+    if (r.ok && r.data && typeof r.data.user === 'string') return { user: r.data.user };
+    return r.status === 401 ? { signedOut: true } : { error: `the server answered ${r.status}` };
+  } catch (e) { return { error: 'cannot reach the server' }; }
+}
+
+async function signIn(token) {
+  showText(el.signinError, '');
+  el.signinSubmit.disabled = true;
+  try {
+    const r = await api('POST', '/api/session', { token });
+    if (r.ok && r.data && typeof r.data.user === 'string') {
+      el.tokenInput.value = '';
+      startChat(r.data.user);
+    } else {
+      showSignin(detailOf(r.data, `sign-in failed (${r.status})`));
+    }
+  } catch (e) {
+    showSignin('cannot reach the server');
+  } finally {
+    el.signinSubmit.disabled = false;
+  }
+}
+
+function showSignin(message) {
+  stopSocket();
+  me = null;
+  roomState.clear();
+  el.messages.replaceChildren();
+  el.outbox.replaceChildren();
+  shown = current = null;
+  setStatus('offline');
+  showView('signin');
+  showText(el.signinError, message);
+  el.tokenInput.focus();
+}
+
+async function signOut() {
+  stopSocket();
+  try { await api('DELETE', '/api/session'); } catch (e) { /* signed out here anyway */ }
+  showSignin('');
+}
+
+function startChat(user) {
+  if (me !== null && me !== user) showSignin(''); // another account: forget what the last one saw
+  me = user;
+  el.me.textContent = user;
+  const stored = load('chat.rooms', ['general']);
+  rooms = Array.isArray(stored) ? [...new Set(stored.filter((r) => typeof r === 'string' && ROOM_RE.test(r)))] : [];
+  if (!rooms.length) rooms = ['general'];
+  const saved = load('chat.room', rooms[0]);
+  const room = typeof saved === 'string' && ROOM_RE.test(saved) ? saved : rooms[0];
+  if (!rooms.includes(room)) rooms.push(room);
+  save('chat.rooms', rooms);
+  current = null;
+  renderRoomList();
+  showView('chat');
+  openRoom(room);
+}
+
+// --- rooms -----------------------------------------------------------------------------------
+
+function stateOf(name) {
+  if (!roomState.has(name)) {
+    roomState.set(name, {
+      lastSeq: 0, // the highest seq rendered
+      minSeq: null, // the lowest seq rendered
+      seen: new Set(),
+      exhausted: false,
+      loadingOlder: false,
+      pending: [], // {clientId, body, el, retries}: sent, not acknowledged yet
+      awaiting: new Map(), // seq -> outbox element: acknowledged, its message not rendered yet
+      stash: { messages: document.createDocumentFragment(), outbox: document.createDocumentFragment() },
+    });
+  }
+  return roomState.get(name);
+}
+
+function renderRoomList() {
+  el.roomList.replaceChildren(...rooms.map((name) => {
+    const li = node('li', 'room-item');
+    const btn = node('button', 'room', name);
+    btn.type = 'button';
+    btn.dataset.room = name;
+    li.append(btn);
+    return li;
+  }));
+  markCurrentRoom();
+}
+
+function markCurrentRoom() {
+  for (const btn of el.roomList.querySelectorAll('button.room')) {
+    if (btn.dataset.room === current) btn.setAttribute('aria-current', 'true');
+    else btn.removeAttribute('aria-current');
+  }
+}
+
+function onRoomSubmit(e) {
+  e.preventDefault();
+  const name = el.roomInput.value.trim();
+  if (!ROOM_RE.test(name)) {
+    el.roomInput.setAttribute('aria-invalid', 'true');
+    showText(el.roomError, 'Room names are 1–64 characters of A–Z a–z 0–9 _ . - and start with a letter or digit.');
+    el.roomInput.focus();
+    return;
+  }
+  el.roomInput.removeAttribute('aria-invalid');
+  showText(el.roomError, '');
+  el.roomInput.value = '';
+  if (!rooms.includes(name)) {
+    rooms.push(name);
+    save('chat.rooms', rooms);
+    renderRoomList();
+  }
+  openRoom(name);
+  el.messageInput.focus();
+}
+
+function openRoom(name) {
+  if (name === current && conn) return;
+  stopSocket();
+  if (shown !== name) { // park the old room's nodes, bring back the new room's
+    if (shown) {
+      stateOf(shown).stash.messages.append(...el.messages.childNodes);
+      stateOf(shown).stash.outbox.append(...el.outbox.childNodes);
+    }
+    el.messages.append(...stateOf(name).stash.messages.childNodes);
+    el.outbox.append(...stateOf(name).stash.outbox.childNodes);
+    shown = name;
+  }
+  current = name;
+  save('chat.room', name);
+  el.currentRoom.textContent = name;
+  markCurrentRoom();
+  el.banner.hidden = true;
+  updateLoadOlder();
+  scrollToBottom();
+  retry.attempt = retry.failures = 0;
+  connect();
+}
+
+// --- the socket ------------------------------------------------------------------------------
+
+function connect() {
+  clearRetry();
+  if (!me || !current) return;
+  if (navigator.onLine === false) return setStatus('offline'); // the 'online' event reconnects
+  const state = stateOf(current);
+  const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
+  const url = `${scheme}://${location.host}/rooms/${encodeURIComponent(current)}/ws` +
+    (state.lastSeq ? `?after=${state.lastSeq}` : '');
+  setStatus('connecting');
+  const c = { ws: null, room: current, opened: false, ready: false, inflight: [], lastHeard: Date.now() };
+  try {
+    c.ws = new WebSocket(url);
+  } catch (e) {
+    return scheduleReconnect();
+  }
+  conn = c;
+  c.ws.onopen = () => { if (conn === c) { c.opened = true; retry.failures = 0; } };
+  c.ws.onmessage = (ev) => { if (conn === c) onFrame(c, ev.data); };
+  c.ws.onclose = (ev) => { if (conn === c) onClose(c, ev); };
+}
+
+function stopSocket() {
+  clearRetry();
+  clearInterval(pingTimer);
+  if (!conn) return;
+  const ws = conn.ws;
+  conn = null;
+  ws.onopen = ws.onmessage = ws.onclose = null;
+  try { ws.close(1000); } catch (e) { /* already closed */ }
+}
+
+function clearRetry() {
+  clearTimeout(retry.timer);
+  clearInterval(retry.tick);
+  retry.timer = retry.tick = null;
+}
+
+function scheduleReconnect(delay) {
+  clearRetry();
+  if (!me) return;
+  if (navigator.onLine === false) return setStatus('offline');
+  if (delay === undefined) { // 0.5s doubling to 10s, with jitter
+    delay = Math.min(10000, 500 * 2 ** retry.attempt) * (0.8 + 0.4 * Math.random());
+    retry.attempt += 1;
+  }
+  const until = Date.now() + delay;
+  retry.timer = setTimeout(connect, delay);
+  const tick = () => {
+    const s = Math.ceil((until - Date.now()) / 1000);
+    setStatus('reconnecting', s > 0 ? `Reconnecting in ${s}s…` : LABELS.reconnecting);
+  };
+  tick();
+  retry.tick = setInterval(tick, 1000);
+}
+
+function onClose(c, ev) {
+  conn = null;
+  clearInterval(pingTimer);
+  const state = stateOf(c.room);
+  state.loadingOlder = false;
+  updateLoadOlder();
+  if (ev.code === 1009) { // a frame of ours was too big (the longest unanswered one): never resend it
+    const suspects = state.pending.filter((p) => c.inflight.includes(p.clientId));
+    if (suspects.length) {
+      dropPending(state, suspects.reduce((a, b) => (b.body.length > a.body.length ? b : a)).clientId);
+      showBanner('The message is too large to send.', 'too_large');
+    }
+  }
+  if (!c.opened && ++retry.failures >= 2) return verifySession(); // refused before accept, again
+  if (ev.code === 4000) scheduleReconnect(0); // slow consumer: resume at once
+  else if (ev.code === 1001) scheduleReconnect(200 + Math.random() * 800); // server going away
+  else scheduleReconnect();
+}
+
+async function verifySession() {
+  setStatus('reconnecting');
+  const r = await checkMe();
+  if (!me || conn || retry.timer) return; // signed out, or reconnecting already
+  if (r.signedOut) showSignin('Your session expired. Please sign in again.');
+  else scheduleReconnect();
+}
+
+function ping(c) {
+  if (conn !== c) return;
+  if (Date.now() - c.lastHeard > STALE_MS) { // half-open: drop it and resume
+    stopSocket();
+    return scheduleReconnect(0);
+  }
+  try { c.ws.send(JSON.stringify({ type: 'ping' })); } catch (e) { /* closing */ }
+}
+
+function onFrame(c, data) {
+  c.lastHeard = Date.now();
+  let f;
+  try { f = JSON.parse(data); } catch (e) { return; }
+  if (!f || typeof f !== 'object') return;
+  const state = stateOf(c.room);
+  if (f.type === 'message') keepBottom(() => addMessage(state, f, false));
+  else if (f.type === 'ready') onReady(c, state, f);
+  else if (f.type === 'join' || f.type === 'leave') addEvent(`${f.user || 'someone'} ${f.type === 'join' ? 'joined' : 'left'}`);
+  else if (f.type === 'ack') onAck(c, state, f);
+  else if (f.type === 'history') onHistory(state, f);
+  else if (f.type === 'error') onServerError(c, state, f);
+  // pong, and anything newer than this page: nothing to do
+}
+
+function onReady(c, state, f) {
+  if (typeof f.last_seq === 'number' && f.last_seq < state.lastSeq) {
+    // The room's history went backwards (a restored database): start the room over.
+    Object.assign(state, { lastSeq: 0, minSeq: null, exhausted: false });
+    state.seen.clear();
+    el.messages.replaceChildren();
+    stopSocket();
+    return connect();
+  }
+  c.ready = true;
+  retry.attempt = retry.failures = 0;
+  setStatus('connected');
+  for (const p of state.pending) transmit(c, p); // the same client_id: the server stores it once
+  updateLoadOlder();
+  clearInterval(pingTimer);
+  pingTimer = setInterval(() => ping(c), PING_MS);
+}
+
+function transmit(c, p) {
+  try {
+    c.ws.send(JSON.stringify({ type: 'send', body: p.body, client_id: p.clientId }));
+    c.inflight.push(p.clientId);
+  } catch (e) { /* closing: resent after the reconnect */ }
+}
+
+function takePending(state, clientId) {
+  const i = state.pending.findIndex((p) => p.clientId === clientId);
+  return i < 0 ? null : state.pending.splice(i, 1)[0];
+}
+
+function dropPending(state, clientId) {
+  const p = takePending(state, clientId);
+  if (!p) return;
+  p.el.remove();
+  if (!el.messageInput.value) el.messageInput.value = p.body; // give the text back for editing
+}
+
+function onAck(c, state, f) {
+  const i = c.inflight.indexOf(f.client_id);
+  if (i >= 0) c.inflight.splice(i, 1);
+  const p = takePending(state, f.client_id);
+  if (!p) return;
+  if (!Number.isInteger(f.seq) || f.seq <= state.lastSeq || state.seen.has(f.seq)) {
+    p.el.remove();
+  } else { // stays on screen until the message itself arrives
+    p.el.querySelector('.state').textContent = 'sent';
+    state.awaiting.set(f.seq, p.el);
+  }
+}
+
+function onServerError(c, state, f) {
+  if (SEND_ERRORS.has(f.code) && c.inflight.length) {
+    // Replies come in order and errors name no client_id: this one is about the oldest send.
+    const clientId = c.inflight.shift();
+    const p = state.pending.find((q) => q.clientId === clientId);
+    if (p && f.code === 'unavailable' && p.retries < 5) {
+      p.retries += 1;
+      setTimeout(() => { if (conn === c && state.pending.includes(p)) transmit(c, p); }, 1000 * 2 ** p.retries);
+    } else if (p) {
+      dropPending(state, clientId);
+    }
+  }
+  showBanner(typeof f.detail === 'string' && f.detail ? f.detail : String(f.code || 'error'), f.code);
+}
+
+// --- rendering -------------------------------------------------------------------------------
+
+function scrollToBottom() {
+  el.scroller.scrollTop = el.scroller.scrollHeight;
+}
+
+function keepBottom(fn) { // follow new messages only when the reader is at the bottom already
+  const s = el.scroller;
+  const stick = s.scrollHeight - s.scrollTop - s.clientHeight < 80;
+  fn();
+  if (stick) scrollToBottom();
+}
+
+function renderMessage(m) {
+  const li = node('li', 'msg');
+  if (m.kind === 'notice') li.classList.add('notice');
+  if (m.author === me) li.classList.add('mine');
+  li.dataset.seq = String(m.seq);
+  const time = node('time', 'time');
+  const date = new Date(m.sent_at);
+  if (typeof m.sent_at === 'string' && !Number.isNaN(date.getTime())) {
+    time.dateTime = m.sent_at;
+    time.textContent = `${String(date.getHours()).padStart(2, '0')}:${String(date.getMinutes()).padStart(2, '0')}`;
+    time.title = date.toLocaleString();
+  }
+  const meta = node('div', 'meta');
+  meta.append(node('span', 'author', m.author), time);
+  li.append(meta, node('div', 'body', m.body));
+  return li;
+}
+
+function addMessage(state, m, older) {
+  if (!m || !Number.isInteger(m.seq) || state.seen.has(m.seq)) return;
+  if (!older && m.seq <= state.lastSeq) return; // never a duplicate, never out of order
+  state.seen.add(m.seq);
+  // Insert in seq order: after the last message with a smaller seq (the newest go after notices).
+  const msgs = el.messages.getElementsByClassName('msg');
+  let i = msgs.length - 1;
+  while (i >= 0 && Number(msgs[i].dataset.seq) > m.seq) i -= 1;
+  if (msgs[i + 1]) el.messages.insertBefore(renderMessage(m), msgs[i + 1]);
+  else el.messages.append(renderMessage(m));
+  state.lastSeq = Math.max(state.lastSeq, m.seq);
+  state.minSeq = state.minSeq === null ? m.seq : Math.min(state.minSeq, m.seq);
+  const acked = state.awaiting.get(m.seq);
+  if (acked) {
+    acked.remove();
+    state.awaiting.delete(m.seq);
+  }
+  if (m.client_id && m.author === me) {
+    const p = takePending(state, m.client_id);
+    if (p) p.el.remove();
+  }
+  if (!older) updateLoadOlder();
+}
+
+function addEvent(text) {
+  keepBottom(() => el.messages.append(node('li', 'event', text)));
+}
+
+// --- composer and history --------------------------------------------------------------------
+
+function sendComposer() {
+  const body = el.messageInput.value;
+  if (!body.trim() || !current) return;
+  const state = stateOf(current);
+  const p = { clientId: newClientId(), body, retries: 0, el: node('li', 'pending') };
+  const meta = node('div', 'meta');
+  meta.append(node('span', 'pending-author', me), node('span', 'state', 'sending…'));
+  p.el.append(meta, node('div', 'pending-body', body));
+  p.el.dataset.clientId = p.clientId;
+  state.pending.push(p);
+  el.outbox.append(p.el);
+  el.messageInput.value = '';
+  fitComposer();
+  scrollToBottom();
+  if (conn && conn.ready && conn.room === current) transmit(conn, p);
+}
+
+function fitComposer() {
+  el.messageInput.rows = Math.min(6, Math.max(1, el.messageInput.value.split('\n').length));
+}
+
+function updateLoadOlder() {
+  const s = current ? roomState.get(current) : null;
+  const hide = !s || s.exhausted || s.minSeq === null || s.minSeq <= 1;
+  if (hide && document.activeElement === el.loadOlder) el.scroller.focus();
+  el.loadOlder.hidden = hide;
+  el.loadOlder.disabled = !!(s && s.loadingOlder) || !(conn && conn.ready);
+  el.loadOlder.textContent = s && s.loadingOlder ? 'Loading…' : 'Load older messages';
+}
+
+function loadOlder() {
+  const s = stateOf(current);
+  if (!conn || !conn.ready || s.loadingOlder || s.minSeq === null || s.minSeq <= 1) return;
+  s.loadingOlder = true;
+  updateLoadOlder();
+  conn.ws.send(JSON.stringify({ type: 'history', before: s.minSeq, limit: HISTORY_LIMIT }));
+}
+
+function onHistory(state, f) {
+  state.loadingOlder = false;
+  const list = Array.isArray(f.messages) ? f.messages : [];
+  const s = el.scroller;
+  const fromBottom = s.scrollHeight - s.scrollTop; // keep the view where it was
+  for (const m of list) addMessage(state, m, true);
+  s.scrollTop = s.scrollHeight - fromBottom;
+  if (list.length < HISTORY_LIMIT) state.exhausted = true; // the beginning: never ask again
+  updateLoadOlder();
+}
+
+// --- start -----------------------------------------------------------------------------------
+
+function bind() {
+  for (const n of document.querySelectorAll('[id]')) {
+    el[n.id.replace(/-([a-z])/g, (_, ch) => ch.toUpperCase())] = n; // 'token-input' -> el.tokenInput
+  }
+  el.banner = el.errorBanner;
+  el.signinForm.addEventListener('submit', (e) => {
+    e.preventDefault();
+    const token = el.tokenInput.value.trim();
+    if (token) signIn(token);
+    else showText(el.signinError, 'Enter your access token.');
+  });
+  el.signout.addEventListener('click', signOut);
+  el.roomForm.addEventListener('submit', onRoomSubmit);
+  el.roomList.addEventListener('click', (e) => {
+    const btn = e.target.closest('button[data-room]');
+    if (btn) openRoom(btn.dataset.room);
+  });
+  el.loadOlder.addEventListener('click', loadOlder);
+  el.errorDismiss.addEventListener('click', () => { el.banner.hidden = true; el.messageInput.focus(); });
+  el.composer.addEventListener('submit', (e) => { e.preventDefault(); sendComposer(); });
+  el.messageInput.addEventListener('keydown', (e) => {
+    if (e.key !== 'Enter' || e.shiftKey || e.isComposing || e.keyCode === 229) return; // Shift+Enter, IME
+    e.preventDefault();
+    sendComposer();
+  });
+  el.messageInput.addEventListener('input', fitComposer);
+  window.addEventListener('online', () => { if (me && !conn) { retry.attempt = 0; connect(); } });
+  window.addEventListener('offline', () => { if (me && !conn) { clearRetry(); setStatus('offline'); } });
+  window.addEventListener('hashchange', () => {
+    const token = tokenFromHash();
+    if (token) signIn(token);
+  });
+}
+
+async function boot() {
+  bind();
+  const token = tokenFromHash();
+  if (token) return signIn(token);
+  const r = await checkMe();
+  if (r.user) startChat(r.user);
+  else showSignin(r.error ? `Could not check your session: ${r.error}.` : '');
+}
+
+boot();
