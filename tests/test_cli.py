@@ -1,0 +1,153 @@
+"""The `chat` command: tokens, and the embedded Postgres's lifecycle under `chat serve`."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import unique
+from tests.roomclient import RoomClient
+from tests.servers import Server, free_port
+from tests.test_auth import refusal
+
+
+def chat(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "chat", *args], env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_") and k != "DATABASE_URL"}
+    env.update(extra)
+    return env
+
+
+async def test_token_create_list_revoke(server_a: Server, database_url: str) -> None:
+    env = clean_env(DATABASE_URL=database_url)
+    name = unique("cli")
+    created = chat("token", "create", name, "--ttl", "2h", "--label", "laptop", env=env)
+    raw = created.stdout.strip().splitlines()[-1]
+    assert raw.startswith("chat_") and len(raw) >= 40  # 256 random bits, URL-safe
+    async with await RoomClient.open(server_a.ws(f"/rooms/{unique('r')}/ws"), raw) as client:
+        assert (await client.ready())["user"] == name
+
+    listing = chat("token", "list", "--user", name, env=env).stdout
+    assert name in listing and "laptop" in listing and "active" in listing
+    assert raw not in listing and raw[5:15] not in listing  # never the value
+    token_id = re.search(rf"^\s*(\d+)\s+{re.escape(name)}", listing, re.M)
+    assert token_id
+    assert "revoked 1" in chat("token", "revoke", token_id.group(1), env=env).stdout
+    assert "revoked" in chat("token", "list", "--user", name, env=env).stdout
+    assert await refusal(server_a.ws(f"/rooms/general/ws?token={raw}")) == (401, "token revoked")
+
+    with pytest.raises(subprocess.CalledProcessError):
+        chat("token", "create", name, "--ttl", "soon", env=env)
+
+
+def postgres_pid(data_dir: Path) -> int:
+    return int((data_dir / "pgdata" / "postmaster.pid").read_text().split("\n", 1)[0])
+
+
+def gone(pid: int, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+class EmbeddedServe:
+    """`chat serve` with no DATABASE_URL: the embedded Postgres in `data_dir`."""
+
+    def __init__(self, data_dir: Path, log_dir: Path) -> None:
+        self.port = free_port()
+        self.log_path = log_dir / f"embedded-{self.port}.log"
+        env = clean_env(CHAT_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "chat", "serve", "--port", str(self.port)], env=env, stdout=log, stderr=log
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log_path.read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError(self.log_path.read_text())
+
+    def token(self) -> str:
+        match = re.search(r"#token=(chat_[\w-]+)", self.log_path.read_text())
+        assert match, self.log_path.read_text()
+        return match.group(1)
+
+    def ws(self, path: str) -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+
+async def test_embedded_serve_survives_kill_and_restart(tmp_root: Path) -> None:
+    data_dir = tmp_root / unique("embedded")
+    first = EmbeddedServe(data_dir, tmp_root)
+    assert f"http://127.0.0.1:{first.port}/#token=chat_" in first.log_path.read_text()
+    room = f"/rooms/{unique('r')}/ws"
+    async with await RoomClient.open(first.ws(room), first.token()) as client:
+        await client.ready()
+        await client.send("survives restarts")
+        await client.until_seq(1)
+
+    # kill -9 of `chat serve`: the kernel stops its Postgres (no server left running forever).
+    pid = postgres_pid(data_dir)
+    first.proc.kill()
+    first.proc.wait()
+    assert gone(pid), "postgres outlived its parent"
+
+    # A pid file naming a live process that is not our server (as after a reboot) is no obstacle.
+    (data_dir / "pgdata" / "postmaster.pid").write_text(f"{os.getpid()}\n{data_dir}\n")
+    second = EmbeddedServe(data_dir, tmp_root)
+    async with await RoomClient.open(second.ws(room), second.token()) as client:
+        await client.ready()
+        assert client.bodies() == ["survives restarts"]
+
+    # SIGTERM: a clean stop, Postgres included.
+    pid = postgres_pid(data_dir)
+    second.proc.send_signal(signal.SIGTERM)
+    assert second.proc.wait(30) in (0, 128 + signal.SIGTERM)
+    assert gone(pid)
+    assert not (data_dir / "pgdata" / "postmaster.pid").exists()
+
+
+async def test_serve_with_workers_shares_rooms(database_url: str, tmp_root: Path) -> None:
+    server = Server(database_url, tmp_root, workers=2)
+    try:
+        workers = psutil.Process(server.proc.pid).children(recursive=True)
+        assert len([p for p in workers if "python" in p.name()]) >= 2
+        path = f"/rooms/{unique('r')}/ws"
+        env = clean_env(DATABASE_URL=database_url)
+        token = chat("token", "create", unique("w"), env=env).stdout.strip().splitlines()[-1]
+        clients = [await RoomClient.open(server.ws(path), token) for _ in range(6)]
+        for client in clients:
+            await client.ready()
+        await clients[0].send("to every worker")
+        for client in clients:
+            await client.until_seq(1)
+            await client.close()
+        # kill -9 of the supervisor: the workers notice and exit instead of serving alone.
+        server.proc.kill()
+        server.proc.wait()
+        for worker in workers:
+            assert gone(worker.pid), f"worker {worker.pid} outlived its supervisor"
+    finally:
+        server.stop()
