@@ -153,3 +153,34 @@ async def test_slow_consumer_is_cut_off_and_does_not_stall_others(
             await client.close()
     finally:
         server.stop()
+
+
+async def test_listener_killed_mid_stream_loses_nothing(
+    server_a: Server, server_b: Server, make_token: MakeToken, database_url: str
+) -> None:
+    """pg_terminate_backend on every LISTEN connection while messages flow: the listeners
+    reconnect, backfill from the table, and every client ends with exactly 1..N."""
+    path = f"/rooms/{unique('r')}/ws"
+    clients = [await RoomClient.open(s.ws(path), await make_token()) for s in (server_a, server_b)]
+    for client in clients:
+        await client.ready()
+    admin = await asyncpg.connect(libpq_url(database_url))
+    total = 200
+    killed = 0
+    try:
+        for i in range(1, total + 1):
+            await clients[i % 2].send(f"m{i}", client_id=f"m{i}")
+            if i in (50, 120):
+                killed += await admin.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    " AND (query LIKE 'LISTEN%' OR query LIKE '%pg_notification_queue_usage%')"
+                )
+        for client in clients:
+            await client.until_seq(total, timeout=60)
+            assert client.seqs() == list(range(1, total + 1))
+    finally:
+        await admin.close()
+        for client in clients:
+            await client.close()
+    assert killed >= 2  # both processes' listeners were hit
