@@ -47,7 +47,6 @@ async def room_socket(
         raise Refused(400, "invalid room name: 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
     state = websocket.app.state
     room_id = await _room_id(websocket, room)
-    await websocket.accept()
 
     def render(item: Item) -> str:
         if isinstance(item, MessageRecord):
@@ -64,8 +63,10 @@ async def room_socket(
         room=room,
         client=client,
     )
+    # Subscribed before the handshake completes: a client that is connected hears everything.
     await state.hub.join(room_id, room, client)
     try:
+        await websocket.accept()
         await session.replay(after=after)
         await state.hub.publish(room_id, {"type": "join", "user": user.name})
 
@@ -122,7 +123,6 @@ async def clients(websocket: WebSocket, client_id: int, user: SocketUser) -> Non
     """Example 3: broadcast to every client in every process; persisted in the `_chapter` room."""
     state = websocket.app.state
     room_id = await _room_id(websocket, CHAPTER_ROOM)
-    await websocket.accept()
 
     def render(item: Item) -> str | None:
         if isinstance(item, MessageRecord):
@@ -151,8 +151,9 @@ async def clients(websocket: WebSocket, client_id: int, user: SocketUser) -> Non
             client.offer(f"You wrote: {data}")
             await post(f"Client #{client_id} says: {data}", "text")
 
-    await state.hub.join(room_id, CHAPTER_ROOM, client)
+    await state.hub.join(room_id, CHAPTER_ROOM, client)  # before accept, as in room_socket
     try:
+        await websocket.accept()
         await client.serve(receive_loop)
     finally:
         state.hub.leave(room_id, client)

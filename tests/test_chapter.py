@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import httpx
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 from tests.conftest import MakeToken
 from tests.servers import Server
@@ -36,18 +36,22 @@ async def test_example_2_items_with_token(server_a: Server, make_token: MakeToke
     assert await refusal(server_a.ws("/items/foo/ws?token=some-key-token")) == (401, "invalid token")
 
 
+async def example_3_reference_sequence(c1234: ClientConnection, c5678: ClientConnection) -> None:
+    await c1234.send("Hello from 1234")
+    assert await c1234.recv() == "You wrote: Hello from 1234"
+    assert await c1234.recv() == "Client #1234 says: Hello from 1234"
+    assert await c5678.recv() == "Client #1234 says: Hello from 1234"
+    await c5678.close()
+    assert await c1234.recv() == "Client #5678 left the chat"
+
+
 async def test_example_3_reference_sequence(server_a: Server, make_token: MakeToken) -> None:
     token = await make_token()
     async with (
         connect(server_a.ws(f"/ws/1234?token={token}")) as c1234,
         connect(server_a.ws(f"/ws/5678?token={token}")) as c5678,
     ):
-        await c1234.send("Hello from 1234")
-        assert await c1234.recv() == "You wrote: Hello from 1234"
-        assert await c1234.recv() == "Client #1234 says: Hello from 1234"
-        assert await c5678.recv() == "Client #1234 says: Hello from 1234"
-        await c5678.close()
-        assert await c1234.recv() == "Client #5678 left the chat"
+        await example_3_reference_sequence(c1234, c5678)
 
 
 async def test_example_pages_are_served(server_a: Server) -> None:

@@ -18,6 +18,7 @@ from chat.config import libpq_url
 from tests.conftest import MakeToken, unique
 from tests.roomclient import RoomClient
 from tests.servers import Server
+from tests.test_chapter import example_3_reference_sequence
 
 
 async def test_room_messages_cross_processes_in_order(
@@ -55,13 +56,8 @@ async def test_chapter_clients_broadcast_across_processes(
         connect(server_a.ws(f"/ws/1234?token={token}")) as c1234,
         connect(server_b.ws(f"/ws/5678?token={token}")) as c5678,
     ):
-        await asyncio.sleep(0.2)  # both subscribed (the chapter has no "joined" message to wait for)
-        await c1234.send("Hello from 1234")
-        assert await c1234.recv() == "You wrote: Hello from 1234"
-        assert await c1234.recv() == "Client #1234 says: Hello from 1234"
-        assert await c5678.recv() == "Client #1234 says: Hello from 1234"
-        await c5678.close()
-        assert await c1234.recv() == "Client #5678 left the chat"
+        # No wait needed: the server subscribes before it completes the handshake.
+        await example_3_reference_sequence(c1234, c5678)
 
 
 async def test_row_inserted_with_plain_sql_reaches_live_sockets(
