@@ -58,7 +58,7 @@ async def raw_token(
 
 
 async def identity_of(conn: HTTPConnection, raw: str) -> Identity:
-    async with engine_of(conn).connect() as db:  # type: ignore[arg-type]
+    async with engine_of(conn).connect() as db:
         try:
             return await store.identity_for_token(db, raw=raw)
         except TokenRefused as exc:

@@ -1,12 +1,9 @@
-"""The async engine and the connection dependency."""
+"""The async engine."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated
-
-from fastapi import Depends, Request, WebSocket
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from starlette.requests import HTTPConnection
 
 from chat.config import Settings
 
@@ -21,14 +18,6 @@ def create_engine(settings: Settings, url: str) -> AsyncEngine:
     )
 
 
-def engine_of(conn: Request | WebSocket) -> AsyncEngine:
+def engine_of(conn: HTTPConnection) -> AsyncEngine:
     engine: AsyncEngine = conn.app.state.engine
     return engine
-
-
-async def _connection(request: Request) -> AsyncIterator[AsyncConnection]:
-    async with engine_of(request).connect() as conn:
-        yield conn
-
-
-DbConn = Annotated[AsyncConnection, Depends(_connection)]

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from sqlalchemy import text
 
 from chat.auth import Refused, check_origin, identity_of
-from chat.db import DbConn
+from chat.db import engine_of
 
 router = APIRouter()
 STATIC = Path(__file__).parent / "static"
@@ -95,10 +95,11 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(request: Request, conn: DbConn) -> JSONResponse:
+async def readyz(request: Request) -> JSONResponse:
     """Ready when the database answers and this process's listener is connected."""
     try:
-        await conn.execute(text("SELECT 1"))
+        async with engine_of(request).connect() as conn:  # not a dependency: a failure here means 503
+            await conn.execute(text("SELECT 1"))
         database = True
     except Exception:
         database = False

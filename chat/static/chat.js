@@ -72,6 +72,7 @@ function showView(name) {
   el.signinView.hidden = name !== 'signin';
   el.chatView.hidden = name !== 'chat';
   el.account.hidden = name !== 'chat';
+  el.status.hidden = name !== 'chat'; // signed out is not "offline"; data-state still says it
 }
 
 function setStatus(state, label) {
@@ -112,7 +113,7 @@ async function signIn(token) {
       el.tokenInput.value = '';
       startChat(r.data.user);
     } else {
-      showSignin(detailOf(r.data, `sign-in failed (${r.status})`));
+      showSignin(`Sign-in failed: ${detailOf(r.data, `the server answered ${r.status}`)}.`);
     }
   } catch (e) {
     showSignin('cannot reach the server');
@@ -154,7 +155,9 @@ function startChat(user) {
   current = null;
   renderRoomList();
   showView('chat');
+  fitComposer();
   openRoom(room);
+  if (window.matchMedia('(pointer: fine)').matches) el.messageInput.focus(); // no on-screen keyboard popping up
 }
 
 // --- rooms -----------------------------------------------------------------------------------
@@ -305,7 +308,7 @@ function onClose(c, ev) {
     const suspects = state.pending.filter((p) => c.inflight.includes(p.clientId));
     if (suspects.length) {
       dropPending(state, suspects.reduce((a, b) => (b.body.length > a.body.length ? b : a)).clientId);
-      showBanner('The message is too large to send.', 'too_large');
+      showBanner('Message too large: it is over the server\'s frame limit. Shorten it and send again.', 'too_large');
     }
   }
   if (!c.opened && ++retry.failures >= 2) return verifySession(); // refused before accept, again
@@ -339,7 +342,9 @@ function onFrame(c, data) {
   const state = stateOf(c.room);
   if (f.type === 'message') keepBottom(() => addMessage(state, f, false));
   else if (f.type === 'ready') onReady(c, state, f);
-  else if (f.type === 'join' || f.type === 'leave') addEvent(`${f.user || 'someone'} ${f.type === 'join' ? 'joined' : 'left'}`);
+  else if ((f.type === 'join' || f.type === 'leave') && f.user !== me) { // one's own: not news, and each reconnect repeats it
+    addEvent(`${f.user || 'someone'} ${f.type === 'join' ? 'joined' : 'left'}`);
+  }
   else if (f.type === 'ack') onAck(c, state, f);
   else if (f.type === 'history') onHistory(state, f);
   else if (f.type === 'error') onServerError(c, state, f);
@@ -380,7 +385,10 @@ function dropPending(state, clientId) {
   const p = takePending(state, clientId);
   if (!p) return;
   p.el.remove();
-  if (!el.messageInput.value) el.messageInput.value = p.body; // give the text back for editing
+  if (!el.messageInput.value) { // give the text back for editing
+    el.messageInput.value = p.body;
+    fitComposer();
+  }
 }
 
 function onAck(c, state, f) {
@@ -397,18 +405,31 @@ function onAck(c, state, f) {
 }
 
 function onServerError(c, state, f) {
-  if (SEND_ERRORS.has(f.code) && c.inflight.length) {
-    // Replies come in order and errors name no client_id: this one is about the oldest send.
-    const clientId = c.inflight.shift();
-    const p = state.pending.find((q) => q.clientId === clientId);
-    if (p && f.code === 'unavailable' && p.retries < 5) {
-      p.retries += 1;
-      setTimeout(() => { if (conn === c && state.pending.includes(p)) transmit(c, p); }, 1000 * 2 ** p.retries);
-    } else if (p) {
-      dropPending(state, clientId);
-    }
+  // An error answering a send names its client_id; any other error is about no message of ours.
+  const clientId = typeof f.client_id === 'string' ? f.client_id : null;
+  const p = clientId ? state.pending.find((q) => q.clientId === clientId) : null;
+  if (clientId) {
+    const i = c.inflight.indexOf(clientId);
+    if (i >= 0) c.inflight.splice(i, 1);
+  } else if (state.loadingOlder) { // a refused history request: let the button be clicked again
+    state.loadingOlder = false;
+    updateLoadOlder();
   }
-  showBanner(typeof f.detail === 'string' && f.detail ? f.detail : String(f.code || 'error'), f.code);
+  if (p && f.code === 'unavailable' && p.retries < 5) { // not stored: the same client_id again, later
+    p.retries += 1;
+    p.el.querySelector('.state').textContent = 'retrying…';
+    setTimeout(() => { if (conn === c && state.pending.includes(p)) transmit(c, p); }, 1000 * 2 ** p.retries);
+    return;
+  }
+  if (p && SEND_ERRORS.has(f.code)) dropPending(state, clientId); // never sent: the text goes back to the composer
+  showBanner(errorText(f), f.code);
+}
+
+function errorText(f) {
+  const detail = typeof f.detail === 'string' && f.detail ? f.detail : String(f.code || 'unknown error');
+  if (f.code === 'too_large') return `Message too large: ${detail}. Shorten it and send again.`;
+  if (SEND_ERRORS.has(f.code)) return `Message not sent: ${detail}.`;
+  return `Error: ${detail}.`;
 }
 
 // --- rendering -------------------------------------------------------------------------------
@@ -433,7 +454,9 @@ function renderMessage(m) {
   const date = new Date(m.sent_at);
   if (typeof m.sent_at === 'string' && !Number.isNaN(date.getTime())) {
     time.dateTime = m.sent_at;
-    time.textContent = `${String(date.getHours()).padStart(2, '0')}:${String(date.getMinutes()).padStart(2, '0')}`;
+    const hm = `${String(date.getHours()).padStart(2, '0')}:${String(date.getMinutes()).padStart(2, '0')}`;
+    const today = date.toDateString() === new Date().toDateString();
+    time.textContent = today ? hm : `${date.toLocaleDateString(undefined, { day: 'numeric', month: 'short' })} ${hm}`;
     time.title = date.toLocaleString();
   }
   const meta = node('div', 'meta');
@@ -485,12 +508,16 @@ function sendComposer() {
   el.outbox.append(p.el);
   el.messageInput.value = '';
   fitComposer();
+  el.banner.hidden = true; // the last error was about an earlier message
   scrollToBottom();
   if (conn && conn.ready && conn.room === current) transmit(conn, p);
 }
 
-function fitComposer() {
-  el.messageInput.rows = Math.min(6, Math.max(1, el.messageInput.value.split('\n').length));
+function fitComposer() { // grow with the text, wrapped lines included, up to the CSS max-height
+  const t = el.messageInput;
+  if (!t.offsetParent) return; // hidden: nothing to measure
+  t.style.height = 'auto';
+  t.style.height = `${t.scrollHeight + t.offsetHeight - t.clientHeight}px`;
 }
 
 function updateLoadOlder() {
@@ -549,6 +576,7 @@ function bind() {
     sendComposer();
   });
   el.messageInput.addEventListener('input', fitComposer);
+  window.addEventListener('resize', fitComposer);
   window.addEventListener('online', () => { if (me && !conn) { retry.attempt = 0; connect(); } });
   window.addEventListener('offline', () => { if (me && !conn) { clearRetry(); setStatus('offline'); } });
   window.addEventListener('hashchange', () => {
