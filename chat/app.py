@@ -7,7 +7,10 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
+from types import FrameType
+from typing import Any
 
 from broadcaster import Broadcast
 from fastapi import FastAPI
@@ -21,6 +24,45 @@ from chat.hub import Hub
 from chat.pubsub import PostgresBackend
 
 log = logging.getLogger("chat.app")
+
+SHUTDOWN_GRACE_SECONDS = 5.0  # sockets get this long to flush and close with 1001
+
+
+def _drain_before_exit(hub: Hub, grace: float) -> Callable[[], None]:
+    """Put our drain in front of uvicorn's SIGTERM/SIGINT handling.
+
+    uvicorn closes every socket with 1012 the moment it starts shutting down. We first stop
+    taking sockets and let each one finish its frame in hand, flush its queue and close with
+    1001 (bounded by `grace`), then pass the signal on to uvicorn. A second signal goes straight
+    through. Returns a function that puts uvicorn's handlers back."""
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous: dict[int, Any] = {int(sig): signal.getsignal(sig) for sig in signals}
+    if threading.current_thread() is not threading.main_thread() or not all(map(callable, previous.values())):
+        return lambda: None
+    draining: list[asyncio.Task[None]] = []
+
+    async def drain_then_exit(signum: int) -> None:
+        await hub.going_away(grace)
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, None)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        handler = previous[signum]
+        if draining and callable(handler):
+            handler(signum, frame)
+        else:
+            loop.call_soon_threadsafe(lambda: draining.append(loop.create_task(drain_then_exit(signum))))
+
+    for sig in signals:
+        signal.signal(sig, on_signal)
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
 
 
 async def _exit_with_parent(parent: int) -> None:
@@ -54,12 +96,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             backend,
             hub,
         )
+        restore_signals = _drain_before_exit(hub, grace=SHUTDOWN_GRACE_SECONDS)
         watchdog = None
         if supervisor := os.environ.get("CHAT_SUPERVISOR_PID"):
             watchdog = asyncio.create_task(_exit_with_parent(int(supervisor)))
         try:
             yield
         finally:
+            restore_signals()
             if watchdog is not None:
                 watchdog.cancel()
             await hub.close()

@@ -16,7 +16,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from chat.protocol import CLOSE_SLOW_CONSUMER
+from chat.protocol import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER
 from chat.store import MessageRecord
 
 log = logging.getLogger("chat.client")
@@ -35,6 +35,7 @@ class RoomEvent:
 
 Item = MessageRecord | RoomEvent | str  # str: a frame for this socket alone (ack, error, ...)
 Render = Callable[[Item], str | None]  # None: this socket does not show that item
+Handler = Callable[[str | None], Coroutine[Any, Any, None]]  # one received frame; None if binary
 
 
 class Client:
@@ -45,7 +46,10 @@ class Client:
         self.queue: asyncio.Queue[Item] = asyncio.Queue(queue_size)
         self.cursor = 0  # the highest seq this socket has been sent
         self.overflowed = False
+        self.leaving = False  # the server is shutting down
+        self._busy = False  # a frame is being handled
         self._sender: asyncio.Task[None] | None = None
+        self._receiver: asyncio.Task[None] | None = None
 
     def offer(self, item: Item) -> None:
         if self.overflowed:
@@ -69,15 +73,42 @@ class Client:
 
     async def _drain(self) -> None:
         while True:
-            await self.emit(await self.queue.get())
+            item = await self.queue.get()
+            try:
+                await self.emit(item)
+            finally:
+                self.queue.task_done()
 
-    async def serve(self, receive_loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Run the writer beside `receive_loop` until either ends, then close as needed."""
+    async def _receive(self, handle: Handler) -> None:
+        """Hand each frame to `handle` (None for a binary frame) until the client leaves, or the
+        server is going away: then stop between frames, never in the middle of one."""
+        while not self.leaving:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            self._busy = True
+            try:
+                await handle(message.get("text"))
+            finally:
+                self._busy = False
+
+    def go_away(self) -> None:
+        """The server is shutting down: finish the frame in hand, flush, then close with 1001."""
+        self.leaving = True
+        if self._receiver is not None and not self._busy:
+            self._receiver.cancel()
+
+    async def serve(self, handle: Handler) -> None:
+        """Run the writer beside the reader until either ends, then close as needed."""
         self._sender = asyncio.create_task(self._drain())
-        receiver = asyncio.create_task(receive_loop())
-        tasks = (self._sender, receiver)
+        self._receiver = asyncio.create_task(self._receive(handle))
+        tasks = (self._sender, self._receiver)
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if self.leaving and not self._sender.done():
+                # Going away: what is queued (acks of in-flight sends included) goes out first.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.queue.join(), CLOSE_GRACE_SECONDS)
         finally:
             for task in tasks:
                 task.cancel()
@@ -89,6 +120,8 @@ class Client:
         if self.overflowed:
             log.info("closing a slow consumer (queue of %d full)", self.queue.maxsize)
             await self.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and resume")
+        elif self.leaving:
+            await self.close(CLOSE_GOING_AWAY, "server shutting down: reconnect and resume")
 
     async def close(self, code: int, reason: str, grace: float = CLOSE_GRACE_SECONDS) -> None:
         # Bounded: a client that stopped reading may never let the close frame through.

@@ -15,6 +15,7 @@ def create_engine(settings: Settings, url: str) -> AsyncEngine:
         max_overflow=settings.pool_size,
         pool_pre_ping=True,  # a restarted Postgres leaves dead connections in the pool
         pool_recycle=1800,
+        connect_args={"server_settings": {"application_name": "chat"}},
     )
 
 

@@ -130,6 +130,9 @@ class Hub:
         self.broadcast = broadcast
         self.engine = engine
         self.feeds: dict[int, RoomFeed] = {}
+        self.closing = False  # shutting down: no new sockets
+        self._idle = asyncio.Event()  # set while no socket is joined
+        self._idle.set()
 
     async def join(self, room_id: int, name: str, client: Client, *, timeout: float = 10.0) -> None:
         feed = self.feeds.get(room_id)
@@ -138,6 +141,7 @@ class Hub:
         if client.live_only and feed.ready.is_set():
             client.cursor = feed.last_seq  # before any further dispatch can reach it
         feed.clients.add(client)
+        self._idle.clear()
         try:
             await asyncio.wait_for(feed.ready.wait(), timeout)
         except BaseException:
@@ -152,6 +156,8 @@ class Hub:
         if not feed.clients:
             del self.feeds[room_id]
             feed.task.cancel()  # leaves the channel; the backend UNLISTENs
+        if not self.feeds:
+            self._idle.set()
 
     async def publish(self, room_id: int, event: dict[str, Any]) -> None:
         """Fan out an ephemeral event to the room in every process (best effort)."""
@@ -159,6 +165,17 @@ class Hub:
             await self.broadcast.publish(channel_of(room_id), dumps(event))
         except Exception as exc:
             log.warning("could not publish %s: %r", event.get("type"), exc)
+
+    async def going_away(self, timeout: float) -> None:
+        """Shutting down: refuse new sockets, ask every socket to finish and close with 1001,
+        and wait (bounded) until they have."""
+        self.closing = True
+        clients = [client for feed in self.feeds.values() for client in feed.clients]
+        log.info("going away: closing %d socket(s)", len(clients))
+        for client in clients:
+            client.go_away()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
 
     async def close(self) -> None:
         feeds, self.feeds = list(self.feeds.values()), {}

@@ -31,6 +31,10 @@ log = logging.getLogger("chat.pubsub")
 # is empty, and an empty NOTIFY from anyone else only costs a harmless backfill.
 RESYNC = ""
 
+# LISTEN must outlive idle periods: idle_session_timeout would kill it between heartbeats, so the
+# listener opts out for its own session. The name lets operators (and tests) find it.
+LISTENER_SETTINGS = {"application_name": "chat-listener", "idle_session_timeout": "0"}
+
 _CONNECTION_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
@@ -110,7 +114,7 @@ class PostgresBackend(BroadcastBackend):
 
     async def _open(self) -> None:
         async with self._lock:
-            conn = await asyncio.wait_for(asyncpg.connect(self._dsn), self._timeout)
+            conn = await asyncio.wait_for(asyncpg.connect(self._dsn, server_settings=LISTENER_SETTINGS), self._timeout)
             try:
                 conn.add_termination_listener(self._on_terminate)
                 for channel in sorted(self._channels):

@@ -23,6 +23,8 @@ CHAPTER_ROOM = "_chapter"  # where /ws/{client_id} keeps its messages; no user r
 
 
 async def _room_id(websocket: WebSocket, name: str) -> int:
+    if websocket.app.state.hub.closing:
+        raise Refused(503, "server shutting down: try again")  # the client reconnects elsewhere
     async with engine_of(websocket).connect() as conn:
         room_id = await store.room_id(conn, name=name)
     assert room_id is not None
@@ -70,15 +72,13 @@ async def room_socket(
         await session.replay(after=after)
         await state.hub.publish(room_id, {"type": "join", "user": user.name})
 
-        async def receive_loop() -> None:
-            while True:
-                text = _receive_text_or_none(await websocket.receive())
-                if text is None:
-                    client.offer(protocol.error_frame("binary_not_supported", "send JSON text frames"))
-                else:
-                    await session.handle(text)
+        async def handle(text: str | None) -> None:
+            if text is None:
+                client.offer(protocol.error_frame("binary_not_supported", "send JSON text frames"))
+            else:
+                await session.handle(text)
 
-        await client.serve(receive_loop)
+        await client.serve(handle)
     except WebSocketDisconnect:
         pass
     finally:
@@ -137,24 +137,22 @@ async def clients(websocket: WebSocket, client_id: int, user: SocketUser) -> Non
                 conn, room_id=room_id, author_id=user.user_id, author=user.name, body=body, kind=kind
             )
 
-    async def receive_loop() -> None:
-        while True:
-            data = _receive_text_or_none(await websocket.receive())
-            if data is None:
-                client.offer("binary frames are not supported")
-                continue
-            try:
-                check_body(data, max_bytes=state.settings.max_message_bytes)
-            except protocol.BadFrame as exc:
-                client.offer(f"Error: {exc.detail}")
-                continue
-            client.offer(f"You wrote: {data}")
-            await post(f"Client #{client_id} says: {data}", "text")
+    async def handle(data: str | None) -> None:
+        if data is None:
+            client.offer("binary frames are not supported")
+            return
+        try:
+            check_body(data, max_bytes=state.settings.max_message_bytes)
+        except protocol.BadFrame as exc:
+            client.offer(f"Error: {exc.detail}")
+            return
+        client.offer(f"You wrote: {data}")
+        await post(f"Client #{client_id} says: {data}", "text")
 
     await state.hub.join(room_id, CHAPTER_ROOM, client)  # before accept, as in room_socket
     try:
         await websocket.accept()
-        await client.serve(receive_loop)
+        await client.serve(handle)
     finally:
         state.hub.leave(room_id, client)
     await post(f"Client #{client_id} left the chat", "notice")

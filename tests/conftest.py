@@ -37,8 +37,11 @@ class Database:
 
     def create(self, prefix: str = "chat_test") -> str:
         name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-        asyncio.run(self._exec(f'CREATE DATABASE "{name}"'))
+        self.execute(f'CREATE DATABASE "{name}"')
         return _with_database(self.admin_url, name)
+
+    def execute(self, sql: str) -> None:
+        asyncio.run(self._exec(sql))
 
     async def _exec(self, sql: str) -> None:
         conn = await asyncpg.connect(libpq_url(self.admin_url))

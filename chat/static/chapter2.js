@@ -3,6 +3,10 @@
 
 var ws = null;
 
+function setState(text) {
+    document.getElementById('ws-state').textContent = text;
+}
+
 function connect(event) {
     event.preventDefault();
     var itemId = document.getElementById('itemId');
@@ -11,9 +15,21 @@ function connect(event) {
     if (ws) {
         ws.close();
     }
-    ws = new WebSocket(scheme + location.host + '/items/' + encodeURIComponent(itemId.value) +
+    var socket = new WebSocket(scheme + location.host + '/items/' + encodeURIComponent(itemId.value) +
         '/ws?token=' + encodeURIComponent(token.value));
-    ws.onmessage = function (event) {
+    var opened = false;
+    ws = socket;
+    setState('Connecting…');
+    socket.onopen = function () {
+        opened = true;
+        if (ws === socket) setState('Connected.');
+    };
+    socket.onclose = function (event) {
+        if (ws !== socket) return; // replaced by a newer Connect
+        setState(opened ? 'Disconnected (code ' + event.code + ').'
+            : 'The server refused the connection: the token must be a real one (or sign in first).');
+    };
+    socket.onmessage = function (event) {
         var messages = document.getElementById('messages');
         var message = document.createElement('li');
         var content = document.createTextNode(event.data);

@@ -5,6 +5,18 @@ var client_id = Date.now();
 document.querySelector('#ws-id').textContent = client_id;
 var scheme = location.protocol === 'https:' ? 'wss://' : 'ws://';
 var ws = new WebSocket(scheme + location.host + '/ws/' + client_id);
+var opened = false;
+function setState(text) {
+    document.getElementById('ws-state').textContent = text;
+}
+ws.onopen = function () {
+    opened = true;
+    setState('Connected.');
+};
+ws.onclose = function (event) {
+    setState(opened ? 'Disconnected (code ' + event.code + '): reload the page to reconnect.'
+        : 'The server refused the connection: sign in on the chat page first, then reload this one.');
+};
 ws.onmessage = function (event) {
     var messages = document.getElementById('messages');
     var message = document.createElement('li');

@@ -83,7 +83,7 @@ function setStatus(state, label) {
 function showBanner(text, code) {
   el.errorText.textContent = text;
   el.banner.dataset.code = code || '';
-  el.banner.hidden = false;
+  keepBottom(() => { el.banner.hidden = false; }); // it takes room from the message list
 }
 
 // --- sign-in ---------------------------------------------------------------------------------
@@ -116,7 +116,7 @@ async function signIn(token) {
       showSignin(`Sign-in failed: ${detailOf(r.data, `the server answered ${r.status}`)}.`);
     }
   } catch (e) {
-    showSignin('cannot reach the server');
+    showSignin('Sign-in failed: cannot reach the server.');
   } finally {
     el.signinSubmit.disabled = false;
   }
@@ -192,8 +192,12 @@ function renderRoomList() {
 
 function markCurrentRoom() {
   for (const btn of el.roomList.querySelectorAll('button.room')) {
-    if (btn.dataset.room === current) btn.setAttribute('aria-current', 'true');
-    else btn.removeAttribute('aria-current');
+    if (btn.dataset.room === current) {
+      btn.setAttribute('aria-current', 'true');
+      if (!el.chatView.hidden) btn.scrollIntoView({ block: 'nearest', inline: 'nearest' }); // phones: a sideways row
+    } else {
+      btn.removeAttribute('aria-current');
+    }
   }
 }
 
@@ -231,6 +235,7 @@ function openRoom(name) {
     shown = name;
   }
   current = name;
+  delete el.scroller.dataset.ready; // until the room's history is in: no "no messages yet"
   save('chat.room', name);
   el.currentRoom.textContent = name;
   markCurrentRoom();
@@ -342,13 +347,16 @@ function onFrame(c, data) {
   const state = stateOf(c.room);
   if (f.type === 'message') keepBottom(() => addMessage(state, f, false));
   else if (f.type === 'ready') onReady(c, state, f);
-  else if ((f.type === 'join' || f.type === 'leave') && f.user !== me) { // one's own: not news, and each reconnect repeats it
-    addEvent(`${f.user || 'someone'} ${f.type === 'join' ? 'joined' : 'left'}`);
-  }
+  else if (f.type === 'join' || f.type === 'leave') onPresence(f);
   else if (f.type === 'ack') onAck(c, state, f);
   else if (f.type === 'history') onHistory(state, f);
   else if (f.type === 'error') onServerError(c, state, f);
   // pong, and anything newer than this page: nothing to do
+}
+
+function onPresence(f) {
+  if (f.user === me) return; // one's own join is not news, and every reconnect would repeat it
+  addEvent(`${f.user || 'someone'} ${f.type === 'join' ? 'joined' : 'left'}`);
 }
 
 function onReady(c, state, f) {
@@ -361,6 +369,7 @@ function onReady(c, state, f) {
     return connect();
   }
   c.ready = true;
+  el.scroller.dataset.ready = 'true';
   retry.attempt = retry.failures = 0;
   setStatus('connected');
   for (const p of state.pending) transmit(c, p); // the same client_id: the server stores it once
@@ -516,8 +525,10 @@ function sendComposer() {
 function fitComposer() { // grow with the text, wrapped lines included, up to the CSS max-height
   const t = el.messageInput;
   if (!t.offsetParent) return; // hidden: nothing to measure
-  t.style.height = 'auto';
-  t.style.height = `${t.scrollHeight + t.offsetHeight - t.clientHeight}px`;
+  keepBottom(() => { // the message list gets shorter as the composer grows: keep the newest in view
+    t.style.height = 'auto';
+    t.style.height = `${t.scrollHeight + t.offsetHeight - t.clientHeight}px`;
+  });
 }
 
 function updateLoadOlder() {
@@ -525,7 +536,8 @@ function updateLoadOlder() {
   const hide = !s || s.exhausted || s.minSeq === null || s.minSeq <= 1;
   if (hide && document.activeElement === el.loadOlder) el.scroller.focus();
   el.loadOlder.hidden = hide;
-  el.loadOlder.disabled = !!(s && s.loadingOlder) || !(conn && conn.ready);
+  // aria-disabled, not disabled: a disabled button drops the keyboard focus to <body>
+  el.loadOlder.setAttribute('aria-disabled', String(!!(s && s.loadingOlder) || !(conn && conn.ready)));
   el.loadOlder.textContent = s && s.loadingOlder ? 'Loading…' : 'Load older messages';
 }
 

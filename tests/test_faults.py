@@ -1,0 +1,217 @@
+"""Never lose or duplicate a message: for each fault, several clients send a few hundred
+messages across two server processes while it happens, and every client must end with exactly
+the room's seq 1..N, once each, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from chat import store
+from chat.cli import run_migrations
+from chat.config import libpq_url
+from chat.embedded import EmbeddedPostgres
+from tests.conftest import Database, MakeToken, unique
+from tests.resilient import ResilientClient
+from tests.servers import Server
+
+TOTAL = 300
+CLIENTS = 4
+# Quick failure detection for the tests; production defaults are 2 s and 3 s.
+FAST_LISTENER = {"CHAT_LISTEN_HEARTBEAT_SECONDS": "0.5", "CHAT_LISTEN_TIMEOUT_SECONDS": "1"}
+Fault = Callable[[list[ResilientClient]], Awaitable[None]]
+
+
+async def run_with_fault(
+    servers: list[Server], make_token: MakeToken, database_url: str, fault: Fault, *, label: str
+) -> list[ResilientClient]:
+    room = unique("fault")
+    urls = [s.ws(f"/rooms/{room}/ws") for s in servers]
+    per_client = TOTAL // CLIENTS
+    clients = [
+        ResilientClient(f"c{i}", urls, await make_token(), [f"c{i}-{n}" for n in range(per_client)], pace=0.03, first=i)
+        for i in range(CLIENTS)  # spread over the servers
+    ]
+    runs = [asyncio.create_task(c.run(TOTAL, timeout=90)) for c in clients]
+    await asyncio.sleep(0.8)  # mid-stream
+    await fault(clients)
+    await asyncio.gather(*runs)
+
+    for client in clients:
+        print(f"{label}: {client.name} saw {len(client.seqs)} messages, {client.stats}")
+        assert client.violations == [], client.violations
+        assert client.seqs == list(range(1, TOTAL + 1))
+    conn = await asyncpg.connect(libpq_url(database_url))
+    try:
+        stored = await conn.fetchrow(
+            "SELECT count(*) AS n, count(DISTINCT client_id) AS ids, max(seq) AS head"
+            " FROM messages JOIN rooms ON rooms.id = room_id WHERE name = $1",
+            room,
+        )
+    finally:
+        await conn.close()
+    assert (stored["n"], stored["ids"], stored["head"]) == (TOTAL, TOTAL, TOTAL)  # each once
+    print(f"{label}: {TOTAL} sent, {TOTAL} stored once each, 0 lost, 0 duplicated")
+    return clients
+
+
+@pytest.fixture
+async def pair(database_url: str, tmp_root: Path) -> AsyncIterator[list[Server]]:
+    servers = [Server(database_url, tmp_root, env=FAST_LISTENER) for _ in range(2)]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+async def listener_pids(database_url: str) -> list[int]:
+    conn = await asyncpg.connect(libpq_url(database_url))
+    try:
+        rows = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'chat-listener' AND datname = current_database()"
+        )
+    finally:
+        await conn.close()
+    return [r["pid"] for r in rows]
+
+
+async def test_listener_backend_killed(pair: list[Server], make_token: MakeToken, database_url: str) -> None:
+    async def fault(clients: list[ResilientClient]) -> None:
+        conn = await asyncpg.connect(libpq_url(database_url))
+        try:
+            killed = await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name = 'chat-listener' AND datname = current_database()"
+            )
+        finally:
+            await conn.close()
+        assert killed == 2
+
+    await run_with_fault(pair, make_token, database_url, fault, label="pg_terminate_backend(listener)")
+    assert all("listener reconnected" in server.log() for server in pair)
+
+
+async def test_listener_backend_frozen(pair: list[Server], make_token: MakeToken, database_url: str) -> None:
+    """SIGSTOP the listeners' Postgres backends for longer than the heartbeat timeout."""
+
+    async def fault(clients: list[ResilientClient]) -> None:
+        pids = await listener_pids(database_url)
+        assert len(pids) == 2
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        await asyncio.sleep(2.5)  # > CHAT_LISTEN_TIMEOUT_SECONDS: the heartbeat must notice
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+    await run_with_fault(pair, make_token, database_url, fault, label="SIGSTOP(listener backend)")
+    assert all("listener heartbeat failed" in server.log() for server in pair)
+
+
+@pytest.fixture
+def idle_database(postgres: Database) -> str:
+    """A database whose sessions are cut after 300 ms idle."""
+    url = postgres.create("chat_idle")
+    run_migrations(url)
+    name = url.split("?")[0].rsplit("/", 1)[1]
+    postgres.execute(f"ALTER DATABASE \"{name}\" SET idle_session_timeout = '300ms'")
+    return url
+
+
+def token_maker(url: str) -> MakeToken:
+    async def make() -> str:
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as db:
+                return (await store.create_token(db, user_name=unique("u"), ttl=None))[1]
+        finally:
+            await engine.dispose()
+
+    return make
+
+
+async def test_idle_session_timeout(idle_database: str, tmp_root: Path) -> None:
+    servers = [Server(idle_database, tmp_root) for _ in range(2)]  # default heartbeat 2 s, far over 300 ms
+    try:
+
+        async def fault(clients: list[ResilientClient]) -> None:
+            await asyncio.sleep(1.0)  # idle connections are being cut all along
+
+        await run_with_fault(servers, token_maker(idle_database), idle_database, fault, label="idle_session_timeout")
+        # The listener opts out of idle_session_timeout, so it never even had to reconnect.
+        assert not any("listener reconnected" in server.log() for server in servers)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+async def test_server_killed(database_url: str, tmp_root: Path, make_token: MakeToken) -> None:
+    servers = [Server(database_url, tmp_root, env=FAST_LISTENER) for _ in range(2)]
+    try:
+
+        async def fault(clients: list[ResilientClient]) -> None:
+            servers[0].proc.kill()  # kill -9 mid-stream: its clients move to the other process
+
+        clients = await run_with_fault(servers, make_token, database_url, fault, label="kill -9 (server)")
+        assert sum(c.stats.connects > 1 for c in clients) >= 2  # the killed server's clients moved
+    finally:
+        for server in servers:
+            server.stop()
+
+
+async def test_server_terminated(database_url: str, tmp_root: Path, make_token: MakeToken) -> None:
+    servers = [Server(database_url, tmp_root, env=FAST_LISTENER) for _ in range(2)]
+    try:
+
+        async def fault(clients: list[ResilientClient]) -> None:
+            servers[0].proc.send_signal(signal.SIGTERM)
+
+        clients = await run_with_fault(servers, make_token, database_url, fault, label="SIGTERM (server)")
+        assert servers[0].proc.wait(20) in (0, 128 + signal.SIGTERM)
+        assert sum(c.stats.closes[1001] for c in clients) >= 1  # told "going away", not dropped
+    finally:
+        for server in servers:
+            server.stop()
+
+
+async def test_client_network_drops(pair: list[Server], make_token: MakeToken, database_url: str) -> None:
+    async def fault(clients: list[ResilientClient]) -> None:
+        for _ in range(3):
+            for client in clients:
+                client.drop_network()  # no close frame: the TCP connection just goes
+            await asyncio.sleep(0.3)
+
+    await run_with_fault(pair, make_token, database_url, fault, label="client network drop")
+
+
+@pytest.fixture
+def own_postgres(tmp_root: Path) -> Iterator[tuple[EmbeddedPostgres, str]]:
+    with EmbeddedPostgres(tmp_root / unique("restart-pg"), durable=False) as pg:
+        url = Database(pg.url).create("chat_restart")
+        run_migrations(url)
+        yield pg, url
+
+
+async def test_postgres_restarts(own_postgres: tuple[EmbeddedPostgres, str], tmp_root: Path) -> None:
+    """Stop and start the (embedded) Postgres mid-stream: sends are refused as unavailable and
+    resent, listeners reconnect and backfill, pools replace their dead connections."""
+    pg, url = own_postgres
+    servers = [Server(url, tmp_root, env=FAST_LISTENER) for _ in range(2)]
+    try:
+
+        async def fault(clients: list[ResilientClient]) -> None:
+            await asyncio.to_thread(pg.stop)
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(pg.start)
+
+        clients = await run_with_fault(servers, token_maker(url), url, fault, label="Postgres restart")
+        assert sum(c.stats.unavailable for c in clients) > 0  # sends really met the outage
+        assert all("listener reconnected" in server.log() for server in servers)
+    finally:
+        for server in servers:
+            server.stop()
