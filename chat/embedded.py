@@ -72,10 +72,11 @@ def _let_traverse(path: Path) -> None:
 
 
 class EmbeddedPostgres:
-    def __init__(self, data_dir: Path, *, durable: bool = True) -> None:
+    def __init__(self, data_dir: Path, *, durable: bool = True, settings: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.pgdata = data_dir / "pgdata"
         self.durable = durable  # False for throwaway test servers: no fsync
+        self.settings = settings or {}  # extra postgres -c settings
         self.account = _server_account()
         self.process: subprocess.Popen[bytes] | None = None
         self.socket_dir = self.pgdata
@@ -189,6 +190,8 @@ class EmbeddedPostgres:
         ]  # fmt: skip
         if not self.durable:
             args += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+        for name, value in self.settings.items():
+            args += ["-c", f"{name}={value}"]
         with open(self.log_path, "ab") as logfile:
             self.process = subprocess.Popen(
                 args, preexec_fn=self._demote, stdout=logfile, stderr=subprocess.STDOUT, cwd="/"

@@ -103,6 +103,8 @@ async def readyz(request: Request) -> JSONResponse:
         database = True
     except Exception:
         database = False
-    listener = bool(request.app.state.backend.connected)
-    ok = database and listener
-    return JSONResponse({"database": database, "listener": listener}, status_code=200 if ok else 503)
+    backend = request.app.state.backend
+    listener = bool(backend.connected)
+    ok = database and listener and not request.app.state.hub.closing
+    body = {"database": database, "listener": listener, "notify_queue_usage": backend.queue_usage}
+    return JSONResponse(body, status_code=200 if ok else 503)

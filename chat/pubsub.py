@@ -35,6 +35,8 @@ RESYNC = ""
 # listener opts out for its own session. The name lets operators (and tests) find it.
 LISTENER_SETTINGS = {"application_name": "chat-listener", "idle_session_timeout": "0"}
 
+QUEUE_WARNING = 0.5  # warn when Postgres's NOTIFY queue is this full
+
 _CONNECTION_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
@@ -129,7 +131,20 @@ class PostgresBackend(BroadcastBackend):
         async with self._lock:
             assert self._conn is not None
             usage = await asyncio.wait_for(self._conn.fetchval("SELECT pg_notification_queue_usage()"), self._timeout)
-            self.queue_usage = float(usage)
+            self._report_queue(float(usage))
+
+    def _report_queue(self, usage: float) -> None:
+        """A listener somewhere (any process on this Postgres) that stopped reading pins the
+        shared NOTIFY queue; when it is full, every NOTIFY fails and so does every send."""
+        if usage >= QUEUE_WARNING and self.queue_usage < QUEUE_WARNING:
+            log.warning(
+                "Postgres's NOTIFY queue is %.0f%% full: a listening session has stopped reading "
+                "(idle in transaction?); sends will fail when it is full",
+                usage * 100,
+            )
+        elif usage < QUEUE_WARNING <= self.queue_usage:
+            log.info("Postgres's NOTIFY queue is back to %.0f%%", usage * 100)
+        self.queue_usage = usage
 
     async def _supervise(self) -> None:
         while True:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -30,13 +31,20 @@ Fault = Callable[[list[ResilientClient]], Awaitable[None]]
 
 
 async def run_with_fault(
-    servers: list[Server], make_token: MakeToken, database_url: str, fault: Fault, *, label: str
+    servers: list[Server], make_token: MakeToken, database_url: str, fault: Fault, *, label: str, body: int = 0
 ) -> list[ResilientClient]:
     room = unique("fault")
     urls = [s.ws(f"/rooms/{room}/ws") for s in servers]
     per_client = TOTAL // CLIENTS
     clients = [
-        ResilientClient(f"c{i}", urls, await make_token(), [f"c{i}-{n}" for n in range(per_client)], pace=0.03, first=i)
+        ResilientClient(
+            f"c{i}",
+            urls,
+            await make_token(),
+            [f"c{i}-{n} " + "x" * body for n in range(per_client)],
+            pace=0.03,
+            first=i,
+        )
         for i in range(CLIENTS)  # spread over the servers
     ]
     runs = [asyncio.create_task(c.run(TOTAL, timeout=90)) for c in clients]
@@ -213,5 +221,52 @@ async def test_postgres_restarts(own_postgres: tuple[EmbeddedPostgres, str], tmp
         assert sum(c.stats.unavailable for c in clients) > 0  # sends really met the outage
         assert all("listener reconnected" in server.log() for server in servers)
     finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture
+def small_notify_queue(tmp_root: Path) -> Iterator[str]:
+    # The smallest NOTIFY queue Postgres allows (64 pages, 512 KB) instead of 8 GB.
+    with EmbeddedPostgres(
+        tmp_root / unique("queue-pg"), durable=False, settings={"max_notify_queue_pages": "64"}
+    ) as pg:
+        url = Database(pg.url).create("chat_queue")
+        run_migrations(url)
+        yield url
+
+
+async def test_full_notify_queue_is_detected_and_recovered(small_notify_queue: str, tmp_root: Path) -> None:
+    """A session that LISTENs and then sits in an open transaction pins Postgres's NOTIFY queue.
+    The server reports it filling; sends fail as unavailable once it is full (stored nothing);
+    when the session lets go, resent messages go through and nothing is lost."""
+    url = small_notify_queue
+    servers = [Server(url, tmp_root, env=FAST_LISTENER)]
+    stuck = await asyncpg.connect(libpq_url(url))
+    await stuck.execute("LISTEN anything")
+    await stuck.execute("BEGIN; SELECT 1")  # idle in transaction: it never reads again
+    try:
+
+        async def fault(clients: list[ResilientClient]) -> None:
+            async with httpx.AsyncClient() as http:
+                for _ in range(300):  # until the heartbeat has seen the queue fill up
+                    ready = (await http.get(f"{servers[0].http}/readyz")).json()
+                    if ready["notify_queue_usage"] >= 0.5:
+                        break
+                    await asyncio.sleep(0.05)
+            assert ready["notify_queue_usage"] >= 0.5
+            async with asyncio.timeout(30):  # hold on until the full queue refuses sends
+                while not any(c.stats.unavailable for c in clients):  # noqa: ASYNC110 (polling a counter)
+                    await asyncio.sleep(0.05)
+            await stuck.execute("ROLLBACK")
+            await stuck.close()
+
+        # Big messages fill 512 KB quickly.
+        clients = await run_with_fault(servers, token_maker(url), url, fault, label="NOTIFY queue full", body=3000)
+        assert "NOTIFY queue is" in servers[0].log()
+        assert sum(c.stats.unavailable for c in clients) > 0  # the full queue really refused sends
+    finally:
+        if not stuck.is_closed():
+            await stuck.close()
         for server in servers:
             server.stop()
