@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
@@ -75,6 +75,31 @@ async def _with_conn(url: str, work):  # type: ignore[no-untyped-def]
         await engine.dispose()
 
 
+async def _link_token(url: str, data_dir: Path, name: str) -> str:
+    """The sign-in link's token: kept in the data folder (0600, like a .pgpass) and reused while
+    it has more than a day to live, so the link survives restarts and tokens do not pile up."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from chat import store
+
+    path = data_dir / "serve-token"
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            if path.exists():
+                raw = path.read_text().strip()
+                with suppress(store.TokenRefused):
+                    who = await store.identity_for_token(conn, raw=raw)
+                    if who.expires_at is None or who.expires_at - datetime.now(UTC) > timedelta(days=1):
+                        return raw
+            _, raw = await store.create_token(conn, user_name=name, ttl=timedelta(days=30), label="serve link")
+    finally:
+        await engine.dispose()
+    path.touch(mode=0o600)
+    path.write_text(raw + "\n")
+    return raw
+
+
 @click.group()
 @click.option("--log-level", default="INFO", show_default=True)
 def main(log_level: str) -> None:
@@ -91,8 +116,6 @@ def serve(host: str | None, port: int | None, workers: int | None, no_link: bool
     """Migrate and serve; with no DATABASE_URL, on the embedded Postgres."""
     import uvicorn
 
-    from chat import store
-
     settings = get_settings()
     host = host or settings.host
     port = settings.port if port is None else port
@@ -107,12 +130,7 @@ def serve(host: str | None, port: int | None, workers: int | None, no_link: bool
             click.echo(f"embedded Postgres: {settings.data_dir / 'pgdata'}")
         if embedded and not no_link:
             name = re.sub(r"[^\w.-]", "", getpass.getuser()) or "guest"
-            _, raw = asyncio.run(
-                _with_conn(
-                    url,
-                    lambda c: store.create_token(c, user_name=name, ttl=timedelta(days=30), label="serve"),
-                )
-            )
+            raw = asyncio.run(_link_token(url, settings.data_dir, name))
             # In the fragment, which browsers never send to the server, so it reaches no log.
             click.echo(f"chat is running: open {address}#token={raw}  (signed in as {name})")
         else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 from typing import Any
 
@@ -31,9 +32,12 @@ log = logging.getLogger("chat.pubsub")
 # is empty, and an empty NOTIFY from anyone else only costs a harmless backfill.
 RESYNC = ""
 
-# LISTEN must outlive idle periods: idle_session_timeout would kill it between heartbeats, so the
-# listener opts out for its own session. The name lets operators (and tests) find it.
-LISTENER_SETTINGS = {"application_name": "chat-listener", "idle_session_timeout": "0"}
+
+def listener_settings() -> dict[str, str]:
+    # LISTEN must outlive idle periods: idle_session_timeout would kill it between heartbeats, so
+    # the listener opts out for its own session. The name tells operators which process it serves.
+    return {"application_name": f"chat-listener-{os.getpid()}", "idle_session_timeout": "0"}
+
 
 QUEUE_WARNING = 0.5  # warn when Postgres's NOTIFY queue is this full
 
@@ -116,7 +120,9 @@ class PostgresBackend(BroadcastBackend):
 
     async def _open(self) -> None:
         async with self._lock:
-            conn = await asyncio.wait_for(asyncpg.connect(self._dsn, server_settings=LISTENER_SETTINGS), self._timeout)
+            conn = await asyncio.wait_for(
+                asyncpg.connect(self._dsn, server_settings=listener_settings()), self._timeout
+            )
             try:
                 conn.add_termination_listener(self._on_terminate)
                 for channel in sorted(self._channels):

@@ -117,6 +117,7 @@ async def test_embedded_serve_survives_kill_and_restart(tmp_root: Path) -> None:
     # A pid file naming a live process that is not our server (as after a reboot) is no obstacle.
     (data_dir / "pgdata" / "postmaster.pid").write_text(f"{os.getpid()}\n{data_dir}\n")
     second = EmbeddedServe(data_dir, tmp_root)
+    assert second.token() == first.token()  # the sign-in link survives restarts
     async with await RoomClient.open(second.ws(room), second.token()) as client:
         await client.ready()
         assert client.bodies() == ["survives restarts"]

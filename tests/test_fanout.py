@@ -170,7 +170,7 @@ async def test_listener_killed_mid_stream_loses_nothing(
                 killed += await admin.fetchval(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                     " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                    " AND (query LIKE 'LISTEN%' OR query LIKE '%pg_notification_queue_usage%')"
+                    " AND application_name LIKE 'chat-listener-%'"
                 )
         for client in clients:
             await client.until_seq(total, timeout=60)

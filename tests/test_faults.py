@@ -78,12 +78,12 @@ async def pair(database_url: str, tmp_root: Path) -> AsyncIterator[list[Server]]
         server.stop()
 
 
-async def listener_pids(database_url: str) -> list[int]:
+async def listener_pids(database_url: str, servers: list[Server]) -> list[int]:
+    """The Postgres backends serving these servers' LISTEN connections."""
+    names = [f"chat-listener-{s.proc.pid}" for s in servers]
     conn = await asyncpg.connect(libpq_url(database_url))
     try:
-        rows = await conn.fetch(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = 'chat-listener' AND datname = current_database()"
-        )
+        rows = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE application_name = ANY($1::text[])", names)
     finally:
         await conn.close()
     return [r["pid"] for r in rows]
@@ -91,15 +91,14 @@ async def listener_pids(database_url: str) -> list[int]:
 
 async def test_listener_backend_killed(pair: list[Server], make_token: MakeToken, database_url: str) -> None:
     async def fault(clients: list[ResilientClient]) -> None:
+        pids = await listener_pids(database_url, pair)
+        assert len(pids) == 2
         conn = await asyncpg.connect(libpq_url(database_url))
         try:
-            killed = await conn.fetchval(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE application_name = 'chat-listener' AND datname = current_database()"
-            )
+            for pid in pids:
+                assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
         finally:
             await conn.close()
-        assert killed == 2
 
     await run_with_fault(pair, make_token, database_url, fault, label="pg_terminate_backend(listener)")
     assert all("listener reconnected" in server.log() for server in pair)
@@ -109,7 +108,7 @@ async def test_listener_backend_frozen(pair: list[Server], make_token: MakeToken
     """SIGSTOP the listeners' Postgres backends for longer than the heartbeat timeout."""
 
     async def fault(clients: list[ResilientClient]) -> None:
-        pids = await listener_pids(database_url)
+        pids = await listener_pids(database_url, pair)
         assert len(pids) == 2
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
