@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @contextmanager
 def database(settings: Settings, *, own: bool = False) -> Iterator[tuple[str, bool]]:
     """Yield (url, embedded). Without DATABASE_URL, use the embedded Postgres in the data folder:
-    one already running there (unless `own`), or one we start now and stop on the way out."""
+    one already running there (unless `own`: then we start it, keep it running, and stop it on
+    the way out)."""
     if settings.database_url:
         yield settings.database_url, False
         return
@@ -37,6 +38,8 @@ def database(settings: Settings, *, own: bool = False) -> Iterator[tuple[str, bo
         url = pg.start()
     except EmbeddedError as exc:
         raise click.ClickException(str(exc)) from None
+    if own:
+        pg.supervise()
     try:
         yield url, True
     finally:

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -81,6 +82,7 @@ class EmbeddedPostgres:
         self.process: subprocess.Popen[bytes] | None = None
         self.socket_dir = self.pgdata
         self.log_path = data_dir / "postgres.log"
+        self._stopping = False
 
     @property
     def url(self) -> str:
@@ -176,6 +178,7 @@ class EmbeddedPostgres:
         return None
 
     def start(self, *, timeout: float = 60.0) -> str:
+        self._stopping = False
         self.initdb()
         self._clear_stale_pid()
         if len(str(self.pgdata / ".s.PGSQL.5432")) > 100:  # Unix socket paths are limited to ~107 bytes
@@ -192,12 +195,39 @@ class EmbeddedPostgres:
             args += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
         for name, value in self.settings.items():
             args += ["-c", f"{name}={value}"]
-        with open(self.log_path, "ab") as logfile:
-            self.process = subprocess.Popen(
-                args, preexec_fn=self._demote, stdout=logfile, stderr=subprocess.STDOUT, cwd="/"
-            )
-        self._wait_ready(timeout)
-        return self.url
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(self.log_path, "ab") as logfile:
+                self.process = subprocess.Popen(
+                    args, preexec_fn=self._demote, stdout=logfile, stderr=subprocess.STDOUT, cwd="/"
+                )
+            try:
+                self._wait_ready(deadline - time.monotonic())
+                return self.url
+            except EmbeddedError:
+                # After a crash the old server's children may still hold its shared memory for a
+                # moment; Postgres refuses to start until they are gone.
+                if "shared memory block is still in use" not in self._log_tail() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def supervise(self, interval: float = 1.0) -> None:
+        """Restart the server (crash recovery included) whenever it dies, until stop()."""
+
+        def watch() -> None:
+            while not self._stopping:
+                proc = self.process
+                if proc is not None and proc.poll() is not None and not self._stopping:
+                    log.error("embedded Postgres exited with %s; restarting it", proc.returncode)
+                    try:
+                        self.start()
+                    except EmbeddedError as exc:
+                        log.error("could not restart the embedded Postgres: %s", exc)
+                time.sleep(interval)
+
+        # Started from this long-lived thread, a restarted server still dies with our process:
+        # the parent-death signal follows the thread that forked it, and this one lives as long.
+        threading.Thread(target=watch, name="embedded-postgres", daemon=True).start()
 
     def _wait_ready(self, timeout: float) -> None:
         assert self.process is not None
@@ -222,6 +252,7 @@ class EmbeddedPostgres:
 
     def stop(self, timeout: float = 15.0) -> None:
         """Fast shutdown (SIGINT), then immediate (SIGQUIT), then SIGKILL."""
+        self._stopping = True
         proc, self.process = self.process, None
         if proc is None or proc.poll() is not None:
             return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -152,3 +154,36 @@ async def test_serve_with_workers_shares_rooms(database_url: str, tmp_root: Path
             assert gone(worker.pid), f"worker {worker.pid} outlived its supervisor"
     finally:
         server.stop()
+
+
+async def test_embedded_postgres_crash_is_recovered(tmp_root: Path) -> None:
+    """kill -9 of the embedded Postgres under `chat serve`: it is restarted with crash recovery,
+    and nothing committed is lost."""
+    data_dir = tmp_root / unique("crash")
+    serve = EmbeddedServe(data_dir, tmp_root)
+    room = f"/rooms/{unique('r')}/ws"
+    try:
+        async with await RoomClient.open(serve.ws(room), serve.token()) as client:
+            await client.ready()
+            for i in range(20):
+                await client.send(f"m{i}")
+            await client.until_seq(20)
+        crashed = postgres_pid(data_dir)
+        os.kill(crashed, signal.SIGKILL)
+        assert gone(crashed)
+        async with httpx.AsyncClient() as http, asyncio.timeout(30):
+            while True:  # until a new Postgres serves and the app is ready again
+                with contextlib.suppress(OSError, ValueError, httpx.HTTPError):
+                    ready = (await http.get(f"http://127.0.0.1:{serve.port}/readyz")).status_code == 200
+                    if ready and postgres_pid(data_dir) != crashed:
+                        break
+                await asyncio.sleep(0.1)
+        async with await RoomClient.open(serve.ws(room), serve.token(), after=0) as client:
+            await client.until_seq(20)
+            assert client.bodies() == [f"m{i}" for i in range(20)]
+            await client.send("after the crash")
+            await client.until_seq(21)
+        assert "restarting it" in serve.log_path.read_text()
+    finally:
+        serve.proc.send_signal(signal.SIGTERM)
+        serve.proc.wait(30)
