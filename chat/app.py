@@ -21,7 +21,9 @@ from chat.auth import Refused, refuse
 from chat.config import Settings, get_settings
 from chat.db import create_engine
 from chat.hub import Hub
+from chat.limits import Limits
 from chat.pubsub import PostgresBackend
+from chat.revocation import watch_tokens
 
 log = logging.getLogger("chat.app")
 
@@ -90,12 +92,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         broadcast = Broadcast(backend=backend)
         await broadcast.connect()
         hub = Hub(broadcast, engine)
-        app.state.settings, app.state.engine, app.state.backend, app.state.hub = (
-            settings,
-            engine,
-            backend,
-            hub,
-        )
+        app.state.engine, app.state.backend, app.state.hub = engine, backend, hub
+        app.state.limits = Limits(settings)
+        tokens = asyncio.create_task(watch_tokens(hub, engine, interval=settings.token_check_seconds))
         restore_signals = _drain_before_exit(hub, grace=SHUTDOWN_GRACE_SECONDS)
         watchdog = None
         if supervisor := os.environ.get("CHAT_SUPERVISOR_PID"):
@@ -104,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             restore_signals()
+            tokens.cancel()
             if watchdog is not None:
                 watchdog.cancel()
             await hub.close()

@@ -17,7 +17,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from chat.protocol import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER
-from chat.store import MessageRecord
+from chat.store import Identity, MessageRecord
 
 log = logging.getLogger("chat.client")
 
@@ -39,8 +39,17 @@ Handler = Callable[[str | None], Coroutine[Any, Any, None]]  # one received fram
 
 
 class Client:
-    def __init__(self, ws: WebSocket, *, queue_size: int, render: Render, live_only: bool = False) -> None:
+    def __init__(
+        self,
+        ws: WebSocket,
+        *,
+        queue_size: int,
+        render: Render,
+        identity: Identity | None = None,
+        live_only: bool = False,
+    ) -> None:
         self.ws = ws
+        self.identity = identity
         self.live_only = live_only  # no history: start at the room's head when joining
         self.render = render
         self.queue: asyncio.Queue[Item] = asyncio.Queue(queue_size)
@@ -48,6 +57,7 @@ class Client:
         self.overflowed = False
         self.leaving = False  # the server is shutting down
         self._busy = False  # a frame is being handled
+        self._kicked: tuple[int, str] | None = None  # close code and reason, when cut off
         self._sender: asyncio.Task[None] | None = None
         self._receiver: asyncio.Task[None] | None = None
 
@@ -82,7 +92,7 @@ class Client:
     async def _receive(self, handle: Handler) -> None:
         """Hand each frame to `handle` (None for a binary frame) until the client leaves, or the
         server is going away: then stop between frames, never in the middle of one."""
-        while not self.leaving:
+        while not self.leaving and self._kicked is None:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
                 return
@@ -91,6 +101,14 @@ class Client:
                 await handle(message.get("text"))
             finally:
                 self._busy = False
+
+    def kick(self, code: int, reason: str) -> None:
+        """Cut this socket off now (token revoked, flood), closing it with `code`."""
+        if self._kicked is None:
+            self._kicked = (code, reason)
+        for task in (self._sender, self._receiver):
+            if task is not None:
+                task.cancel()
 
     def go_away(self) -> None:
         """The server is shutting down: finish the frame in hand, flush, then close with 1001."""
@@ -103,6 +121,8 @@ class Client:
         self._sender = asyncio.create_task(self._drain())
         self._receiver = asyncio.create_task(self._receive(handle))
         tasks = (self._sender, self._receiver)
+        if self._kicked is not None:  # cut off before it even started (during replay)
+            self.kick(*self._kicked)
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if self.leaving and not self._sender.done():
@@ -120,6 +140,8 @@ class Client:
         if self.overflowed:
             log.info("closing a slow consumer (queue of %d full)", self.queue.maxsize)
             await self.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and resume")
+        elif self._kicked is not None:
+            await self.close(*self._kicked)
         elif self.leaving:
             await self.close(CLOSE_GOING_AWAY, "server shutting down: reconnect and resume")
 

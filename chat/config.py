@@ -54,6 +54,15 @@ class Settings(BaseSettings):
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     pool_size: int = Field(default=10, ge=1)
 
+    # Limits, per process (README: "Limits").
+    rate_per_second: float = Field(default=10.0, gt=0)  # frames per second, per connection
+    rate_burst: float = Field(default=30.0, ge=1)
+    user_rate_per_second: float = Field(default=20.0, gt=0)  # frames per second, per user
+    user_rate_burst: float = Field(default=60.0, ge=1)
+    flood_close_after: int = Field(default=50, ge=1)  # refused frames in a row before close 4029
+    max_connections_per_user: int = Field(default=32, ge=1)
+    token_check_seconds: float = Field(default=2.0, gt=0)  # revoked/expired tokens close live sockets
+
     listen_heartbeat_seconds: float = Field(default=2.0, gt=0)
     listen_timeout_seconds: float = Field(default=3.0, gt=0)
 
@@ -71,12 +80,12 @@ class Settings(BaseSettings):
 
     @property
     def frame_limit(self) -> int:
-        """Hard limit on one WebSocket frame; larger frames close the socket with 1009.
+        """Hard limit on one WebSocket frame, in bytes; larger frames close the socket with 1009.
 
         Generous above max_message_bytes so that an over-long message still parses and gets
         a clear error frame instead of a closed socket.
         """
-        return max(64 * 1024, 4 * self.max_message_bytes + 4096)
+        return max(128 * 1024, 4 * self.max_message_bytes + 4096)
 
 
 @lru_cache

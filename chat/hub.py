@@ -166,11 +166,14 @@ class Hub:
         except Exception as exc:
             log.warning("could not publish %s: %r", event.get("type"), exc)
 
+    def clients(self) -> list[Client]:
+        return [client for feed in self.feeds.values() for client in feed.clients]
+
     async def going_away(self, timeout: float) -> None:
         """Shutting down: refuse new sockets, ask every socket to finish and close with 1001,
         and wait (bounded) until they have."""
         self.closing = True
-        clients = [client for feed in self.feeds.values() for client in feed.clients]
+        clients = self.clients()
         log.info("going away: closing %d socket(s)", len(clients))
         for client in clients:
             client.go_away()

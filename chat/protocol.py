@@ -18,6 +18,8 @@ CLOSE_GOING_AWAY = 1001  # the server is shutting down: reconnect (to another pr
 CLOSE_POLICY = 1008  # a policy violation
 CLOSE_TOO_BIG = 1009  # a frame over the hard frame limit (closed by uvicorn)
 CLOSE_SLOW_CONSUMER = 4000  # this socket's outgoing queue overflowed: reconnect with "after"
+CLOSE_TOKEN_REFUSED = 4001  # the token was revoked or expired while the socket was open
+CLOSE_FLOOD = 4029  # kept sending while rate limited
 
 
 class _Frame(BaseModel):

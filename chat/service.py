@@ -11,7 +11,8 @@ from chat import protocol, store
 from chat.client import Client
 from chat.config import Settings
 from chat.hub import Hub
-from chat.protocol import BadFrame, HistoryFrame, PingFrame, SendFrame
+from chat.limits import FrameGuard, RateLimited
+from chat.protocol import CLOSE_FLOOD, BadFrame, HistoryFrame, PingFrame, SendFrame
 from chat.store import Identity
 
 log = logging.getLogger("chat.service")
@@ -33,6 +34,18 @@ def check_body(body: str, *, max_bytes: int) -> None:
         raise BadFrame("invalid_text", "the message contains a lone surrogate") from None
 
 
+def admit(guard: FrameGuard, client: Client) -> RateLimited | None:
+    """Charge one frame to the rate limits: None if it may be handled; else why not (and a
+    client that keeps sending while refused is cut off as a flood)."""
+    try:
+        guard.check()
+        return None
+    except RateLimited as refused:
+        if refused.flood:
+            client.kick(CLOSE_FLOOD, "flood: too many frames while rate limited")
+        return refused
+
+
 class RoomSession:
     def __init__(
         self,
@@ -44,6 +57,7 @@ class RoomSession:
         room_id: int,
         room: str,
         client: Client,
+        guard: FrameGuard,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -52,6 +66,7 @@ class RoomSession:
         self.room_id = room_id
         self.room = room
         self.client = client
+        self.guard = guard
 
     async def replay(self, *, after: int | None) -> None:
         """Send history straight to the socket; the live queue fills meanwhile and the cursor
@@ -77,7 +92,14 @@ class RoomSession:
             protocol.dumps({"type": "ready", "room": self.room, "user": self.identity.name, "last_seq": client.cursor})
         )
 
-    async def handle(self, text: str) -> None:
+    async def handle(self, text: str | None) -> None:
+        if refused := admit(self.guard, self.client):
+            detail = f"slow down: retry in {refused.retry_after:.1f}s"
+            self.client.offer(protocol.error_frame("rate_limited", detail, retry_after=round(refused.retry_after, 2)))
+            return
+        if text is None:
+            self.client.offer(protocol.error_frame("binary_not_supported", "send JSON text frames"))
+            return
         frame: protocol.Incoming | None = None
         try:
             frame = protocol.parse(text)

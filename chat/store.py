@@ -170,6 +170,10 @@ class Identity:
     name: str
     token_id: int
     expires_at: datetime | None
+    rooms: tuple[str, ...] | None = None  # None: any room
+
+    def may_join(self, room: str) -> bool:
+        return self.rooms is None or room in self.rooms
 
 
 class TokenRefused(Exception):
@@ -183,7 +187,7 @@ class TokenRefused(Exception):
 async def identity_for_token(conn: AsyncConnection, *, raw: str) -> Identity:
     row = (
         await conn.execute(
-            select(Token.id, Token.expires_at, Token.revoked_at, User.id.label("user_id"), User.name)
+            select(Token.id, Token.expires_at, Token.revoked_at, Token.rooms, User.id.label("user_id"), User.name)
             .join(User, User.id == Token.user_id)
             .where(Token.hash == hash_token(raw))
         )
@@ -194,11 +198,32 @@ async def identity_for_token(conn: AsyncConnection, *, raw: str) -> Identity:
         raise TokenRefused("token revoked")
     if row.expires_at is not None and row.expires_at <= datetime.now(UTC):
         raise TokenRefused("token expired")
-    return Identity(user_id=row.user_id, name=row.name, token_id=row.id, expires_at=row.expires_at)
+    return Identity(
+        user_id=row.user_id,
+        name=row.name,
+        token_id=row.id,
+        expires_at=row.expires_at,
+        rooms=tuple(row.rooms) if row.rooms is not None else None,
+    )
+
+
+async def refused_tokens(conn: AsyncConnection, *, token_ids: list[int]) -> dict[int, str]:
+    """Which of these tokens are no longer good, and why (for closing their live sockets)."""
+    rows = await conn.execute(
+        select(Token.id, Token.revoked_at).where(
+            Token.id.in_(token_ids), (Token.revoked_at.is_not(None)) | (Token.expires_at <= func.now())
+        )
+    )
+    return {row.id: "token revoked" if row.revoked_at is not None else "token expired" for row in rows}
 
 
 async def create_token(
-    conn: AsyncConnection, *, user_name: str, ttl: timedelta | None, label: str = ""
+    conn: AsyncConnection,
+    *,
+    user_name: str,
+    ttl: timedelta | None,
+    label: str = "",
+    rooms: list[str] | None = None,
 ) -> tuple[int, str]:
     """Create the user if needed and a token for them; returns (token id, raw token)."""
     raw = new_token()
@@ -208,7 +233,7 @@ async def create_token(
         expires = datetime.now(UTC) + ttl if ttl else None
         token_id = await conn.scalar(
             insert(Token)
-            .values(user_id=user_id, hash=hash_token(raw), label=label, expires_at=expires)
+            .values(user_id=user_id, hash=hash_token(raw), label=label, expires_at=expires, rooms=rooms)
             .returning(Token.id)
         )
     assert token_id is not None
@@ -217,7 +242,7 @@ async def create_token(
 
 async def list_tokens(conn: AsyncConnection, *, user_name: str | None = None) -> list[Any]:
     query = (
-        select(Token.id, User.name, Token.label, Token.created_at, Token.expires_at, Token.revoked_at)
+        select(Token.id, User.name, Token.label, Token.created_at, Token.expires_at, Token.revoked_at, Token.rooms)
         .join(User, User.id == Token.user_id)
         .order_by(Token.id)
     )

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
@@ -13,8 +14,9 @@ from chat import protocol, store
 from chat.auth import Refused, SocketToken, SocketUser
 from chat.client import Client, Item, RoomEvent
 from chat.db import engine_of
-from chat.service import RoomSession, check_body
-from chat.store import MessageRecord
+from chat.limits import FrameGuard, TooManyConnections
+from chat.service import RoomSession, admit, check_body
+from chat.store import Identity, MessageRecord
 
 router = APIRouter()
 
@@ -22,20 +24,39 @@ ROOM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 CHAPTER_ROOM = "_chapter"  # where /ws/{client_id} keeps its messages; no user room starts with "_"
 
 
-async def _room_id(websocket: WebSocket, name: str) -> int:
-    if websocket.app.state.hub.closing:
-        raise Refused(503, "server shutting down: try again")  # the client reconnects elsewhere
-    async with engine_of(websocket).connect() as conn:
-        room_id = await store.room_id(conn, name=name)
-    assert room_id is not None
-    return room_id
-
-
 def _receive_text_or_none(message: MutableMapping[str, Any]) -> str | None:
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(int(message.get("code") or 1000))
     text = message.get("text")
     return text if isinstance(text, str) else None
+
+
+@asynccontextmanager
+async def _joined(
+    websocket: WebSocket, user: Identity, room: str, client: Client
+) -> AsyncIterator[tuple[FrameGuard, int]]:
+    """What a socket holds while it is open: a connection slot of its user, and its place in
+    the room's feed. Taken before accept, so that a connected client hears every message."""
+    state = websocket.app.state
+    if state.hub.closing:
+        raise Refused(503, "server shutting down: try again")  # the client reconnects elsewhere
+    if not user.may_join(room):
+        raise Refused(403, "room not allowed for this token")
+    async with engine_of(websocket).connect() as conn:
+        room_id = await store.room_id(conn, name=room)
+    assert room_id is not None
+    try:
+        guard = state.limits.open(user.user_id)
+    except TooManyConnections:
+        raise Refused(429, "too many connections for this user") from None
+    try:
+        await state.hub.join(room_id, room, client)
+        try:
+            yield guard, room_id
+        finally:
+            state.hub.leave(room_id, client)
+    finally:
+        state.limits.close(user.user_id)
 
 
 @router.websocket("/rooms/{room}/ws")
@@ -48,41 +69,31 @@ async def room_socket(
     if not ROOM_NAME.fullmatch(room):
         raise Refused(400, "invalid room name: 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
     state = websocket.app.state
-    room_id = await _room_id(websocket, room)
 
     def render(item: Item) -> str:
         if isinstance(item, MessageRecord):
             return protocol.message_frame(room, item)
         return item.frame if isinstance(item, RoomEvent) else item
 
-    client = Client(websocket, queue_size=state.settings.socket_queue, render=render)
-    session = RoomSession(
-        settings=state.settings,
-        engine=state.engine,
-        hub=state.hub,
-        identity=user,
-        room_id=room_id,
-        room=room,
-        client=client,
-    )
-    # Subscribed before the handshake completes: a client that is connected hears everything.
-    await state.hub.join(room_id, room, client)
-    try:
-        await websocket.accept()
-        await session.replay(after=after)
-        await state.hub.publish(room_id, {"type": "join", "user": user.name})
-
-        async def handle(text: str | None) -> None:
-            if text is None:
-                client.offer(protocol.error_frame("binary_not_supported", "send JSON text frames"))
-            else:
-                await session.handle(text)
-
-        await client.serve(handle)
-    except WebSocketDisconnect:
-        pass
-    finally:
-        state.hub.leave(room_id, client)
+    client = Client(websocket, queue_size=state.settings.socket_queue, render=render, identity=user)
+    async with _joined(websocket, user, room, client) as (guard, room_id):
+        session = RoomSession(
+            settings=state.settings,
+            engine=state.engine,
+            hub=state.hub,
+            identity=user,
+            room_id=room_id,
+            room=room,
+            client=client,
+            guard=guard,
+        )
+        try:
+            await websocket.accept()
+            await session.replay(after=after)
+            await state.hub.publish(room_id, {"type": "join", "user": user.name})
+            await client.serve(session.handle)
+        except WebSocketDisconnect:
+            pass
     await state.hub.publish(room_id, {"type": "leave", "user": user.name})
 
 
@@ -122,37 +133,36 @@ async def items(websocket: WebSocket, item_id: str, token: SocketToken, user: So
 async def clients(websocket: WebSocket, client_id: int, user: SocketUser) -> None:
     """Example 3: broadcast to every client in every process; persisted in the `_chapter` room."""
     state = websocket.app.state
-    room_id = await _room_id(websocket, CHAPTER_ROOM)
 
     def render(item: Item) -> str | None:
         if isinstance(item, MessageRecord):
             return item.body
         return None if isinstance(item, RoomEvent) else item
 
-    client = Client(websocket, queue_size=state.settings.socket_queue, render=render, live_only=True)
+    client = Client(websocket, queue_size=state.settings.socket_queue, render=render, identity=user, live_only=True)
+    async with _joined(websocket, user, CHAPTER_ROOM, client) as (guard, room_id):
 
-    async def post(body: str, kind: str) -> None:
-        async with state.engine.connect() as conn:
-            await store.append_message(
-                conn, room_id=room_id, author_id=user.user_id, author=user.name, body=body, kind=kind
-            )
+        async def post(body: str, kind: str) -> None:
+            async with state.engine.connect() as conn:
+                await store.append_message(
+                    conn, room_id=room_id, author_id=user.user_id, author=user.name, body=body, kind=kind
+                )
 
-    async def handle(data: str | None) -> None:
-        if data is None:
-            client.offer("binary frames are not supported")
-            return
-        try:
-            check_body(data, max_bytes=state.settings.max_message_bytes)
-        except protocol.BadFrame as exc:
-            client.offer(f"Error: {exc.detail}")
-            return
-        client.offer(f"You wrote: {data}")
-        await post(f"Client #{client_id} says: {data}", "text")
+        async def handle(data: str | None) -> None:
+            if refused := admit(guard, client):
+                client.offer(f"Error: slow down, retry in {refused.retry_after:.1f}s")
+                return
+            if data is None:
+                client.offer("binary frames are not supported")
+                return
+            try:
+                check_body(data, max_bytes=state.settings.max_message_bytes)
+            except protocol.BadFrame as exc:
+                client.offer(f"Error: {exc.detail}")
+                return
+            client.offer(f"You wrote: {data}")
+            await post(f"Client #{client_id} says: {data}", "text")
 
-    await state.hub.join(room_id, CHAPTER_ROOM, client)  # before accept, as in room_socket
-    try:
         await websocket.accept()
         await client.serve(handle)
-    finally:
-        state.hub.leave(room_id, client)
     await post(f"Client #{client_id} left the chat", "notice")

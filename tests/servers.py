@@ -13,6 +13,16 @@ from pathlib import Path
 
 import httpx
 
+# Most tests blast messages to test delivery, not rate limits: they get room to do so. Tests of
+# the limits start their servers with limits=DEFAULT_LIMITS.
+GENEROUS_LIMITS = {
+    "CHAT_RATE_PER_SECOND": "100000",
+    "CHAT_RATE_BURST": "100000",
+    "CHAT_USER_RATE_PER_SECOND": "100000",
+    "CHAT_USER_RATE_BURST": "100000",
+}
+DEFAULT_LIMITS: dict[str, str] = {}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -22,12 +32,21 @@ def free_port() -> int:
 
 class Server:
     def __init__(
-        self, database_url: str, log_dir: Path, *, workers: int = 1, env: dict[str, str] | None = None
+        self,
+        database_url: str,
+        log_dir: Path,
+        *,
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        limits: dict[str, str] | None = None,
     ) -> None:
-        self.port = free_port()
+        self.port = port if port is not None else free_port()
         self.log_path = log_dir / f"server-{self.port}.log"
         environment = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
-        environment.update({"DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1", **(env or {})})
+        environment.update({"DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1"})
+        environment.update(GENEROUS_LIMITS if limits is None else limits)
+        environment.update(env or {})
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "chat", "serve", "--host", "127.0.0.1", "--port", str(self.port),
