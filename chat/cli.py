@@ -175,7 +175,8 @@ def token() -> None:
 @click.argument("name")
 @click.option("--ttl", default="30d", show_default=True, help="Lifetime: 30s, 90m, 12h, 30d, 2w or never.")
 @click.option("--label", default="", help="A note to tell tokens apart.")
-def token_create(name: str, ttl: str, label: str) -> None:
+@click.option("--room", "rooms", multiple=True, help="Only this room (repeat for several); default: any room.")
+def token_create(name: str, ttl: str, label: str, rooms: tuple[str, ...]) -> None:
     """Create a token for user NAME (created if new); the raw token is the last line."""
     from chat import store
 
@@ -183,7 +184,10 @@ def token_create(name: str, ttl: str, label: str) -> None:
     with database(get_settings()) as (url, _):
         run_migrations(url)
         token_id, raw = asyncio.run(
-            _with_conn(url, lambda c: store.create_token(c, user_name=name, ttl=lifetime, label=label))
+            _with_conn(
+                url,
+                lambda c: store.create_token(c, user_name=name, ttl=lifetime, label=label, rooms=list(rooms) or None),
+            )
         )
     click.echo(f"token {token_id} for {name}, expires {'never' if lifetime is None else f'in {ttl}'}", err=True)
     click.echo(raw)
@@ -197,11 +201,14 @@ def token_list(user_name: str | None) -> None:
 
     with database(get_settings()) as (url, _):
         rows = asyncio.run(_with_conn(url, lambda c: store.list_tokens(c, user_name=user_name)))
-    click.echo(f"{'id':>5}  {'user':<20} {'state':<8} {'created':<20} {'expires':<20} label")
+    click.echo(f"{'id':>5}  {'user':<20} {'state':<8} {'created':<17} {'expires':<17} {'rooms':<20} label")
     for r in rows:
         state = "revoked" if r.revoked_at else "active"
         expires = r.expires_at.strftime("%Y-%m-%d %H:%M") if r.expires_at else "never"
-        click.echo(f"{r.id:>5}  {r.name:<20} {state:<8} {r.created_at:%Y-%m-%d %H:%M}     {expires:<20} {r.label}")
+        rooms = ",".join(r.rooms) if r.rooms is not None else "any"
+        click.echo(
+            f"{r.id:>5}  {r.name:<20} {state:<8} {r.created_at:%Y-%m-%d %H:%M} {expires:<17} {rooms:<20} {r.label}"
+        )
 
 
 @token.command("revoke")

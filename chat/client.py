@@ -55,9 +55,9 @@ class Client:
         self.queue: asyncio.Queue[Item] = asyncio.Queue(queue_size)
         self.cursor = 0  # the highest seq this socket has been sent
         self.overflowed = False
-        self.leaving = False  # the server is shutting down
         self._busy = False  # a frame is being handled
-        self._kicked: tuple[int, str] | None = None  # close code and reason, when cut off
+        self._kicked: tuple[int, str] | None = None  # close code and reason, once cut off
+        self._flush = False  # send what is queued before closing
         self._sender: asyncio.Task[None] | None = None
         self._receiver: asyncio.Task[None] | None = None
 
@@ -92,7 +92,7 @@ class Client:
     async def _receive(self, handle: Handler) -> None:
         """Hand each frame to `handle` (None for a binary frame) until the client leaves, or the
         server is going away: then stop between frames, never in the middle of one."""
-        while not self.leaving and self._kicked is None:
+        while self._kicked is None:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
                 return
@@ -102,31 +102,33 @@ class Client:
             finally:
                 self._busy = False
 
-    def kick(self, code: int, reason: str) -> None:
-        """Cut this socket off now (token revoked, flood), closing it with `code`."""
-        if self._kicked is None:
-            self._kicked = (code, reason)
-        for task in (self._sender, self._receiver):
-            if task is not None:
-                task.cancel()
+    def kick(self, code: int, reason: str, *, flush: bool = False) -> None:
+        """Close this socket with `code`: stop reading (after the frame in hand), then either
+        flush what is queued first (`flush`), or drop it (a revoked token gets nothing more)."""
+        if self._kicked is not None:
+            return
+        self._kicked = (code, reason)
+        self._flush = flush
+        if not flush and self._sender is not None:
+            self._sender.cancel()
+        if self._receiver is not None and not self._busy:
+            self._receiver.cancel()
 
     def go_away(self) -> None:
         """The server is shutting down: finish the frame in hand, flush, then close with 1001."""
-        self.leaving = True
-        if self._receiver is not None and not self._busy:
-            self._receiver.cancel()
+        self.kick(CLOSE_GOING_AWAY, "server shutting down: reconnect and resume", flush=True)
 
     async def serve(self, handle: Handler) -> None:
         """Run the writer beside the reader until either ends, then close as needed."""
         self._sender = asyncio.create_task(self._drain())
         self._receiver = asyncio.create_task(self._receive(handle))
         tasks = (self._sender, self._receiver)
-        if self._kicked is not None:  # cut off before it even started (during replay)
-            self.kick(*self._kicked)
+        if self._kicked is not None and not self._flush:  # cut off before it even started
+            self._sender.cancel()
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            if self.leaving and not self._sender.done():
-                # Going away: what is queued (acks of in-flight sends included) goes out first.
+            if self._kicked is not None and self._flush and not self._sender.done():
+                # What is queued (acks of in-flight sends, the errors of a flood) goes out first.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.queue.join(), CLOSE_GRACE_SECONDS)
         finally:
@@ -142,8 +144,6 @@ class Client:
             await self.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and resume")
         elif self._kicked is not None:
             await self.close(*self._kicked)
-        elif self.leaving:
-            await self.close(CLOSE_GOING_AWAY, "server shutting down: reconnect and resume")
 
     async def close(self, code: int, reason: str, grace: float = CLOSE_GRACE_SECONDS) -> None:
         # Bounded: a client that stopped reading may never let the close frame through.

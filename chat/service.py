@@ -42,7 +42,7 @@ def admit(guard: FrameGuard, client: Client) -> RateLimited | None:
         return None
     except RateLimited as refused:
         if refused.flood:
-            client.kick(CLOSE_FLOOD, "flood: too many frames while rate limited")
+            client.kick(CLOSE_FLOOD, "flood: too many frames while rate limited", flush=True)
         return refused
 
 

@@ -1,0 +1,265 @@
+"""End to end: the chat page in Debian's chromium (driven by Playwright), real server processes,
+the test Postgres. Screenshots of the main states go to test-artifacts/e2e/."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.async_api import Browser, Request, async_playwright, expect
+
+from tests.browser import (
+    CHROMIUM_ARGS,
+    ChatPage,
+    insert_message,
+    require_chromium,
+    screenshot,
+    seed_room,
+    strictly_increasing,
+)
+from tests.conftest import MakeToken, unique
+from tests.servers import Server
+
+OpenPage = Callable[..., Awaitable[ChatPage]]
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    executable = require_chromium()
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        await browser.close()
+
+
+@pytest.fixture
+async def open_page(browser: Browser, make_token: MakeToken) -> AsyncIterator[OpenPage]:
+    """open_page(server, "alice") -> a new user with a new token, signed in in a context of their own."""
+    pages: list[ChatPage] = []
+
+    async def open_(server: Server, prefix: str, **context_options: Any) -> ChatPage:
+        user = unique(prefix)
+        page = await ChatPage.open(browser, server.http, await make_token(user), user, **context_options)
+        pages.append(page)
+        return page
+
+    yield open_
+    for page in pages:
+        await page.close()
+
+
+def assert_clean(*pages: ChatPage) -> None:
+    for page in pages:
+        assert page.errors == [], f"{page.user}'s page threw: {page.errors}"
+        assert page.dialogs == [], f"{page.user}'s page opened dialogs: {page.dialogs}"
+
+
+async def test_two_users_on_two_servers(
+    open_page: OpenPage, server_a: Server, server_b: Server, database_url: str
+) -> None:
+    """History on join, live messages both ways across processes, join and leave notices."""
+    room = unique("two")
+    await seed_room(database_url, room, 3)
+    history = [(i, "bot", f"message {i}") for i in (1, 2, 3)]
+
+    alice = await open_page(server_a, "alice")
+    await alice.join(room)
+    await alice.wait_seqs([1, 2, 3])
+    assert await alice.rows() == history
+    await screenshot(alice.page, "signed-in")
+
+    bob = await open_page(server_b, "bob")
+    await bob.join(room)
+    await bob.wait_seqs([1, 2, 3])
+    assert await bob.rows() == history
+    await alice.wait_event(f"{bob.user} joined")
+
+    await alice.send("hello from alice, on server a")
+    await bob.wait_body("hello from alice, on server a", mine=False)
+    await bob.send("hello from bob, on server b")
+    await alice.wait_body("hello from bob, on server b", mine=False)
+
+    expected = [
+        *history,
+        (4, alice.user, "hello from alice, on server a"),
+        (5, bob.user, "hello from bob, on server b"),
+    ]
+    for page in (alice, bob):
+        await page.wait_seqs([1, 2, 3, 4, 5])
+        assert await page.rows() == expected
+    assert await alice.page.locator("#messages .msg.mine").count() == 1
+    assert await bob.page.locator("#messages .msg.mine").count() == 1
+    await screenshot(alice.page, "two-users")
+
+    await bob.page.click("#signout")
+    await expect(bob.page.locator("#signin-form")).to_be_visible()
+    await alice.wait_event(f"{bob.user} left")
+    assert await alice.events() == [f"{bob.user} joined", f"{bob.user} left"]
+    assert_clean(alice, bob)
+
+
+async def test_late_joiner_sees_the_history_in_order(open_page: OpenPage, server_a: Server, server_b: Server) -> None:
+    room = unique("late")
+    alice = await open_page(server_a, "alice")
+    bob = await open_page(server_b, "bob")
+    await alice.join(room)
+    await bob.join(room)
+    expected: list[tuple[int, str, str]] = []
+    for i in range(1, 7):  # alternating; each send returns once stored, so the order is known
+        sender = alice if i % 2 else bob
+        await sender.send(f"line {i} from {sender.user}")
+        expected.append((i, sender.user, f"line {i} from {sender.user}"))
+
+    carol = await open_page(server_b, "carol")
+    await carol.join(room)
+    await carol.wait_seqs(list(range(1, 7)))
+    assert await carol.rows() == expected
+    assert await carol.page.locator("#messages .msg.mine").count() == 0
+    for page in (alice, bob):
+        await page.wait_event(f"{carol.user} joined")
+        assert await page.rows() == expected
+    assert_clean(alice, bob, carol)
+
+
+async def test_page_reconnects_when_its_server_restarts(
+    open_page: OpenPage, server_b: Server, database_url: str, tmp_root: Path
+) -> None:
+    """Messages sent while the page's server is down show after the restart, each once, in order;
+    one written into the outbox meanwhile is sent once."""
+    room = unique("restart")
+    await seed_room(database_url, room, 3)
+    server = await asyncio.to_thread(Server, database_url, tmp_root)
+    try:
+        alice = await open_page(server, "alice")
+        bob = await open_page(server_b, "bob")
+        await alice.join(room)
+        await bob.join(room)
+        await alice.send("before the restart")  # seq 4
+        await bob.wait_body("before the restart")
+
+        port = server.port
+        await asyncio.to_thread(server.stop)
+        await expect(alice.page.locator("#status")).not_to_have_attribute("data-state", "connected")
+
+        meanwhile = [f"meanwhile {i} from bob" for i in (5, 6, 7)]
+        for body in meanwhile:
+            await bob.send(body)
+        await insert_message(database_url, room, "deploy-bot", "meanwhile 8 from psql")
+        await bob.wait_body("meanwhile 8 from psql")
+        await alice.page.fill("#message-input", "written while offline")
+        await alice.page.press("#message-input", "Enter")
+        await expect(alice.page.locator("#outbox .pending")).to_have_count(1)
+        await expect(alice.page.locator("#outbox .pending .state")).to_have_text("sending…")
+        assert await alice.seqs() == [1, 2, 3, 4]
+
+        server = await asyncio.to_thread(Server, database_url, tmp_root, port=port)
+        await alice.wait_connected(timeout=RECONNECT_MS)
+        await alice.wait_body("written while offline", mine=True)
+        await expect(alice.page.locator("#outbox > *")).to_have_count(0)
+        for page in (alice, bob):
+            await page.wait_seqs(list(range(1, 10)))
+            seqs = await page.seqs()
+            assert strictly_increasing(seqs) and len(set(seqs)) == len(seqs)
+        rows = await alice.rows()
+        assert [body for _, _, body in rows[4:]] == [*meanwhile, "meanwhile 8 from psql", "written while offline"]
+        assert rows[-1][1] == alice.user
+        assert await alice.rows() == await bob.rows()
+        await screenshot(alice.page, "reconnected")
+
+        await bob.send("after the restart")  # and live again, across processes
+        await alice.wait_body("after the restart", mine=False)
+        await alice.wait_seqs(list(range(1, 11)))
+        assert_clean(alice, bob)
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+# The page backs off up to 10 s (plus jitter) between attempts while its server is down.
+RECONNECT_MS = 30_000
+
+XSS_BODIES = ["<img src=x onerror=alert(1)>", "<script>alert(2)</script>", "<b>bold?</b> &amp; &lt;"]
+
+
+async def test_markup_in_messages_shows_as_literal_text(
+    open_page: OpenPage, server_a: Server, server_b: Server, database_url: str
+) -> None:
+    room = unique("xss")
+    alice = await open_page(server_a, "alice")
+    bob = await open_page(server_b, "bob")
+    fetched: list[str] = []
+
+    def record(request: Request) -> None:
+        fetched.append(request.url)
+
+    for page in (alice, bob):
+        page.page.on("request", record)
+    await alice.join(room)
+    await bob.join(room)
+
+    for body in XSS_BODIES:
+        await alice.send(body)
+    evil_author = "<img src=x onerror=alert(3)>"
+    await insert_message(database_url, room, evil_author, "<script>alert(4)</script>")
+    expected = [(i + 1, alice.user, body) for i, body in enumerate(XSS_BODIES)]
+    expected.append((len(XSS_BODIES) + 1, evil_author, "<script>alert(4)</script>"))
+
+    for page in (alice, bob):
+        await page.wait_seqs([seq for seq, _, _ in expected])
+        assert await page.rows() == expected
+        for tag in ("img", "script", "b"):
+            assert await page.page.locator(f"#messages {tag}, #outbox {tag}").count() == 0
+    # A round trip after the markup rendered: any handler it had planted had its chance to run.
+    await bob.send("still fine")
+    await alice.wait_body("still fine", mine=False)
+    await screenshot(bob.page, "xss")
+    assert not [url for url in fetched if url.rstrip("/").endswith("/x")], fetched
+    assert_clean(alice, bob)
+
+
+async def test_paging_back_through_500_messages(open_page: OpenPage, server_a: Server, database_url: str) -> None:
+    room = unique("paging")
+    await seed_room(database_url, room, 500)
+    alice = await open_page(server_a, "alice")
+    await alice.join(room)
+    await alice.wait_seqs(list(range(451, 501)))  # CHAT_HISTORY_ON_JOIN
+
+    load_older = alice.page.locator("#load-older")
+    low = 451
+    while low > 1:
+        await expect(load_older).to_be_visible()
+        await expect(load_older).to_have_attribute("aria-disabled", "false")
+        await load_older.click()
+        previous_top = alice.page.locator(f'#messages .msg[data-seq="{low}"]')
+        low -= 50
+        await alice.wait_seqs(list(range(low, 501)))
+        await expect(previous_top).to_be_in_viewport()  # the view stays where the reader was
+    await expect(load_older).to_be_hidden()  # the beginning of the room
+
+    rows = await alice.rows()
+    assert rows == [(i, "bot", f"message {i}") for i in range(1, 501)]
+    await alice.page.locator('#messages .msg[data-seq="1"]').scroll_into_view_if_needed()
+    await screenshot(alice.page, "history-paged")
+
+    await alice.send("501st")  # the paged page still takes live messages, at the end
+    await alice.wait_seqs(list(range(1, 502)))
+    assert_clean(alice)
+
+
+async def test_phone_layout(open_page: OpenPage, server_a: Server, database_url: str) -> None:
+    room = unique("phone")
+    await seed_room(database_url, room, 60)
+    alice = await open_page(server_a, "alice", viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    await alice.join(room)
+    await alice.wait_seqs(list(range(11, 61)))
+    await alice.send("sent from a phone")
+    page = alice.page
+    for selector in ("#message-input", "#send", "#status"):
+        await expect(page.locator(selector)).to_be_in_viewport()
+    await expect(page.locator("#messages .msg.mine")).to_be_in_viewport()  # the newest stays in view
+    overflow = await page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0, f"the page scrolls sideways by {overflow}px"
+    await screenshot(page, "phone")
+    assert_clean(alice)
