@@ -12,6 +12,7 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Index,
+    Integer,
     LargeBinary,
     Text,
     func,
@@ -78,3 +79,22 @@ class Message(Base):
     body: Mapped[str] = mapped_column(Text)
     client_id: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ChatProcess(Base):
+    __tablename__ = "chat_processes"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    beat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Presence(Base):
+    __tablename__ = "presence"
+
+    room_id: Mapped[int] = mapped_column(ForeignKey("rooms.id", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    process_id: Mapped[str] = mapped_column(
+        ForeignKey("chat_processes.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    user_name: Mapped[str] = mapped_column(Text)
+    sockets: Mapped[int] = mapped_column(Integer)
