@@ -22,6 +22,7 @@ from chat.config import Settings, get_settings
 from chat.db import create_engine
 from chat.hub import Hub
 from chat.limits import Limits
+from chat.presence import Presence
 from chat.pubsub import PostgresBackend
 from chat.revocation import watch_tokens
 
@@ -94,6 +95,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         hub = Hub(broadcast, engine)
         app.state.engine, app.state.backend, app.state.hub = engine, backend, hub
         app.state.limits = Limits(settings)
+        presence = app.state.presence = Presence(
+            engine, beat=settings.presence_beat_seconds, stale=settings.presence_stale_seconds
+        )
+        await presence.start()
         tokens = asyncio.create_task(watch_tokens(hub, engine, interval=settings.token_check_seconds))
         restore_signals = _drain_before_exit(hub, grace=SHUTDOWN_GRACE_SECONDS)
         watchdog = None
@@ -106,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             tokens.cancel()
             if watchdog is not None:
                 watchdog.cancel()
+            await presence.stop()
             await hub.close()
             await broadcast.disconnect()
             await engine.dispose()

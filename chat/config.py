@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     max_connections_per_user: int = Field(default=32, ge=1)
     token_check_seconds: float = Field(default=2.0, gt=0)  # revoked/expired tokens close live sockets
 
+    presence_beat_seconds: float = Field(default=2.0, gt=0)  # each process's heartbeat
+    presence_stale_seconds: float = Field(default=10.0, gt=0)  # a process silent this long is dead
+    typing_interval_seconds: float = Field(default=2.0, ge=0)  # at most one typing event per socket per this
+
     listen_heartbeat_seconds: float = Field(default=2.0, gt=0)
     listen_timeout_seconds: float = Field(default=3.0, gt=0)
 

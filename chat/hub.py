@@ -78,7 +78,7 @@ class RoomFeed:
             return
         seq = data.get("seq")
         if seq is None:
-            if data.get("type") in ("join", "leave"):
+            if data.get("type") in ("join", "leave", "typing"):
                 self._dispatch(RoomEvent(dumps({**data, "room": self.name})))
             return
         if seq <= self.last_seq:

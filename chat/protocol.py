@@ -37,13 +37,17 @@ class PingFrame(_Frame):
     type: Literal["ping"]
 
 
+class TypingFrame(_Frame):
+    type: Literal["typing"]
+
+
 class HistoryFrame(_Frame):
     type: Literal["history"]
     before: int = Field(ge=1)
     limit: int = Field(default=50, ge=1)
 
 
-Incoming = SendFrame | PingFrame | HistoryFrame
+Incoming = SendFrame | PingFrame | HistoryFrame | TypingFrame
 _incoming: TypeAdapter[Incoming] = TypeAdapter(Annotated[Incoming, Field(discriminator="type")])
 
 
@@ -67,7 +71,7 @@ def parse(text: str) -> Incoming:
         if kind in ("dict_type", "model_type"):
             raise BadFrame("invalid_frame", "a frame must be a JSON object") from None
         if kind in ("union_tag_invalid", "union_tag_not_found"):
-            raise BadFrame("unknown_type", 'the frame needs a "type" of send, ping or history') from None
+            raise BadFrame("unknown_type", 'the frame needs a "type": send, history, typing or ping') from None
         where = ".".join(str(p) for p in first["loc"][1:]) or "frame"
         raise BadFrame("invalid_frame", f"{where}: {first['msg']}") from None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -12,7 +13,7 @@ from chat.client import Client
 from chat.config import Settings
 from chat.hub import Hub
 from chat.limits import FrameGuard, RateLimited
-from chat.protocol import CLOSE_FLOOD, BadFrame, HistoryFrame, PingFrame, SendFrame
+from chat.protocol import CLOSE_FLOOD, BadFrame, HistoryFrame, PingFrame, SendFrame, TypingFrame
 from chat.store import Identity
 
 log = logging.getLogger("chat.service")
@@ -67,8 +68,9 @@ class RoomSession:
         self.room = room
         self.client = client
         self.guard = guard
+        self._typed_at = -1e9  # when this socket's last typing event went out
 
-    async def replay(self, *, after: int | None) -> None:
+    async def replay(self, *, after: int | None, online: list[str]) -> None:
         """Send history straight to the socket; the live queue fills meanwhile and the cursor
         drops what replay already sent. With `after`: every message after it, page by page."""
         client = self.client
@@ -89,7 +91,15 @@ class RoomSession:
                     for row in rows:
                         await client.emit(row)
         await client.emit(
-            protocol.dumps({"type": "ready", "room": self.room, "user": self.identity.name, "last_seq": client.cursor})
+            protocol.dumps(
+                {
+                    "type": "ready",
+                    "room": self.room,
+                    "user": self.identity.name,
+                    "last_seq": client.cursor,
+                    "online": online,
+                }
+            )
         )
 
     async def handle(self, text: str | None) -> None:
@@ -107,6 +117,8 @@ class RoomSession:
                 await self.send(frame)
             elif isinstance(frame, HistoryFrame):
                 await self.history(frame)
+            elif isinstance(frame, TypingFrame):
+                await self.typing()
             elif isinstance(frame, PingFrame):
                 self.reply({"type": "pong"})
         except BadFrame as exc:
@@ -140,6 +152,16 @@ class RoomSession:
                 "duplicate": appended.duplicate,
             }
         )
+
+    async def typing(self) -> None:
+        """Ephemeral: fanned out through NOTIFY, never stored, at most one per interval per
+        socket (the rest are dropped quietly). Clients clear it when the typist's message or
+        leave arrives, or after a few seconds of silence."""
+        now = time.monotonic()
+        if now - self._typed_at < self.settings.typing_interval_seconds:
+            return
+        self._typed_at = now
+        await self.hub.publish(self.room_id, {"type": "typing", "user": self.identity.name})
 
     async def history(self, frame: HistoryFrame) -> None:
         limit = min(frame.limit, self.settings.history_page_max)

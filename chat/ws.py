@@ -87,14 +87,15 @@ async def room_socket(
             client=client,
             guard=guard,
         )
+        online = await state.presence.enter(room_id, user)
         try:
             await websocket.accept()
-            await session.replay(after=after)
-            await state.hub.publish(room_id, {"type": "join", "user": user.name})
+            await session.replay(after=after, online=online)
             await client.serve(session.handle)
         except WebSocketDisconnect:
             pass
-    await state.hub.publish(room_id, {"type": "leave", "user": user.name})
+        finally:
+            await state.presence.leave(room_id, user)
 
 
 # --- the FastAPI chapter's examples -----------------------------------------------------------

@@ -1,0 +1,196 @@
+"""Who is online in which room, across every server process.
+
+Each process beats in `chat_processes`; each (room, user) it serves has a `presence` row with
+its socket count. A user goes online in a room with their first socket anywhere and offline with
+their last: that is decided under a per-(room, user) advisory lock, and the join or leave event
+is NOTIFYed in the same transaction, so events follow the state in commit order. A process that
+stops beating (kill -9, a frozen host) is dead after `stale` seconds: the living reap its rows
+and announce the leaves, with no manual clean-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import uuid
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from chat.store import Identity
+
+log = logging.getLogger("chat.presence")
+
+# One lock per (room, user): the two ints packed into the lock's two-int4 form would overflow
+# for large ids, so hash them into its one-bigint form instead.
+_LOCK = text(
+    "SELECT pg_advisory_xact_lock(hashtextextended(CAST(:room_id AS bigint)::text || ':'"
+    " || CAST(:user_id AS bigint)::text, 0))"
+)
+_LIVE_SOCKETS = text(
+    "SELECT coalesce(sum(p.sockets), 0) FROM presence p JOIN chat_processes c ON c.id = p.process_id"
+    " WHERE p.room_id = :room_id AND p.user_id = :user_id AND c.beat_at > now() - make_interval(secs => :stale)"
+)
+_ONLINE = text(
+    "SELECT DISTINCT p.user_name FROM presence p JOIN chat_processes c ON c.id = p.process_id"
+    " WHERE p.room_id = :room_id AND c.beat_at > now() - make_interval(secs => :stale) ORDER BY 1"
+)
+_NOTIFY = text("SELECT pg_notify('room_' || CAST(:room_id AS bigint)::text, :payload)")
+
+
+class Presence:
+    def __init__(self, engine: AsyncEngine, *, beat: float, stale: float) -> None:
+        self.engine = engine
+        self.beat = beat
+        self.stale = stale
+        self.process_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.local: dict[tuple[int, int], tuple[str, int]] = {}  # (room, user) -> (name, sockets here)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._beat()
+        self._task = asyncio.create_task(self._run(), name="presence")
+
+    async def stop(self) -> None:
+        """Leaving for good (shutdown): our users go offline where no other process has them."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):  # the database may be gone already
+            await self._reap([self.process_id])
+
+    # --- sockets coming and going -------------------------------------------------------------
+
+    async def enter(self, room_id: int, who: Identity) -> list[str]:
+        """Count one more socket of `who` in the room; returns who is online there now."""
+        key = (room_id, who.user_id)
+        name, count = self.local.get(key, (who.name, 0))
+        self.local[key] = (name, count + 1)
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    text("INSERT INTO chat_processes (id) VALUES (:id) ON CONFLICT (id) DO NOTHING"),
+                    {"id": self.process_id},
+                )
+                await self._change(conn, room_id, who.user_id, who.name, +1)
+                rows = await conn.execute(_ONLINE, {"room_id": room_id, "stale": self.stale})
+                return [row[0] for row in rows]
+        except Exception as exc:  # the next heartbeat puts the row right
+            log.warning("presence enter failed: %r", exc)
+            return [who.name]
+
+    async def leave(self, room_id: int, who: Identity) -> None:
+        key = (room_id, who.user_id)
+        name, count = self.local.get(key, (who.name, 1))
+        if count <= 1:
+            self.local.pop(key, None)
+        else:
+            self.local[key] = (name, count - 1)
+        try:
+            async with self.engine.begin() as conn:
+                await self._change(conn, room_id, who.user_id, who.name, -1)
+        except Exception as exc:  # the next heartbeat puts the row right
+            log.warning("presence leave failed: %r", exc)
+
+    async def _change(self, conn: AsyncConnection, room_id: int, user_id: int, name: str, delta: int) -> None:
+        """Apply a change of this process's socket count, and announce a change of state."""
+        ids = {"room_id": room_id, "user_id": user_id}
+        await conn.execute(_LOCK, ids)
+        before = int(await conn.scalar(_LIVE_SOCKETS, {**ids, "stale": self.stale}) or 0)
+        await conn.execute(
+            text(
+                "INSERT INTO presence (room_id, user_id, process_id, user_name, sockets)"
+                " VALUES (:room_id, :user_id, :process_id, :name, greatest(:delta, 0))"
+                " ON CONFLICT (room_id, user_id, process_id)"
+                " DO UPDATE SET sockets = greatest(presence.sockets + :delta, 0)"
+            ),
+            {**ids, "process_id": self.process_id, "name": name, "delta": delta},
+        )
+        await conn.execute(
+            text("DELETE FROM presence WHERE room_id = :room_id AND user_id = :user_id AND sockets = 0"), ids
+        )
+        after = int(await conn.scalar(_LIVE_SOCKETS, {**ids, "stale": self.stale}) or 0)
+        if before == 0 and after > 0:
+            await self._announce(conn, room_id, "join", name)
+        elif before > 0 and after == 0:
+            await self._announce(conn, room_id, "leave", name)
+
+    async def _announce(self, conn: AsyncConnection, room_id: int, kind: str, name: str) -> None:
+        payload = json.dumps({"type": kind, "user": name}, ensure_ascii=False)
+        await conn.execute(_NOTIFY, {"room_id": room_id, "payload": payload})
+
+    # --- heartbeat and reaping ----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.beat)
+            try:
+                await self._beat()
+            except Exception as exc:  # the database is away: beat again later
+                log.warning("presence heartbeat failed: %r", exc)
+
+    async def _beat(self) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                text("INSERT INTO chat_processes (id) VALUES (:id) ON CONFLICT (id) DO UPDATE SET beat_at = now()"),
+                {"id": self.process_id},
+            )
+            dead = [
+                row[0]
+                for row in await conn.execute(
+                    text(
+                        "SELECT id FROM chat_processes WHERE beat_at < now() - make_interval(secs => :stale)"
+                        " AND id <> :id FOR UPDATE SKIP LOCKED"
+                    ),
+                    {"stale": self.stale, "id": self.process_id},
+                )
+            ]
+            rows = await conn.execute(
+                text("SELECT room_id, user_id, user_name, sockets FROM presence WHERE process_id = :id"),
+                {"id": self.process_id},
+            )
+            stored = {(row.room_id, row.user_id): (row.user_name, row.sockets) for row in rows}
+        await self._reconcile(stored)
+        if dead:
+            await self._reap(dead)
+
+    async def _reconcile(self, stored: dict[tuple[int, int], tuple[str, int]]) -> None:
+        """Make this process's rows match its sockets: after a failed enter or leave, or after
+        living processes reaped us during a long stall."""
+        for key in set(stored) | set(self.local):
+            name, there = stored.get(key, ("", 0))
+            name, here = self.local.get(key, (name, 0))
+            delta = here - there
+            if delta:
+                log.info("presence: correcting room %s user %s by %+d", *key, delta)
+                async with self.engine.begin() as conn:
+                    await self._change(conn, key[0], key[1], name, delta)
+
+    async def _reap(self, processes: list[str]) -> None:
+        """Remove dead processes and their rows, then announce who is no longer online anywhere."""
+        async with self.engine.begin() as conn:
+            gone = (
+                await conn.execute(
+                    text("DELETE FROM presence WHERE process_id = ANY(:ids) RETURNING room_id, user_id, user_name"),
+                    {"ids": processes},
+                )
+            ).all()
+            await conn.execute(text("DELETE FROM chat_processes WHERE id = ANY(:ids)"), {"ids": processes})
+        if processes != [self.process_id]:
+            log.info("reaped %d dead process(es): %d presence row(s)", len(processes), len(gone))
+        for room_id, user_id, name in {(r.room_id, r.user_id, r.user_name) for r in gone}:
+            async with self.engine.begin() as conn:
+                ids = {"room_id": room_id, "user_id": user_id}
+                await conn.execute(_LOCK, ids)
+                if int(await conn.scalar(_LIVE_SOCKETS, {**ids, "stale": self.stale}) or 0) == 0:
+                    await self._announce(conn, room_id, "leave", name)
+
+    async def online(self, room_id: int) -> list[str]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(_ONLINE, {"room_id": room_id, "stale": self.stale})
+            return [row[0] for row in rows]
