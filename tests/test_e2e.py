@@ -263,3 +263,26 @@ async def test_phone_layout(open_page: OpenPage, server_a: Server, database_url:
     assert overflow <= 0, f"the page scrolls sideways by {overflow}px"
     await screenshot(page, "phone")
     assert_clean(alice)
+
+
+async def test_online_list_and_typing(open_page: OpenPage, server_a: Server, server_b: Server) -> None:
+    """Who is online, across processes, and who is typing; both update live."""
+    room = unique("room")
+    alice = await open_page(server_a, "alice")
+    await alice.join(room)
+    bob = await open_page(server_b, "bob")
+    await bob.join(room)
+    for page in (alice, bob):
+        await expect(page.page.locator("#online-list li")).to_have_text(sorted([alice.user, bob.user]))
+        await expect(page.page.locator("#online-count")).to_have_text("2 online")
+
+    await bob.page.locator("#message-input").press_sequentially("hel")  # typing, not yet sent
+    await expect(alice.page.locator("#typing")).to_have_text(f"{bob.user} is typing…")
+    await bob.page.press("#message-input", "Enter")  # the message ends the indicator
+    await alice.wait_body("hel", mine=False)
+    await expect(alice.page.locator("#typing")).to_have_text("")
+    await screenshot(alice.page, "online-and-typing")
+
+    await bob.close()
+    await expect(alice.page.locator("#online-list li")).to_have_text([alice.user])
+    assert_clean(alice)

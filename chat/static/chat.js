@@ -225,6 +225,10 @@ function onRoomSubmit(e) {
 function openRoom(name) {
   if (name === current && conn) return;
   stopSocket();
+  online.clear(); // the next ready frame says who is online in the new room
+  typists.clear();
+  renderOnline();
+  renderTyping();
   if (shown !== name) { // park the old room's nodes, bring back the new room's
     if (shown) {
       stateOf(shown).stash.messages.append(...el.messages.childNodes);
@@ -348,6 +352,7 @@ function onFrame(c, data) {
   if (f.type === 'message') keepBottom(() => addMessage(state, f, false));
   else if (f.type === 'ready') onReady(c, state, f);
   else if (f.type === 'join' || f.type === 'leave') onPresence(f);
+  else if (f.type === 'typing') onTyping(f);
   else if (f.type === 'ack') onAck(c, state, f);
   else if (f.type === 'history') onHistory(state, f);
   else if (f.type === 'error') onServerError(c, state, f);
@@ -355,8 +360,53 @@ function onFrame(c, data) {
 }
 
 function onPresence(f) {
+  if (f.type === 'join') online.add(f.user);
+  else { online.delete(f.user); typists.delete(f.user); renderTyping(); }
+  renderOnline();
   if (f.user === me) return; // one's own join is not news, and every reconnect would repeat it
   addEvent(`${f.user || 'someone'} ${f.type === 'join' ? 'joined' : 'left'}`);
+}
+
+// --- who is online, who is typing ------------------------------------------------------------
+
+const online = new Set();
+const typists = new Map(); // user -> when their indicator lapses
+const TYPING_SHOWN_MS = 5000;
+const TYPING_EVERY_MS = 2000; // the server drops more frequent typing frames anyway
+let typingSentAt = 0;
+let typingTimer = null;
+
+function renderOnline() {
+  const items = [...online].sort().map((user) => {
+    const li = node('li', user === me ? 'online-user me' : 'online-user', user);
+    return li;
+  });
+  el.onlineList.replaceChildren(...items);
+  el.onlineCount.textContent = online.size ? `${online.size} online` : '';
+}
+
+function onTyping(f) {
+  if (!f.user || f.user === me) return;
+  typists.set(f.user, Date.now() + TYPING_SHOWN_MS);
+  renderTyping();
+}
+
+function renderTyping() {
+  const now = Date.now();
+  for (const [user, until] of typists) if (until <= now) typists.delete(user);
+  const names = [...typists.keys()].sort();
+  el.typing.textContent = names.length === 0 ? ''
+    : names.length === 1 ? `${names[0]} is typing…`
+    : names.length <= 3 ? `${names.join(', ')} are typing…` : 'Several people are typing…';
+  clearTimeout(typingTimer);
+  if (names.length) typingTimer = setTimeout(renderTyping, 500);
+}
+
+function sendTyping() {
+  if (!el.messageInput.value.trim() || !conn || !conn.ready) return;
+  if (Date.now() - typingSentAt < TYPING_EVERY_MS) return;
+  typingSentAt = Date.now();
+  try { conn.ws.send(JSON.stringify({ type: 'typing' })); } catch (e) { /* reconnecting */ }
 }
 
 function onReady(c, state, f) {
@@ -370,6 +420,9 @@ function onReady(c, state, f) {
   }
   c.ready = true;
   el.scroller.dataset.ready = 'true';
+  online.clear();
+  for (const user of Array.isArray(f.online) ? f.online : []) online.add(user);
+  renderOnline();
   retry.attempt = retry.failures = 0;
   setStatus('connected');
   for (const p of state.pending) transmit(c, p); // the same client_id: the server stores it once
@@ -478,6 +531,7 @@ function addMessage(state, m, older) {
   if (!m || !Number.isInteger(m.seq) || state.seen.has(m.seq)) return;
   if (!older && m.seq <= state.lastSeq) return; // never a duplicate, never out of order
   state.seen.add(m.seq);
+  if (!older && typists.delete(m.author)) renderTyping(); // their message ends their typing
   // Insert in seq order: after the last message with a smaller seq (the newest go after notices).
   const msgs = el.messages.getElementsByClassName('msg');
   let i = msgs.length - 1;
@@ -587,7 +641,7 @@ function bind() {
     e.preventDefault();
     sendComposer();
   });
-  el.messageInput.addEventListener('input', fitComposer);
+  el.messageInput.addEventListener('input', () => { fitComposer(); sendTyping(); });
   window.addEventListener('resize', fitComposer);
   window.addEventListener('online', () => { if (me && !conn) { retry.attempt = 0; connect(); } });
   window.addEventListener('offline', () => { if (me && !conn) { clearRetry(); setStatus('offline'); } });
