@@ -16,7 +16,7 @@ from broadcaster import Broadcast
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from chat import http, ws
+from chat import api, http, ws
 from chat.auth import Refused, refuse
 from chat.config import Settings, get_settings
 from chat.db import create_engine
@@ -119,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="chat", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.include_router(http.router)
+    app.include_router(api.router)
     app.include_router(ws.router)
     app.add_exception_handler(Refused, refuse)  # type: ignore[arg-type]
     app.mount("/static", StaticFiles(directory=http.STATIC), name="static")

@@ -10,10 +10,11 @@ from urllib.parse import urlsplit
 
 from fastapi import Cookie, Depends, Query
 from fastapi.responses import JSONResponse
-from starlette.requests import HTTPConnection
+from fastapi.security import APIKeyCookie, APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.requests import HTTPConnection, Request
 from starlette.websockets import WebSocket
 
-from chat import store
+from chat import logs, metrics, store
 from chat.config import Settings
 from chat.db import engine_of
 from chat.store import Identity, TokenRefused
@@ -76,7 +77,8 @@ SocketUser = Annotated[Identity, Depends(socket_identity)]
 async def refuse(conn: HTTPConnection, exc: Exception) -> JSONResponse | None:
     """Exception handler for Refused, on sockets and on HTTP routes alike."""
     assert isinstance(exc, Refused)
-    log.info("refused %s %s: %s", conn.scope["type"], conn.url.path, exc.reason)
+    metrics.REFUSALS.labels(metrics.reason_label(exc.reason)).inc()
+    logs.event("refused", kind=conn.scope["type"], path=conn.url.path, status=exc.status, reason=exc.reason)
     response = JSONResponse({"detail": exc.reason}, status_code=exc.status)
     if not isinstance(conn, WebSocket):
         return response
@@ -85,3 +87,35 @@ async def refuse(conn: HTTPConnection, exc: Exception) -> JSONResponse | None:
     except RuntimeError:  # a server without the denial-response extension
         await conn.close(1008, exc.reason)
     return None
+
+
+# --- HTTP routes (the history API) -------------------------------------------------------------
+
+# Declared as security schemes so that the OpenAPI schema (and /docs) documents all three ways.
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer chat_…`")
+_cookie = APIKeyCookie(name="session", auto_error=False, description="the cookie set by `POST /api/session`")
+_query = APIKeyQuery(name="token", auto_error=False, description="`?token=chat_…` (kept out of logs)")
+
+
+async def http_identity(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    cookie: Annotated[str | None, Depends(_cookie)],
+    query: Annotated[str | None, Depends(_query)],
+) -> Identity:
+    """The token of an HTTP request: the Authorization header, else the `session` cookie, else
+    `?token=`. Only the cookie is sent by browsers on their own, so only it needs the Origin
+    check (as on the sockets); a header or query token proves the caller holds the token."""
+    if bearer is not None:
+        raw = bearer.credentials
+    elif cookie:
+        check_origin(request)
+        raw = cookie
+    elif query:
+        raw = query
+    else:
+        raise Refused(401, "missing token")
+    return await identity_of(request, raw)
+
+
+HttpUser = Annotated[Identity, Depends(http_identity)]

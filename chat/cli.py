@@ -6,10 +6,12 @@ import asyncio
 import getpass
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -123,7 +125,7 @@ def serve(host: str | None, port: int | None, workers: int | None, no_link: bool
     host = host or settings.host
     port = settings.port if port is None else port
     workers = workers or settings.workers
-    with database(settings, own=True) as (url, embedded):
+    with ExitStack() as stack, database(settings, own=True) as (url, embedded):
         run_migrations(url)
         os.environ["DATABASE_URL"] = url  # for the app, in this process and in the workers
         get_settings.cache_clear()
@@ -140,6 +142,10 @@ def serve(host: str | None, port: int | None, workers: int | None, no_link: bool
             click.echo(f"chat is running at {address}")
         if workers > 1:
             os.environ["CHAT_SUPERVISOR_PID"] = str(os.getpid())
+            # One folder where every worker's metrics meet, so /metrics shows the sum.
+            metrics_dir = tempfile.mkdtemp(prefix="chat-metrics-")
+            stack.callback(shutil.rmtree, metrics_dir, ignore_errors=True)
+            os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
         # uvicorn re-raises SIGTERM after its own shutdown; make that unwind through `finally`
         # so the embedded Postgres is stopped too.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -228,3 +234,34 @@ def token_revoke(token_ids: tuple[int, ...], user_name: str | None) -> None:
             )
         )
     click.echo(f"revoked {count} token(s)")
+
+
+@main.command()
+@click.option("--older-than", "older_than", required=True, help="Age: 90d, 12w, 36h …; older messages go.")
+@click.option("--room", help="Only this room; default: every room.")
+@click.option(
+    "--batch-size", default=10_000, show_default=True, type=click.IntRange(min=1), help="Rows per transaction."
+)
+@click.option("--dry-run", is_flag=True, help="Count what would go; delete nothing.")
+def prune(older_than: str, room: str | None, batch_size: int, dry_run: bool) -> None:
+    """Delete messages older than --older-than, in short batches. Seqs are never reused: each
+    room keeps its last seq, so clients' cursors stay valid."""
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from chat import store
+
+    age = parse_ttl(older_than)
+    if age is None:
+        raise click.BadParameter("give an age such as 90d", param_hint="--older-than")
+
+    async def run(conn: AsyncConnection) -> store.Pruned:
+        room_id = None
+        if room is not None and (room_id := await store.room_id(conn, name=room, create=False)) is None:
+            raise click.ClickException(f"no such room: {room}")
+        return await store.prune_messages(conn, age=age, room_id=room_id, batch=batch_size, dry_run=dry_run)
+
+    with database(get_settings()) as (url, _):
+        pruned = asyncio.run(_with_conn(url, run))
+    where = f" in {room}" if room else ""
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {pruned.count} message(s){where} older than {pruned.cutoff:%Y-%m-%d %H:%M:%S %Z}")

@@ -12,10 +12,12 @@ import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from chat import metrics
 from chat.protocol import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER
 from chat.store import Identity, MessageRecord
 
@@ -57,6 +59,8 @@ class Client:
         self.overflowed = False
         self._busy = False  # a frame is being handled
         self._kicked: tuple[int, str] | None = None  # close code and reason, once cut off
+        self.sent = 0  # messages sent to this socket
+        self.close_code: int | None = None  # how the socket ended
         self._flush = False  # send what is queued before closing
         self._sender: asyncio.Task[None] | None = None
         self._receiver: asyncio.Task[None] | None = None
@@ -80,12 +84,17 @@ class Client:
         text = self.render(item)
         if text is not None:
             await self.ws.send_text(text)
+            if isinstance(item, MessageRecord):
+                self.sent += 1
+                metrics.MESSAGES_OUT.inc()
 
     async def _drain(self) -> None:
         while True:
             item = await self.queue.get()
             try:
                 await self.emit(item)
+                if isinstance(item, MessageRecord):  # live, not replayed: its delay means something
+                    metrics.FANOUT_DELAY.observe((datetime.now(UTC) - item.sent_at).total_seconds())
             finally:
                 self.queue.task_done()
 
@@ -95,6 +104,7 @@ class Client:
         while self._kicked is None:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
+                self.close_code = message.get("code", 1005)
                 return
             self._busy = True
             try:
@@ -108,6 +118,7 @@ class Client:
         if self._kicked is not None:
             return
         self._kicked = (code, reason)
+        metrics.REFUSALS.labels(metrics.reason_label(reason)).inc()
         self._flush = flush
         if not flush and self._sender is not None:
             self._sender.cancel()
@@ -141,11 +152,13 @@ class Client:
             log.error("receive loop failed", exc_info=error)
         if self.overflowed:
             log.info("closing a slow consumer (queue of %d full)", self.queue.maxsize)
+            metrics.REFUSALS.labels("slow consumer").inc()
             await self.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and resume")
         elif self._kicked is not None:
             await self.close(*self._kicked)
 
     async def close(self, code: int, reason: str, grace: float = CLOSE_GRACE_SECONDS) -> None:
+        self.close_code = code
         # Bounded: a client that stopped reading may never let the close frame through.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.ws.close(code, reason), grace)

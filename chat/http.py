@@ -11,6 +11,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import text
 
+from chat import metrics
 from chat.auth import Refused, check_origin, identity_of
 from chat.db import engine_of
 
@@ -92,6 +93,13 @@ async def me(request: Request, session: Annotated[str | None, Cookie()] = None) 
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics_endpoint() -> Response:
+    """Prometheus metrics; with several workers, the sum over all of them."""
+    body, content_type = metrics.exposition()
+    return Response(body, media_type=content_type)
 
 
 @router.get("/readyz")

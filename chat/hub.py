@@ -19,7 +19,7 @@ from broadcaster import Broadcast
 from broadcaster._base import Unsubscribed
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from chat import store
+from chat import metrics, store
 from chat.client import Client, RoomEvent
 from chat.protocol import dumps
 from chat.pubsub import RESYNC
@@ -107,6 +107,7 @@ class RoomFeed:
                         rows = await store.messages_after(
                             conn, room_id=self.room_id, after=self.last_seq, limit=BACKFILL_PAGE
                         )
+                        metrics.BACKFILLED.inc(len(rows))
                         for row in rows:
                             self._dispatch(row)
                         if len(rows) < BACKFILL_PAGE:

@@ -36,6 +36,21 @@ class RedactTokens(logging.Filter):
         return True
 
 
+_events = logging.getLogger("chat.events")
+
+
+def event(name: str, **fields: object) -> None:
+    """One structured line per connection event, as logfmt: `event=close room=general code=1000`.
+    Fields never include a token (and the handlers would redact one anyway)."""
+    parts = [f"event={name}"]
+    for key, value in fields.items():
+        text = str(value)
+        if not text or any(c in text for c in ' "=\\'):
+            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        parts.append(f"{key}={text}")
+    _events.info(" ".join(parts))
+
+
 def log_config(level: str = "INFO") -> dict[str, Any]:
     """uvicorn's own logging config, plus our loggers, with the redaction on every handler."""
     config = copy.deepcopy(LOGGING_CONFIG)

@@ -9,6 +9,7 @@ from sqlalchemy import (
     ARRAY,
     BigInteger,
     CheckConstraint,
+    Computed,
     DateTime,
     ForeignKey,
     Index,
@@ -18,6 +19,7 @@ from sqlalchemy import (
     func,
     text,
 )
+from sqlalchemy.dialects.postgresql import TSVECTOR
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -69,6 +71,9 @@ class Message(Base):
             unique=True,
             postgresql_where=text("client_id IS NOT NULL"),
         ),
+        # Full-text search (migration 0004); queries also filter on room_id, through this index's
+        # bitmap and a recheck of the heap rows (README: "History API").
+        Index("messages_search_idx", "search", postgresql_using="gin"),
     )
 
     room_id: Mapped[int] = mapped_column(ForeignKey("rooms.id", ondelete="CASCADE"), primary_key=True)
@@ -79,6 +84,10 @@ class Message(Base):
     body: Mapped[str] = mapped_column(Text)
     client_id: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # Kept by Postgres from body ('simple': no stemming, the same for every language).
+    search: Mapped[str | None] = mapped_column(
+        TSVECTOR, Computed("to_tsvector('simple'::regconfig, body)", persisted=True)
+    )
 
 
 class ChatProcess(Base):

@@ -24,6 +24,7 @@ from typing import Any
 import asyncpg
 from broadcaster import BroadcastBackend, Event
 
+from chat import metrics
 from chat.config import libpq_url
 
 log = logging.getLogger("chat.pubsub")
@@ -151,6 +152,7 @@ class PostgresBackend(BroadcastBackend):
         elif usage < QUEUE_WARNING <= self.queue_usage:
             log.info("Postgres's NOTIFY queue is back to %.0f%%", usage * 100)
         self.queue_usage = usage
+        metrics.NOTIFY_QUEUE.set(usage)
 
     async def _supervise(self) -> None:
         while True:
@@ -178,6 +180,7 @@ class PostgresBackend(BroadcastBackend):
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
         self.reconnects += 1
+        metrics.LISTENER_RECONNECTS.inc()
         log.info("listener reconnected; resyncing %d channel(s)", len(self._channels))
         for channel in sorted(self._channels):
             self._events.put_nowait(Event(channel, RESYNC))

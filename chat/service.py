@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from chat import protocol, store
+from chat import metrics, protocol, store
 from chat.client import Client
 from chat.config import Settings
 from chat.hub import Hub
@@ -42,6 +42,7 @@ def admit(guard: FrameGuard, client: Client) -> RateLimited | None:
         guard.check()
         return None
     except RateLimited as refused:
+        metrics.REFUSALS.labels("rate_limited").inc()
         if refused.flood:
             client.kick(CLOSE_FLOOD, "flood: too many frames while rate limited", flush=True)
         return refused
@@ -122,6 +123,7 @@ class RoomSession:
             elif isinstance(frame, PingFrame):
                 self.reply({"type": "pong"})
         except BadFrame as exc:
+            metrics.REFUSALS.labels(exc.code).inc()
             # Errors answering a send name its client_id, so the client knows which one failed.
             extra = {"client_id": frame.client_id} if isinstance(frame, SendFrame) else {}
             self.client.offer(protocol.error_frame(exc.code, exc.detail, **extra))
@@ -144,6 +146,8 @@ class RoomSession:
         except Exception as exc:
             log.warning("storing a message failed: %r", exc)
             raise BadFrame("unavailable", "the message was not stored; send it again") from None
+        if not appended.duplicate:
+            metrics.MESSAGES_IN.inc()
         self.reply(
             {
                 "type": "ack",

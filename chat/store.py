@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, literal_column, select, tuple_, update
+from sqlalchemy.dialects.postgresql import TSQUERY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -263,3 +264,98 @@ async def revoke_tokens(
     async with _write(conn):
         result = await conn.execute(stmt)
     return result.rowcount
+
+
+# --- the history API: rooms and search ---------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class RoomSummary:
+    name: str
+    last_seq: int
+
+
+async def visible_rooms(
+    conn: AsyncConnection, *, only: tuple[str, ...] | None, after: str | None, limit: int
+) -> list[RoomSummary]:
+    """Rooms by name after `after` (a name cursor), restricted to `only` when given. Rooms named
+    `_…` are the server's own (the chapter's) and never listed."""
+    query = select(Room.name, Room.last_seq).where(func.left(Room.name, 1) != "_")
+    if only is not None:
+        query = query.where(Room.name.in_(only))
+    if after is not None:
+        query = query.where(Room.name > after)
+    rows = await conn.execute(query.order_by(Room.name).limit(limit))
+    return [RoomSummary(name=r.name, last_seq=r.last_seq) for r in rows]
+
+
+@dataclass(slots=True)
+class Found:
+    message: MessageRecord
+    rank: float
+
+
+async def search_messages(
+    conn: AsyncConnection, *, room_id: int, query: str, limit: int, offset: int = 0, timeout_ms: int | None = None
+) -> list[Found]:
+    """A room's messages matching `query` (web-search syntax: words, "a phrase", -not, or),
+    best first (ts_rank, then newest). The GIN index finds the matches; ranking them all is the
+    price of "best first", so a query matching most of a huge room is slow: `timeout_ms` bounds
+    it (the database cancels it, raising DBAPIError with sqlstate 57014)."""
+    if timeout_ms is not None:
+        # Local to this read's transaction (also safe behind PgBouncer in transaction mode).
+        await conn.execute(select(func.set_config("statement_timeout", str(timeout_ms), True)))
+    # websearch_to_tsquery never fails on syntax, whatever the user typed; 'simple' as in the index.
+    tsquery = func.websearch_to_tsquery(literal_column("'simple'::regconfig"), query, type_=TSQUERY)
+    rank = func.ts_rank(Message.search, tsquery).label("rank")
+    rows = await conn.execute(
+        select(*_MESSAGE_COLUMNS, rank)
+        .where(Message.room_id == room_id, Message.search.bool_op("@@")(tsquery))
+        .order_by(rank.desc(), Message.seq.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    return [Found(MessageRecord.from_row(r), rank=float(r.rank)) for r in rows]
+
+
+# --- retention ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class Pruned:
+    cutoff: datetime  # messages created before this went (or would go, in a dry run)
+    count: int
+
+
+async def prune_messages(
+    conn: AsyncConnection, *, age: timedelta, room_id: int | None = None, batch: int = 10_000, dry_run: bool = False
+) -> Pruned:
+    """Delete messages older than `age` (by the database's clock), `batch` rows per transaction,
+    so no transaction holds many row locks or runs long. Rooms keep their last_seq: seqs are
+    never reused, and a client's cursor stays valid ("after N" returns what is left)."""
+    now = await conn.scalar(select(func.now()))
+    assert now is not None
+    cutoff = now - age
+    old = Message.created_at < cutoff
+    if room_id is not None:
+        old = old & (Message.room_id == room_id)
+    if dry_run:
+        return Pruned(cutoff, int(await conn.scalar(select(func.count()).where(old)) or 0))
+    key = tuple_(Message.room_id, Message.seq)
+    cursor: tuple[int, int] | None = None
+    total = 0
+    while True:
+        # Each batch resumes along the primary key where the last one ended, so the whole run reads
+        # the table (or the room) once instead of rescanning the rows it has already deleted.
+        query = select(Message.room_id, Message.seq).where(old).order_by(Message.room_id, Message.seq).limit(batch)
+        if cursor is not None:
+            query = query.where(key > tuple_(*cursor))
+        async with _write(conn):
+            keys = (await conn.execute(query)).all()
+            if not keys:
+                break
+            first, last = (keys[0].room_id, keys[0].seq), (keys[-1].room_id, keys[-1].seq)
+            deleted = await conn.execute(delete(Message).where(old, key >= tuple_(*first), key <= tuple_(*last)))
+            total += deleted.rowcount
+        cursor = last
+    return Pruned(cutoff, total)

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 
-from chat import protocol, store
+from chat import logs, metrics, protocol, store
 from chat.auth import Refused, SocketToken, SocketUser
 from chat.client import Client, Item, RoomEvent
 from chat.db import engine_of
@@ -49,12 +50,18 @@ async def _joined(
         guard = state.limits.open(user.user_id)
     except TooManyConnections:
         raise Refused(429, "too many connections for this user") from None
+    opened = time.monotonic()
     try:
         await state.hub.join(room_id, room, client)
+        metrics.SOCKETS.inc()
+        logs.event("open", room=room, user=user.name, token_id=user.token_id)
         try:
             yield guard, room_id
         finally:
             state.hub.leave(room_id, client)
+            metrics.SOCKETS.dec()
+            seconds = f"{time.monotonic() - opened:.1f}"
+            logs.event("close", room=room, user=user.name, code=client.close_code, seconds=seconds, sent=client.sent)
     finally:
         state.limits.close(user.user_id)
 
@@ -163,6 +170,7 @@ async def clients(websocket: WebSocket, client_id: int, user: SocketUser) -> Non
                 return
             client.offer(f"You wrote: {data}")
             await post(f"Client #{client_id} says: {data}", "text")
+            metrics.MESSAGES_IN.inc()
 
         await websocket.accept()
         await client.serve(handle)

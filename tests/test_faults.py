@@ -255,7 +255,7 @@ async def test_full_notify_queue_is_detected_and_recovered(small_notify_queue: s
                     await asyncio.sleep(0.05)
             assert ready["notify_queue_usage"] >= 0.5
             async with asyncio.timeout(30):  # hold on until the full queue refuses sends
-                while not any(c.stats.unavailable for c in clients):  # noqa: ASYNC110 (polling a counter)
+                while not any(c.stats.unavailable for c in clients):
                     await asyncio.sleep(0.05)
             await stuck.execute("ROLLBACK")
             await stuck.close()

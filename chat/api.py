@@ -1,0 +1,160 @@
+"""The history API: rooms, pages of a room's history, and full-text search, over plain HTTP with
+the sockets' tokens. A message here is exactly the socket's message frame (protocol.message_dict),
+so a client can mix both. Rooms a token may not use answer like rooms that do not exist."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, Field
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from chat import protocol, store
+from chat.auth import HttpUser, Refused
+from chat.db import engine_of
+from chat.store import Identity, MessageRecord
+from chat.ws import ROOM_NAME
+
+MAX_SEQ = 2**63 - 1  # seqs are bigint: larger cursors would fail in the database, not here
+ROOMS_MAX = 500
+SEARCH_MAX = 50
+SEARCH_OFFSET_MAX = 1000  # each page ranks every match before it: deep pages cost more
+SEARCH_TIMEOUT_MS = 3000  # a query matching most of a huge room is cut off, not left to run
+
+
+class Detail(BaseModel):
+    detail: str
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"model": Detail, "description": description}
+
+
+UNAUTHORIZED = _error("`missing token`, `invalid token`, `token expired` or `token revoked`")
+NO_ROOM = _error("`no such room`: it does not exist, or this token may not use it")
+router = APIRouter(
+    prefix="/api",
+    tags=["history"],
+    responses={401: UNAUTHORIZED, 403: _error("`origin not allowed` (cookie sent from another site)")},
+)
+
+
+class RoomOut(BaseModel):
+    name: str
+    last_seq: int = Field(description="the room's last seq: `after` this, nothing exists yet")
+
+
+class MessageOut(BaseModel):
+    type: Literal["message"] = "message"
+    room: str
+    seq: int
+    author: str
+    kind: Literal["text", "notice"]
+    body: str
+    sent_at: str = Field(json_schema_extra={"format": "date-time"})  # as the socket sends it
+    client_id: str | None
+
+
+class Page(BaseModel):
+    room: str
+    messages: list[MessageOut] = Field(description="oldest first")
+    has_more: bool = Field(description="more messages exist in the paging direction (older, or newer for `after`)")
+
+
+class Hit(MessageOut):
+    rank: float = Field(description="ts_rank: higher is better")
+
+
+class SearchResults(BaseModel):
+    room: str
+    q: str
+    offset: int
+    results: list[Hit] = Field(description="best first; ties newest first")
+    has_more: bool
+
+
+def _message(room: str, record: MessageRecord) -> MessageOut:
+    return MessageOut.model_validate(protocol.message_dict(room, record))
+
+
+async def _room_id(conn: AsyncConnection, user: Identity, room: str) -> int:
+    # `_…` rooms are the server's own and invalid names cannot exist: both answer as unknown.
+    if ROOM_NAME.fullmatch(room) and user.may_join(room):
+        found = await store.room_id(conn, name=room, create=False)
+        if found is not None:
+            return found
+    raise Refused(404, "no such room")
+
+
+@router.get("/rooms")
+async def rooms(
+    request: Request,
+    user: HttpUser,
+    after: Annotated[str | None, Query(max_length=64, pattern=r"^[^\x00]*$", description="the last name seen")] = None,
+    limit: Annotated[int, Query(ge=1, le=ROOMS_MAX)] = 100,
+) -> list[RoomOut]:
+    """The rooms this token may use, by name, each with its last seq."""
+    async with engine_of(request).connect() as conn:
+        found = await store.visible_rooms(conn, only=user.rooms, after=after, limit=limit)
+    return [RoomOut(name=r.name, last_seq=r.last_seq) for r in found]
+
+
+@router.get("/rooms/{room}/messages", responses={400: _error("both `before` and `after`"), 404: NO_ROOM})
+async def messages(
+    request: Request,
+    room: str,
+    user: HttpUser,
+    before: Annotated[int | None, Query(ge=1, le=MAX_SEQ, description="messages with seq < this")] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_SEQ, description="messages with seq > this")] = None,
+    limit: Annotated[int, Query(ge=1, description="clamped to CHAT_HISTORY_PAGE_MAX (200)")] = 50,
+) -> Page:
+    """A page of history, oldest first: the latest messages, those before a seq (paging back),
+    or those after one (catching up). Each page is one primary-key range scan of `limit` rows."""
+    if before is not None and after is not None:
+        raise Refused(400, "give before or after, not both")
+    # Clamped, not refused, like the socket's history frame; has_more says whether to go on.
+    limit = min(limit, request.app.state.settings.history_page_max)
+    async with engine_of(request).connect() as conn:
+        room_id = await _room_id(conn, user, room)
+        # One row more than asked tells whether there is more, at the cost of one index entry.
+        if after is not None:
+            rows = await store.messages_after(conn, room_id=room_id, after=after, limit=limit + 1)
+            page = rows[:limit]
+        else:
+            rows = await store.messages_before(conn, room_id=room_id, before=before, limit=limit + 1)
+            page = rows[-limit:]
+    return Page(room=room, messages=[_message(room, r) for r in page], has_more=len(rows) > limit)
+
+
+@router.get(
+    "/rooms/{room}/search",
+    responses={400: _error("`q` is empty or holds NUL"), 404: NO_ROOM, 503: _error("the search took too long")},
+)
+async def search(
+    request: Request,
+    room: str,
+    user: HttpUser,
+    q: Annotated[str, Query(max_length=256, description='words, "a phrase", -excluded, or')],
+    limit: Annotated[int, Query(ge=1, le=SEARCH_MAX)] = 20,
+    offset: Annotated[int, Query(ge=0, le=SEARCH_OFFSET_MAX)] = 0,
+) -> SearchResults:
+    """Full-text search in one room, best first (Postgres's `simple` text search: whole words,
+    any language, no stemming)."""
+    if not q.strip():
+        raise Refused(400, "q is empty: give words to search for")
+    if "\x00" in q:  # Postgres text cannot hold NUL: refuse it here rather than fail there
+        raise Refused(400, "q may not contain NUL")
+    async with engine_of(request).connect() as conn:
+        room_id = await _room_id(conn, user, room)
+        try:
+            found = await store.search_messages(
+                conn, room_id=room_id, query=q, limit=limit + 1, offset=offset, timeout_ms=SEARCH_TIMEOUT_MS
+            )
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) != "57014":  # query_canceled: our timeout
+                raise
+            raise Refused(503, "the search took too long: try rarer words") from None
+    results = [Hit(**_message(room, f.message).model_dump(), rank=f.rank) for f in found[:limit]]
+    return SearchResults(room=room, q=q, offset=offset, results=results, has_more=len(found) > limit)
