@@ -157,33 +157,21 @@ async def test_idle_session_timeout(idle_database: str, tmp_root: Path) -> None:
             server.stop()
 
 
-async def test_server_killed(database_url: str, tmp_root: Path, make_token: MakeToken) -> None:
-    servers = [Server(database_url, tmp_root, env=FAST_LISTENER) for _ in range(2)]
-    try:
+async def test_server_killed(pair: list[Server], make_token: MakeToken, database_url: str) -> None:
+    async def fault(clients: list[ResilientClient]) -> None:
+        pair[0].proc.kill()  # kill -9 mid-stream: its clients move to the other process
 
-        async def fault(clients: list[ResilientClient]) -> None:
-            servers[0].proc.kill()  # kill -9 mid-stream: its clients move to the other process
-
-        clients = await run_with_fault(servers, make_token, database_url, fault, label="kill -9 (server)")
-        assert sum(c.stats.connects > 1 for c in clients) >= 2  # the killed server's clients moved
-    finally:
-        for server in servers:
-            server.stop()
+    clients = await run_with_fault(pair, make_token, database_url, fault, label="kill -9 (server)")
+    assert sum(c.stats.connects > 1 for c in clients) >= 2  # the killed server's clients moved
 
 
-async def test_server_terminated(database_url: str, tmp_root: Path, make_token: MakeToken) -> None:
-    servers = [Server(database_url, tmp_root, env=FAST_LISTENER) for _ in range(2)]
-    try:
+async def test_server_terminated(pair: list[Server], make_token: MakeToken, database_url: str) -> None:
+    async def fault(clients: list[ResilientClient]) -> None:
+        pair[0].proc.send_signal(signal.SIGTERM)
 
-        async def fault(clients: list[ResilientClient]) -> None:
-            servers[0].proc.send_signal(signal.SIGTERM)
-
-        clients = await run_with_fault(servers, make_token, database_url, fault, label="SIGTERM (server)")
-        assert servers[0].proc.wait(20) in (0, 128 + signal.SIGTERM)
-        assert sum(c.stats.closes[1001] for c in clients) >= 1  # told "going away", not dropped
-    finally:
-        for server in servers:
-            server.stop()
+    clients = await run_with_fault(pair, make_token, database_url, fault, label="SIGTERM (server)")
+    assert pair[0].proc.wait(20) in (0, 128 + signal.SIGTERM)
+    assert sum(c.stats.closes[1001] for c in clients) >= 1  # told "going away", not dropped
 
 
 async def test_client_network_drops(pair: list[Server], make_token: MakeToken, database_url: str) -> None:
