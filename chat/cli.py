@@ -158,6 +158,7 @@ def serve(host: str | None, port: int | None, workers: int | None, no_link: bool
                 workers=workers,
                 ws=settings.ws,
                 ws_max_size=settings.frame_limit,
+                ws_per_message_deflate=settings.ws_deflate,
                 log_config=logs.log_config(),
                 timeout_graceful_shutdown=10,
             )

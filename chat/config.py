@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1)
     ws: Literal["auto", "websockets", "websockets-sansio", "wsproto"] = "websockets-sansio"
+    # permessage-deflate: ~46 KB of zlib state per socket, and every frame compressed once per
+    # socket; chat frames are small, so it is off unless asked for.
+    ws_deflate: bool = False
 
     history_on_join: int = Field(default=50, ge=0, le=1000)
     history_page_max: int = Field(default=200, ge=1, le=5000)

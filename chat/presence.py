@@ -19,7 +19,7 @@ import socket
 import uuid
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from chat.store import Identity
 
@@ -45,6 +45,10 @@ _NOTIFY = text("SELECT pg_notify('room_' || CAST(:room_id AS bigint)::text, :pay
 class Presence:
     def __init__(self, engine: AsyncEngine, *, beat: float, stale: float) -> None:
         self.engine = engine
+        # The heartbeat has a connection of its own: when thousands of sockets come or go at
+        # once their presence writes fill the shared pool, and a beat that waited behind them
+        # would make this live process look dead to the others.
+        self._beat_engine = create_async_engine(engine.url, pool_size=1, max_overflow=0, pool_pre_ping=True)
         self.beat = beat
         self.stale = stale
         self.process_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -63,6 +67,7 @@ class Presence:
                 await self._task
         with contextlib.suppress(Exception):  # the database may be gone already
             await self._reap([self.process_id])
+        await self._beat_engine.dispose()
 
     # --- sockets coming and going -------------------------------------------------------------
 
@@ -73,10 +78,6 @@ class Presence:
         self.local[key] = (name, count + 1)
         try:
             async with self.engine.begin() as conn:
-                await conn.execute(
-                    text("INSERT INTO chat_processes (id) VALUES (:id) ON CONFLICT (id) DO NOTHING"),
-                    {"id": self.process_id},
-                )
                 await self._change(conn, room_id, who.user_id, who.name, +1)
                 rows = await conn.execute(_ONLINE, {"room_id": room_id, "stale": self.stale})
                 return [row[0] for row in rows]
@@ -100,6 +101,11 @@ class Presence:
     async def _change(self, conn: AsyncConnection, room_id: int, user_id: int, name: str, delta: int) -> None:
         """Apply a change of this process's socket count, and announce a change of state."""
         ids = {"room_id": room_id, "user_id": user_id}
+        # Presence is ephemeral and reconciled every beat: no need to wait for the disk.
+        await conn.execute(text("SET LOCAL synchronous_commit = off"))
+        await conn.execute(
+            text("INSERT INTO chat_processes (id) VALUES (:id) ON CONFLICT (id) DO NOTHING"), {"id": self.process_id}
+        )
         await conn.execute(_LOCK, ids)
         before = int(await conn.scalar(_LIVE_SOCKETS, {**ids, "stale": self.stale}) or 0)
         await conn.execute(
@@ -135,11 +141,12 @@ class Presence:
                 log.warning("presence heartbeat failed: %r", exc)
 
     async def _beat(self) -> None:
-        async with self.engine.begin() as conn:
+        async with self._beat_engine.begin() as conn:  # commit the beat first, on its own
             await conn.execute(
                 text("INSERT INTO chat_processes (id) VALUES (:id) ON CONFLICT (id) DO UPDATE SET beat_at = now()"),
                 {"id": self.process_id},
             )
+        async with self._beat_engine.begin() as conn:
             dead = [
                 row[0]
                 for row in await conn.execute(

@@ -108,8 +108,12 @@ async def append_message(
         .returning(*_MESSAGE_COLUMNS)
     )
     try:
-        async with _write(conn):
-            row = (await conn.execute(stmt)).one()
+        if conn.in_transaction():
+            await conn.commit()
+        # One statement in autocommit, one round trip: the triggers run inside its implicit
+        # transaction, so the seq, the row and the NOTIFY still commit (or fail) together.
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        row = (await conn.execute(stmt)).one()
         return Appended(MessageRecord.from_row(row), duplicate=False)
     except IntegrityError:
         # Never INSERT .. ON CONFLICT here: the seq trigger has already run by then, so a skipped
