@@ -1,0 +1,121 @@
+"""The scale knobs, with three presets: the default run (a few minutes on 2 cores), --quick
+(about a minute) and the smoke run the test suite uses (seconds)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCENARIOS = ("limits", "latency", "throughput", "join", "idle", "history")
+
+# The bench measures capacity, not policy: the per-connection and per-user rate limits and the
+# per-user connection cap are lifted (the limiter still runs on every frame). Unknown CHAT_*
+# variables are ignored by the server, so this stays harmless if a setting is renamed.
+SERVER_ENV = {
+    "CHAT_RATE_PER_SECOND": "1000000",
+    "CHAT_RATE_BURST": "1000000",
+    "CHAT_USER_RATE_PER_SECOND": "1000000",
+    "CHAT_USER_RATE_BURST": "1000000",
+    "CHAT_MAX_CONNECTIONS_PER_USER": "1000000",
+}
+
+
+@dataclass
+class Knobs:
+    # processes
+    processes: int = 2  # chat server processes (K); clients are spread over them
+    loadgen_processes: int = 2  # load generator worker processes
+    ws: str = "websockets-sansio"  # uvicorn --ws for the chat servers and the baseline alike
+    deflate: bool = True  # offer permessage-deflate, as every browser does (uvicorn accepts it by default)
+    # scenario 1 and 2: rooms x members, every member sends
+    rooms: int = 10
+    members: int = 10
+    rates: tuple[int, ...] = (100, 500, 2000)  # messages/s, all rooms together
+    duration: float = 10.0  # seconds of load per rate, warm-up included
+    warmup: float = 2.0  # seconds at the start of each load that are not measured
+    drain_timeout: float = 10.0  # after the load: how long deliveries may still arrive
+    # scenario 2: rising load until latency or loss breaks
+    step_duration: float = 6.0
+    step_warmup: float = 1.0
+    start_rate: int = 250
+    rate_factor: float = 1.5
+    max_steps: int = 10
+    p99_limit_ms: float = 500.0  # a step fails above this e2e p99
+    # scenario 3
+    join_samples: int = 200
+    join_burst: int = 100
+    join_replay: int = 50  # messages in the room joined (the server replays CHAT_HISTORY_ON_JOIN = 50)
+    # scenario 4
+    idle_levels: tuple[int, ...] = (1000, 5000, 10000)
+    idle_room_size: int = 20
+    idle_baseline: bool = True  # the in-memory app under the same idle sockets
+    idle_settle: float = 3.0  # seconds to wait after opening, and to measure idle CPU over
+    idle_fresh_server: bool = True  # a new server process for the idle scenario (clean RSS)
+    # scenario 5
+    history_rows: int = 1_000_000
+    history_samples: int = 200
+    history_covering_index: bool = False  # also try a covering index (changes the bench database only)
+    # machine limits
+    limits_seconds: float = 3.0
+    limits_writers: tuple[int, ...] = (1, 4, 16)
+    notify_rate: float = 500.0
+    # what and where
+    scenarios: tuple[str, ...] = SCENARIOS
+    out_dir: Path = field(default_factory=lambda: Path("bench-results"))
+    database_url: str | None = None  # default: an embedded, durable Postgres in a temporary folder
+    profile: bool = False  # py-spy on chat server 0 during the highest-rate latency run
+    tokens: int = 20
+    server_env: dict[str, str] = field(default_factory=lambda: dict(SERVER_ENV))  # for the chat servers
+
+    def replace(self, **changes: object) -> Knobs:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+QUICK = Knobs(
+    rates=(100, 500),
+    duration=5.0,
+    warmup=1.0,
+    step_duration=3.0,
+    step_warmup=0.5,
+    start_rate=250,
+    rate_factor=2.0,
+    max_steps=4,
+    join_samples=50,
+    join_burst=50,
+    idle_levels=(500, 2000),
+    history_rows=100_000,
+    history_samples=50,
+    limits_seconds=1.5,
+    limits_writers=(1, 8),
+)
+
+SMOKE = Knobs(
+    processes=2,
+    loadgen_processes=1,
+    rooms=2,
+    members=3,
+    rates=(50,),
+    duration=1.0,
+    warmup=0.3,
+    drain_timeout=5.0,
+    step_duration=1.0,
+    step_warmup=0.2,
+    start_rate=50,
+    rate_factor=2.0,
+    max_steps=1,
+    p99_limit_ms=2000.0,
+    join_samples=5,
+    join_burst=5,
+    join_replay=10,
+    idle_levels=(20,),
+    idle_room_size=5,
+    idle_settle=0.3,
+    idle_fresh_server=False,
+    history_rows=2000,
+    history_samples=5,
+    limits_seconds=0.2,
+    limits_writers=(2,),
+    notify_rate=100.0,
+    tokens=3,
+)

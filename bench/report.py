@@ -1,0 +1,440 @@
+"""The targets, and the Markdown report (printed, and written to bench-results/latest.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.stats import ratio
+
+
+def _n(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _with_ratio(value: float | None, base: float | None) -> str:
+    r = ratio(value, base)
+    return _n(value) if r is None else f"{_n(value)} ({r:.2f}x)"
+
+
+def _ok(result: Any) -> bool:
+    return isinstance(result, (dict, list)) and not (isinstance(result, dict) and "failed" in result)
+
+
+def _latency_pairs(results: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+    rows = results.get("latency")
+    if not isinstance(rows, list):
+        return []
+    pairs = []
+    for row in rows:
+        if row["system"] == "chat":
+            base = next((r for r in rows if r["system"] == "inmemory" and r["rate"] == row["rate"]), None)
+            pairs.append((row, base))
+    return pairs
+
+
+def _target(name: str, measured: str, value: float | None, required: str, met: bool | None) -> dict[str, Any]:
+    return {"target": name, "measured": measured, "value": value, "required": required, "met": met}
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for chat, base in _latency_pairs(results):
+        if base is None:
+            continue
+        r = ratio(chat["latency_ms"]["p99"], base["latency_ms"]["p99"])
+        out.append(
+            _target(
+                f"e2e p99 @ {chat['rate']:,} msg/s vs in-memory",
+                f"{_n(chat['latency_ms']['p99'])} vs {_n(base['latency_ms']['p99'])} ms",
+                r,
+                "<= 2x",
+                None if r is None else r <= 2.0,
+            )
+        )
+    for chat, base in _latency_pairs(results):
+        if base is None:
+            continue
+        r = ratio(chat["deliveries_per_s"], base["deliveries_per_s"])
+        out.append(
+            _target(
+                f"deliveries/s @ {chat['rate']:,} msg/s vs in-memory",
+                f"{_n(chat['deliveries_per_s'])} vs {_n(base['deliveries_per_s'])}",
+                r,
+                ">= 0.8x",
+                None if r is None else r >= 0.8,
+            )
+        )
+    tput, lim = results.get("throughput"), results.get("limits")
+    if _ok(tput) and _ok(lim):
+        assert isinstance(tput, dict) and isinstance(lim, dict)
+        best = tput["chat"]["max_sustained"]
+        raw = lim["raw_best"]["committed_per_s"]
+        value = best["committed_per_s"] if best else 0.0
+        r = ratio(value, raw)
+        out.append(
+            _target(
+                "sustained durable msg/s vs raw INSERT+NOTIFY loop",
+                f"{_n(value)} vs {_n(raw)} msg/s ({lim['raw_best']['writers']} writers)",
+                r,
+                ">= 0.7x",
+                None if r is None else r >= 0.7,
+            )
+        )
+    if _ok(tput):
+        assert isinstance(tput, dict)
+        chat_best, mem_best = tput["chat"]["max_sustained"], tput.get("inmemory", {}).get("max_sustained")
+        if mem_best:
+            value = chat_best["deliveries_per_s"] if chat_best else 0.0
+            r = ratio(value, mem_best["deliveries_per_s"])
+            out.append(
+                _target(
+                    "max sustained deliveries/s vs in-memory",
+                    f"{_n(value)} vs {_n(mem_best['deliveries_per_s'])}",
+                    r,
+                    ">= 0.8x",
+                    None if r is None else r >= 0.8,
+                )
+            )
+    idle = results.get("idle")
+    if _ok(idle):
+        assert isinstance(idle, dict)
+        for level in idle["chat"]["levels"]:
+            kb = level["kb_per_socket"]
+            out.append(
+                _target(
+                    f"idle memory, {level['sockets']:,} sockets",
+                    f"{_n(kb)} KB/socket",
+                    kb,
+                    "<= 30 KB",
+                    kb <= 30,
+                )
+            )
+    join = results.get("join")
+    if _ok(join):
+        assert isinstance(join, dict)
+        keyed = {v.get("key"): v for v in join["variants"]}
+        bare = keyed["bare"]["ready_ms"]["p99"]
+        replay = keyed["replay"]["ready_ms"]["p99"]
+        r = ratio(replay, bare)
+        out.append(
+            _target(
+                "join + 50-message replay p99 vs bare accept p99",
+                f"{_n(replay)} vs {_n(bare)} ms",
+                r,
+                "<= 3x",
+                None if r is None else r <= 3.0,
+            )
+        )
+    hist = results.get("history")
+    if _ok(hist):
+        assert isinstance(hist, dict)
+        worst_sql = max((p["roundtrip_ms"]["p99"] or 0.0) for p in hist["sql"].values())
+        worst_socket = max((p["rtt_ms"]["p99"] or 0.0) for p in hist["socket"].values() if "rtt_ms" in p)
+        worst = max(worst_sql, worst_socket)
+        out.append(
+            _target(
+                f"history page p99, {hist['room']['rows']:,}-message room",
+                f"SQL {_n(worst_sql, 2)} ms, socket {_n(worst_socket, 2)} ms",
+                worst,
+                "< 10 ms",
+                worst < 10.0,
+            )
+        )
+        plans = {p["node"] for p in hist["sql"].values()}
+        index_only = all(p["index_only"] for p in hist["sql"].values())
+        out.append(
+            _target("history page plan is index-only", "; ".join(sorted(plans)), None, "Index Only Scan", index_only)
+        )
+    return out
+
+
+def _row(*cells: object) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _pair(a: object, b: object) -> str:
+    return f"{a} / {b}"
+
+
+def _cpu(cpu: dict[str, Any], *keys: str) -> str:
+    return " / ".join(_n(cpu.get(k), 0) for k in keys)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    meta = results.get("meta", {})
+    knobs = meta.get("knobs", {})
+    pg = meta.get("postgres", {})
+    lines: list[str] = ["## Benchmark results", ""]
+    machine = meta.get("machine", {})
+    lines.append(
+        f"{meta.get('started', '?')}, {machine.get('cores', '?')} cores, {machine.get('memory_gb', '?')} GB, "
+        f"Python {machine.get('python', '?')}; PostgreSQL {pg.get('server_version', '?')}"
+        f"{' (embedded)' if pg.get('embedded') else ''} with fsync={pg.get('fsync', '?')}, "
+        f"synchronous_commit={pg.get('synchronous_commit', '?')} (durable); "
+        f"{knobs.get('processes', '?')} chat server processes, "
+        f"{knobs.get('loadgen_processes', '?')} load generator processes, uvicorn --ws {knobs.get('ws', '?')}, "
+        f"permessage-deflate {'on' if knobs.get('deflate') else 'off'}; "
+        f"{knobs.get('rooms', '?')} rooms x {knobs.get('members', '?')} members; "
+        f"run took {meta.get('seconds', '?')} s. "
+        "All processes share the same cores: CPU columns are % of one core (200 = the whole 2-core machine); "
+        "`not ours` is what other processes on the machine used meanwhile."
+    )
+    lines.append("")
+
+    goals = results.get("targets") or []
+    if goals:
+        lines += ["### Targets", "", "| target | measured | ratio / value | required | |", "|---|---|---|---|---|"]
+        for t in goals:
+            mark = "met" if t["met"] else ("**missed**" if t["met"] is False else "-")
+            value = t["value"]
+            shown = _x(value) if t["required"].endswith("x") else _n(value, 2)
+            lines.append(f"| {t['target']} | {t['measured']} | {shown} | {t['required']} | {mark} |")
+        lines.append("")
+
+    lim = results.get("limits")
+    floor = None
+    if _ok(lim):
+        assert isinstance(lim, dict)
+        notify = lim["notify"]
+        floor = notify["latency_ms"]["p50"]
+        lines += [
+            "### Machine limits (bare asyncpg on the same database, no web stack)",
+            "",
+            _row(
+                "loop", "writers", "committed/s", "commit p50 / p99 ms", "NOTIFY -> listener p50 / p99 ms",
+                "CPU postgres / machine",
+            ),
+            "|---|---|---|---|---|---|",
+            _row(
+                f"bare `pg_notify` at {_n(notify['rate'])}/s (max {_n(notify['max_rate_1_conn'])}/s on 1 connection)",
+                1, "-", "-",
+                _pair(_n(notify["latency_ms"]["p50"], 2), _n(notify["latency_ms"]["p99"], 2)),
+                _cpu(notify["cpu"], "postgres", "machine_busy"),
+            ),
+        ]  # fmt: skip
+        for table, label in (
+            ("plain", "INSERT + NOTIFY, bare table"),
+            ("schema", "INSERT into `messages` (seq + NOTIFY triggers), 1 round trip, as the server sends it"),
+        ):
+            for row in lim.get(f"insert_notify_{table}", []):
+                lines.append(
+                    f"| {label} | {row['writers']} | {_n(row['committed_per_s'])} | "
+                    f"{_n(row['commit_ms']['p50'], 2)} / {_n(row['commit_ms']['p99'], 2)} | "
+                    f"{_n(row['notify_ms']['p50'], 2)} / {_n(row['notify_ms']['p99'], 2)} | "
+                    f"{_cpu(row['cpu'], 'postgres', 'machine_busy')} |"
+                )
+        lines.append("")
+
+    pairs = _latency_pairs(results)
+    if pairs:
+        lines += [
+            "### 1. End-to-end latency (send -> delivery at every other member), ms",
+            "",
+            "Chat rows show the ratio to the in-memory single-process baseline at the same rate; "
+            "`vs NOTIFY` is chat p50 over the bare NOTIFY -> LISTEN p50.",
+            "",
+            "| msg/s | system | p50 | p90 | p99 | max | deliveries/s | lost | send->ack p50 | vs NOTIFY | "
+            "CPU loadgen / servers / postgres / not ours / machine | loadgen lag p99 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for chat, base in pairs:
+            for row in (chat, base):
+                if row is None:
+                    continue
+                lat, other = row["latency_ms"], (base["latency_ms"] if row is chat and base else None)
+                cell = {k: _with_ratio(lat[k], other[k]) if other else _n(lat[k]) for k in ("p50", "p90", "p99", "max")}
+                deliveries = (
+                    _with_ratio(row["deliveries_per_s"], base["deliveries_per_s"])
+                    if row is chat and base
+                    else _n(row["deliveries_per_s"])
+                )
+                servers = "chat_servers" if row["system"] == "chat" else "inmemory"
+                label = f"chat ({row['processes']} proc)" if row["system"] == "chat" else "in-memory (1 proc)"
+                vs_notify = _x(ratio(lat["p50"], floor)) if row["system"] == "chat" else "-"
+                lines.append(
+                    _row(
+                        _n(row["rate"]), label, cell["p50"], cell["p90"], cell["p99"], cell["max"], deliveries,
+                        row["lost"], _n(row["ack_ms"]["p50"]), vs_notify,
+                        _cpu(row["cpu"], "loadgen", servers, "postgres", "others", "machine_busy"),
+                        _n(row["send_lag_ms"]["p99"]),
+                    )
+                )  # fmt: skip
+        lines.append("")
+
+    tput = results.get("throughput")
+    if _ok(tput):
+        assert isinstance(tput, dict)
+        raw = lim["raw_best"]["committed_per_s"] if _ok(lim) and isinstance(lim, dict) else None
+        lines += [
+            "### 2. Sustained durable throughput (rising load; a step fails on loss, "
+            f"p99 > {_n(knobs.get('p99_limit_ms'))} ms, or committing < 95% of the offered rate)",
+            "",
+            "| system | offered msg/s | committed msg/s | vs raw loop | deliveries/s | p99 ms | lost | "
+            "CPU loadgen / servers / postgres / not ours / machine | step |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for system in ("chat", "inmemory"):
+            for row in tput.get(system, {}).get("steps", []):
+                servers = "chat_servers" if system == "chat" else "inmemory"
+                lines.append(
+                    _row(
+                        system, _n(row["rate"]), _n(row["committed_per_s"]), _x(ratio(row["committed_per_s"], raw)),
+                        _n(row["deliveries_per_s"]), _n(row["latency_ms"]["p99"]), row["lost"],
+                        _cpu(row["cpu"], "loadgen", servers, "postgres", "others", "machine_busy"),
+                        "pass" if row["passed"] else "fail: " + row["why"],
+                    )
+                )  # fmt: skip
+        lines.append("")
+
+    join = results.get("join")
+    if _ok(join):
+        assert isinstance(join, dict)
+        variants = join["variants"]
+        bare = variants[0]["ready_ms"]
+        lines += [
+            "### 3. Join cost (TCP connect -> ready frame; bare accept: -> handshake done), ms",
+            "",
+            "| variant | n | p50 | p99 | max | handshake p50 | joins/s | CPU loadgen / servers / postgres |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for v in variants:
+            ms = v["ready_ms"]
+            lines.append(
+                _row(
+                    v["variant"], v["n"], _with_ratio(ms["p50"], bare["p50"]), _with_ratio(ms["p99"], bare["p99"]),
+                    _n(ms["max"]), _n(v["handshake_ms"]["p50"]), _n(v["joins_per_s"]),
+                    _cpu(v["cpu"], "loadgen", "chat_servers", "postgres"),
+                )
+            )  # fmt: skip
+        lines.append("")
+
+    idle = results.get("idle")
+    if _ok(idle):
+        assert isinstance(idle, dict)
+        base_levels = {lv["sockets"]: lv for lv in idle.get("inmemory", {}).get("levels", [])}
+        lines += [
+            f"### 4. Idle connections on one process ({idle['chat']['room_size']} per room, --ws {idle['chat']['ws']})",
+            "",
+            "| sockets | chat RSS MB | chat KB/socket | in-memory KB/socket | still open | idle CPU % | "
+            "/healthz p50 / max ms | message RTT p50 / max ms | fresh join ms | joins/s while opening |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for lv in idle["chat"]["levels"]:
+            mem = base_levels.get(lv["sockets"])
+            base_kb = mem["kb_per_socket"] if mem else None
+            lines.append(
+                _row(
+                    _n(lv["sockets"]), _n(lv["rss_mb"]), _with_ratio(lv["kb_per_socket"], base_kb), _n(base_kb),
+                    _n(lv["still_open"]), _n(lv["idle_cpu"].get("server")),
+                    _pair(_n(lv["healthz_ms"]["p50"]), _n(lv["healthz_ms"]["max"])),
+                    _pair(_n(lv["probe_rtt_ms"]["p50"]), _n(lv["probe_rtt_ms"]["max"])),
+                    _n(lv["probe_join_ms"]), _n(lv["joins_per_s"]),
+                )
+            )  # fmt: skip
+        for system in ("chat", "inmemory"):
+            part = idle.get(system)
+            if not part or not part["levels"]:
+                continue
+            again = part.get("reopened") or {}
+            lines.append(
+                f"\n{system}: RSS {_n(part['levels'][0]['rss_baseline_mb'])} MB before, "
+                f"{_n(part['levels'][-1]['rss_mb'])} MB with {_n(part['levels'][-1]['sockets'])} sockets, "
+                f"{_n(part['rss_after_close_mb'])} MB after closing them all; "
+                f"{_n(again.get('rss_mb'))} MB with {_n(again.get('sockets'))} new sockets, "
+                f"{_n(again.get('rss_after_close_mb'))} MB after closing those."
+            )
+        lines.append("")
+
+    hist = results.get("history")
+    if _ok(hist):
+        assert isinstance(hist, dict)
+        room = hist["room"]
+        lines += [
+            f"### 5. History pages of a {room['rows']:,}-message room (50 messages a page), ms",
+            "",
+            f"Table {room['table_mb']} MB, indexes {room['indexes_mb']} MB, shared_buffers {room['shared_buffers']}.",
+            "",
+            _row(
+                "page",
+                "EXPLAIN ANALYZE execution",
+                "SQL round trip p50 / p99 (store.messages_before)",
+                "socket round trip p50 / p99",
+                "plan",
+            ),
+            "|---|---|---|---|---|",
+        ]
+        for label, page in hist["sql"].items():
+            sock = hist["socket"].get(label, {}).get("rtt_ms")
+            trip = page["roundtrip_ms"]
+            lines.append(
+                _row(
+                    label, _n(page["execution_ms"], 3), _pair(_n(trip["p50"], 2), _n(trip["p99"], 2)),
+                    _pair(_n(sock["p50"], 2), _n(sock["p99"], 2)) if sock else "-", page["node"],
+                )
+            )  # fmt: skip
+        if "covering" in hist:
+            cov = hist["covering"]
+            lines.append("")
+            lines.append(f"With a covering index (`{cov['sql']}`, {cov['mb']} MB, built in {cov['build_seconds']} s):")
+            lines.append("")
+            for label, page in cov["sql_pages"].items():
+                lines.append(f"- {label}: execution {_n(page['execution_ms'], 3)} ms, {page['node']}")
+            lines.append(f"- a 6,000-character message with that index: {cov.get('long_message_6000_chars', '-')}")
+        first = next(iter(hist["sql"].values()))
+        old = hist["sql"].get("old (seq 951-1000)", first)
+        lines += [
+            "",
+            "The query, as `chat.store.messages_before` sends it, and its plans:",
+            "",
+            "```sql",
+            old["sql"],
+            "```",
+        ]
+        for label in ("latest (history request)", "old (seq 951-1000)"):
+            if label in hist["sql"]:
+                lines += [
+                    "",
+                    f"`EXPLAIN (ANALYZE, BUFFERS)`, {label}:",
+                    "",
+                    "```",
+                    hist["sql"][label]["explain"],
+                    "```",
+                ]
+        lines.append("")
+
+    pglog = results.get("postgres_log")
+    if isinstance(pglog, dict):
+        lines += [
+            "### Postgres during the run",
+            "",
+            f"{pglog['checkpoints']} checkpoint(s), {pglog['autovacuum_runs']} autovacuum/analyze run(s); "
+            "statements that took 50 ms or more:",
+            "",
+        ]
+        slow = pglog.get("slow_statements") or {}
+        if slow:
+            lines += ["| statement | count | worst ms |", "|---|---|---|"]
+            lines += [_row(f"`{k}`", v["count"], _n(v["worst_ms"])) for k, v in slow.items()]
+        else:
+            lines.append("none.")
+        lines.append("")
+
+    failed = [name for name, value in results.items() if isinstance(value, dict) and "failed" in value]
+    if failed:
+        lines += ["### Failed scenarios", ""]
+        for name in failed:
+            lines.append(f"- {name}: `{results[name]['failed']}`")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,408 @@
+"""The scenarios, in the order they run: the machine's limits, history (it fills the 1M room
+first, so every later scenario runs on a table that big), latency, throughput, join, idle."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import asyncpg
+
+from bench import history, limits, profiling
+from bench.cluster import CpuMeter, Server
+from bench.runner import Run, log
+from bench.stats import describe, summary
+
+
+def run_all(run: Run) -> None:
+    run.scenario("limits", lambda: machine_limits(run))
+    run.scenario("history", lambda: history_pages(run))
+    run.scenario("latency", lambda: latency(run))
+    run.scenario("throughput", lambda: throughput(run))
+    run.scenario("join", lambda: join_cost(run))
+    run.scenario("idle", lambda: idle_connections(run))
+
+
+# --- the machine's limits ------------------------------------------------------------------------
+
+
+def machine_limits(run: Run) -> dict[str, Any]:
+    knobs, dsn = run.knobs, run.db.dsn
+    result: dict[str, Any] = {}
+    before = run.meter.snapshot()
+    result["notify"] = asyncio.run(limits.notify_latency(dsn, rate=knobs.notify_rate, seconds=knobs.limits_seconds))
+    result["notify"]["cpu"] = CpuMeter.usage(before, run.meter.snapshot())
+    for table in ("plain", "schema"):
+        rows = []
+        for writers in knobs.limits_writers:
+            before = run.meter.snapshot()
+            row = asyncio.run(
+                limits.insert_notify(dsn, table=table, writers=writers, seconds=knobs.limits_seconds, rooms=knobs.rooms)
+            )
+            row["cpu"] = CpuMeter.usage(before, run.meter.snapshot())
+            log(f"  INSERT+NOTIFY {table}, {writers} writer(s): {row['committed_per_s']:.0f}/s")
+            rows.append(row)
+        result[f"insert_notify_{table}"] = rows
+    asyncio.run(limits.drop_raw_table(dsn))
+    best = max(result["insert_notify_plain"], key=lambda r: r["committed_per_s"])
+    result["raw_best"] = {"writers": best["writers"], "committed_per_s": best["committed_per_s"]}
+    return result
+
+
+# --- 1. end-to-end latency at fixed rates ------------------------------------------------------------
+
+
+def latency(run: Run) -> list[dict[str, Any]]:
+    knobs = run.knobs
+    assert run.inmemory is not None
+    rows = []
+    for rate in knobs.rates:
+        for system, servers in (("chat", run.chat), ("inmemory", [run.inmemory])):
+            profile_to = None
+            if knobs.profile and system == "chat" and rate == max(knobs.rates):
+                profile_to = run.log_dir / f"profile-chat-{rate}.txt"
+            row = run.load_run(
+                system,
+                servers,
+                tag=f"lat{rate}-{system[:2]}",
+                rate=rate,
+                duration=knobs.duration,
+                warmup=knobs.warmup,
+                profile_to=profile_to,
+            )
+            lat = row["latency_ms"]
+            log(
+                f"  {system} @ {rate}/s: p50 {_f(lat['p50'])} p99 {_f(lat['p99'])} ms, "
+                f"{row['deliveries_per_s']:.0f} deliveries/s, lost {row['lost']}, "
+                f"loadgen CPU {row['cpu'].get('loadgen')}%"
+            )
+            rows.append(row)
+    return rows
+
+
+def _f(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+# --- 2. maximum sustained durable throughput ------------------------------------------------------
+
+
+def _step_passes(row: dict[str, Any], limit_ms: float) -> tuple[bool, str]:
+    reasons = []
+    if row["lost"]:
+        reasons.append(f"lost {row['lost']}")
+    p99 = row["latency_ms"]["p99"]
+    if p99 is None or p99 > limit_ms:
+        reasons.append(f"p99 {_f(p99)} ms > {limit_ms:.0f}")
+    if row["committed_per_s"] < 0.95 * row["rate"]:
+        reasons.append(f"committed {row['committed_per_s']:.0f}/s < 95% of offered")
+    return not reasons, "; ".join(reasons)
+
+
+def throughput(run: Run) -> dict[str, Any]:
+    knobs = run.knobs
+    assert run.inmemory is not None
+    result: dict[str, Any] = {}
+    for system, servers in (("chat", run.chat), ("inmemory", [run.inmemory])):
+        steps = []
+        best: dict[str, Any] | None = None
+        rate = float(knobs.start_rate)
+        for step in range(knobs.max_steps):
+            row = run.load_run(
+                system,
+                servers,
+                tag=f"tp{step}-{system[:2]}",
+                rate=round(rate),
+                duration=knobs.step_duration,
+                warmup=knobs.step_warmup,
+            )
+            row["passed"], row["why"] = _step_passes(row, knobs.p99_limit_ms)
+            log(
+                f"  {system} offered {round(rate)}/s: committed {row['committed_per_s']:.0f}/s, "
+                f"{row['deliveries_per_s']:.0f} deliveries/s, p99 {_f(row['latency_ms']['p99'])} ms, "
+                f"{'pass' if row['passed'] else 'FAIL: ' + row['why']}"
+            )
+            steps.append(row)
+            if not row["passed"]:
+                break
+            best = row
+            rate *= knobs.rate_factor
+        result[system] = {
+            "steps": steps,
+            "max_sustained": None
+            if best is None
+            else {
+                "offered": best["rate"],
+                "committed_per_s": best["committed_per_s"],
+                "deliveries_per_s": best["deliveries_per_s"],
+                "p99_ms": best["latency_ms"]["p99"],
+            },
+            "broke_at": None if steps[-1]["passed"] else {"offered": steps[-1]["rate"], "why": steps[-1]["why"]},
+        }
+    return result
+
+
+# --- 3. join cost ------------------------------------------------------------------------------------
+
+
+async def _fill(dsn: str, name: str, count: int) -> None:
+    """A room with `count` messages, inserted the ordinary way (the triggers give seqs)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        room_id = await conn.fetchval(
+            "INSERT INTO rooms (name) VALUES ($1) ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id",
+            name,
+        )
+        if count:
+            await conn.execute(
+                "INSERT INTO messages (room_id, author, body) "
+                "SELECT $1, 'bench', 'replayed message ' || g FROM generate_series(1, $2::int) g",
+                room_id,
+                count,
+            )
+    finally:
+        await conn.close()
+
+
+def join_cost(run: Run) -> dict[str, Any]:
+    """Sequential joins, each timed from the TCP connect to the `ready` frame (for the bare
+    accept: to the handshake), alternating between the server processes. The rooms of the main
+    variants already have a member on every process, as a room being joined usually does; the
+    "first socket" variant joins rooms nobody is in, which also costs the room's LISTEN."""
+    knobs, gen = run.knobs, run.gen
+    replay_room = f"join-replay-{run.id}"
+    empty_room = f"join-empty-{run.id}"
+    asyncio.run(_fill(run.db.dsn, replay_room, knobs.join_replay))
+    asyncio.run(_fill(run.db.dsn, empty_room, 0))
+    token = run.tokens[0]
+    anchors = [
+        (run.gid(), server.ws(f"/rooms/{room}/ws"), room, run.tokens[-1])
+        for room in (replay_room, empty_room)
+        for server in run.chat
+    ]
+    opened = gen.call(0, "open", {"specs": anchors})
+    if opened["failed"]:
+        raise RuntimeError(f"could not open the rooms' resident members: {opened['failed']}")
+    n, burst = knobs.join_samples, knobs.join_burst
+    replayed = min(50, knobs.join_replay)
+    variants: list[tuple[str, str, str, str | None, str | None, bool, int]] = [
+        ("bare", "bare accept (/ws, no auth, no database)", "/ws", None, None, False, n),
+        ("first", "join, first socket of a room on its process (adds its LISTEN)", "", "", token, False, n),
+        ("empty", "join, room with members, no history", f"/rooms/{empty_room}/ws", empty_room, token, False, n),
+        ("replay", f"join + replay of {replayed} messages", f"/rooms/{replay_room}/ws", replay_room, token, False, n),
+        ("burst", f"join + replay, {burst} at once", f"/rooms/{replay_room}/ws", replay_room, token, True, burst),
+    ]
+    rows = []
+    try:
+        for key, label, path, room, tok, concurrent, count in variants:
+            if key == "first":  # a new room for every join
+                result: dict[str, Any] = {
+                    "ready_ms": [],
+                    "handshake_ms": [],
+                    "replayed": {},
+                    "failed": {},
+                    "wall_s": 0.0,
+                }
+                before = run.meter.snapshot()
+                for i in range(count):
+                    fresh = f"join-first-{run.id}-{i}"
+                    one = gen.call(
+                        0, "joins", {"urls": [run.chat[i % len(run.chat)].ws(f"/rooms/{fresh}/ws")], "room": fresh,
+                                     "token": tok, "n": 1}
+                    )  # fmt: skip
+                    for k in ("ready_ms", "handshake_ms"):
+                        result[k] += one[k]
+                    result["wall_s"] += one["wall_s"]
+                cpu = CpuMeter.usage(before, run.meter.snapshot())
+            else:
+                urls = [s.ws(path) for s in run.chat]
+                warm = {"urls": urls, "room": room, "token": tok, "n": 5}
+                gen.call(0, "joins", warm)  # first joins warm caches and pools: not measured
+                profile_to = run.log_dir / f"profile-join-{key}.txt" if knobs.profile and key == "replay" else None
+                spy = profiling.start(run.chat[0].pid, None, profile_to) if profile_to else None
+                before = run.meter.snapshot()
+                result = gen.call(0, "joins", {**warm, "n": count, "concurrent": concurrent})
+                cpu = CpuMeter.usage(before, run.meter.snapshot())
+                if spy is not None and profile_to is not None:
+                    profiling.stop(spy)
+                    if profile_to.exists():
+                        result["profile"] = {
+                            "file": str(profile_to),
+                            **profiling.summarize(profile_to, result["wall_s"] / len(run.chat)),
+                        }
+            row = {
+                "key": key,
+                "variant": label,
+                "concurrent": concurrent,
+                "n": count,
+                "ready_ms": describe(result["ready_ms"]),
+                "handshake_ms": describe(result["handshake_ms"]),
+                "replayed": result["replayed"],
+                "failed": result["failed"],
+                "joins_per_s": round(count / result["wall_s"], 1) if result["wall_s"] else None,
+                "cpu": cpu,
+            }
+            if "profile" in result:
+                row["profile"] = result["profile"]
+            log(f"  {label}: p50 {_f(row['ready_ms']['p50'])} p99 {_f(row['ready_ms']['p99'])} ms")
+            rows.append(row)
+    finally:
+        gen.call(0, "close", {"gids": [a[0] for a in anchors]})
+    return {"variants": rows}
+
+
+# --- 4. idle connections -----------------------------------------------------------------------------
+
+
+def _idle_one(run: Run, system: str) -> dict[str, Any]:
+    knobs, gen = run.knobs, run.gen
+    workers = len(gen)
+    fresh = knobs.idle_fresh_server
+    if system == "chat":
+        server = (
+            Server("chat", run.log_dir, database_url=run.db.url, ws=knobs.ws, env=knobs.server_env)
+            if fresh
+            else run.chat[0]
+        )
+    else:
+        server = Server("inmemory", run.log_dir, ws=knobs.ws) if fresh else run.inmemory  # type: ignore[assignment]
+    meter = CpuMeter()
+    meter.groups = {"server": [server.pid], "loadgen": gen.pids}
+    meter.postgres = run.db.pid
+    levels: list[dict[str, Any]] = []
+    try:
+        server.wait_ready()
+        token = run.tokens[0]
+        probe_room = f"idle-probe-{system[:2]}-{run.id}"
+        gen.call(0, "probe", {"url": server.ws(f"/rooms/{probe_room}/ws"), "room": probe_room, "token": token, "n": 3})
+        time.sleep(knobs.idle_settle / 3)
+        rss0 = server.rss()
+        opened = 0
+        for level in knobs.idle_levels:
+            specs: list[list[tuple[int, str, str, str]]] = [[] for _ in range(workers)]
+            for i in range(opened, level):
+                room = f"idle-{system[:2]}-{run.id}-{i // knobs.idle_room_size}"
+                gid = run.gid()
+                specs[i % workers].append(
+                    (gid, server.ws(f"/rooms/{room}/ws"), room, run.tokens[gid % len(run.tokens)])
+                )
+            t0 = time.monotonic()
+            before = meter.snapshot()
+            results = gen.all("open", [{"specs": s, "concurrency": 16} for s in specs])
+            open_cpu = CpuMeter.usage(before, meter.snapshot())
+            open_seconds = time.monotonic() - t0
+            failed: dict[str, int] = {}
+            for r in results:
+                for k, v in r["failed"].items():
+                    failed[k] = failed.get(k, 0) + v
+            opened = level
+            time.sleep(knobs.idle_settle)  # settle: join events delivered, allocator quiet
+            rss = server.rss()
+            before = meter.snapshot()
+            time.sleep(knobs.idle_settle)
+            idle_cpu = CpuMeter.usage(before, meter.snapshot())
+            health = [server.get("/healthz")[1] for _ in range(20)]
+            probe = gen.call(
+                0, "probe", {"url": server.ws(f"/rooms/{probe_room}/ws"), "room": probe_room, "token": token, "n": 20}
+            )
+            counts = gen.all("count", [{}] * workers)
+            row = {
+                "sockets": level,
+                "open_failed": failed,
+                "joins_per_s": round((level - (levels[-1]["sockets"] if levels else 0)) / open_seconds, 1),
+                "open_cpu": open_cpu,
+                "rss_mb": round(rss / 2**20, 1),
+                "rss_baseline_mb": round(rss0 / 2**20, 1),
+                "kb_per_socket": round((rss - rss0) / level / 1024, 1),
+                "still_open": sum(c["open"] for c in counts),
+                "closed": {k: v for c in counts for k, v in c["closed"].items()},
+                "idle_cpu": idle_cpu,
+                "healthz_ms": summary(health),
+                "probe_join_ms": probe["join_ms"],
+                "probe_rtt_ms": summary(probe["rtt_ms"]),
+            }
+            log(
+                f"  {system}: {level} idle sockets, RSS {row['rss_mb']} MB, {row['kb_per_socket']} KB/socket, "
+                f"healthz p50 {_f(row['healthz_ms']['p50'])} ms, message RTT p50 {_f(row['probe_rtt_ms']['p50'])} ms"
+            )
+            levels.append(row)
+        gen.all("close", [{}] * workers)
+        time.sleep(knobs.idle_settle)
+        after_close = round(server.rss() / 2**20, 1)
+        # A leak check: the same number of sockets again. Memory that is only kept by the
+        # allocator gets reused; memory held by something that outlived its socket does not.
+        reopened = None
+        if levels:
+            top = levels[-1]["sockets"]
+            specs = [[] for _ in range(workers)]
+            for i in range(top):
+                room = f"idle2-{system[:2]}-{run.id}-{i // knobs.idle_room_size}"
+                gid = run.gid()
+                specs[i % workers].append(
+                    (gid, server.ws(f"/rooms/{room}/ws"), room, run.tokens[gid % len(run.tokens)])
+                )
+            gen.all("open", [{"specs": s, "concurrency": 16} for s in specs])
+            time.sleep(knobs.idle_settle)
+            reopened = {"sockets": top, "rss_mb": round(server.rss() / 2**20, 1)}
+            gen.all("close", [{}] * workers)
+            time.sleep(knobs.idle_settle)
+            reopened["rss_after_close_mb"] = round(server.rss() / 2**20, 1)
+    finally:
+        if fresh:
+            server.stop()
+    return {
+        "system": system,
+        "ws": knobs.ws,
+        "room_size": knobs.idle_room_size,
+        "levels": levels,
+        "rss_after_close_mb": after_close,
+        "reopened": reopened,
+    }
+
+
+def idle_connections(run: Run) -> dict[str, Any]:
+    result = {"chat": _idle_one(run, "chat")}
+    if run.knobs.idle_baseline:
+        result["inmemory"] = _idle_one(run, "inmemory")
+    return result
+
+
+# --- 5. history of a 1,000,000-message room --------------------------------------------------------
+
+
+def history_pages(run: Run) -> dict[str, Any]:
+    knobs = run.knobs
+    name = f"history-{knobs.history_rows}"
+    log(f"  filling room {name} with {knobs.history_rows:,} messages")
+    fill = asyncio.run(history.fill_room(run.db.dsn, name=name, rows=knobs.history_rows))
+    head = knobs.history_rows
+    result: dict[str, Any] = {"room": fill}
+    result["sql"] = asyncio.run(
+        history.measure_sql(run.db.url, room_id=fill["room_id"], head=head, samples=knobs.history_samples)
+    )
+    server = run.chat[0]
+    url = server.ws(f"/rooms/{name}/ws")
+    old = min(1001, head + 1)
+    import random
+
+    socket_pages = {
+        "latest (history request)": [head + 1] * knobs.history_samples,
+        "old (seq 951-1000)": [old] * knobs.history_samples,
+        "random": [random.randint(51, head + 1) for _ in range(knobs.history_samples)],
+    }
+    result["socket"] = {}
+    for label, befores in socket_pages.items():
+        reply = run.gen.call(
+            0, "history", {"url": url, "room": name, "token": run.tokens[0], "befores": befores, "limit": 50}
+        )
+        result["socket"][label] = {"rtt_ms": describe(reply["rtt_ms"]), "messages": reply["messages"]}
+        log(f"  socket history {label}: p50 {_f(summary(reply['rtt_ms'])['p50'])} ms")
+    result["socket"]["join replay (50)"] = {"join_ms": reply["join_ms"], "replayed": reply["replayed"]}
+    if knobs.history_covering_index:
+        result["covering"] = asyncio.run(history.add_covering_index(run.db.dsn, fill["room_id"]))
+        result["covering"]["sql_pages"] = asyncio.run(
+            history.measure_sql(run.db.url, room_id=fill["room_id"], head=head, samples=knobs.history_samples)
+        )
+        asyncio.run(history.drop_covering_index(run.db.dsn))
+    return result

@@ -1,0 +1,24 @@
+"""The benchmark harness keeps working: every scenario at toy scale (`make bench-smoke`). It
+asserts that the harness runs and its outputs hold together, never how fast anything is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.smoke import run_smoke
+
+
+def test_bench_smoke(database_url: str, tmp_path: Path) -> None:
+    results = run_smoke(database_url, tmp_path)
+    failed = [name for name, value in results.items() if isinstance(value, dict) and "failed" in value]
+    assert failed == []
+    for run in results["latency"]:
+        assert run["lost"] == 0, run
+    assert {"chat", "inmemory"} <= results["idle"].keys()
+    assert "messages_pkey" in json.dumps(results["history"]["sql"])  # the page query's plan
+    assert results["targets"], "the report compares every figure with its target"
+    paths = results["paths"]
+    assert json.loads(Path(paths["json"]).read_text())["meta"]["seconds"] >= 0
+    assert "Targets" in Path(paths["markdown"]).read_text()
+    assert Path(paths["png"]).stat().st_size > 0
