@@ -57,7 +57,6 @@ class FrameGuard:
             self.refused_in_a_row = 0
             return
         self.refused_in_a_row += 1
-        self.limits.refused += 1
         raise RateLimited(wait, flood=self.refused_in_a_row > self.limits.settings.flood_close_after)
 
 
@@ -70,7 +69,6 @@ class Limits:
         self.settings = settings
         self.connections: Counter[int] = Counter()  # open sockets per user id
         self._user_buckets: dict[int, TokenBucket] = {}
-        self.refused = 0  # frames refused for rate, since start
 
     def user_bucket(self, user_id: int) -> TokenBucket:
         bucket = self._user_buckets.get(user_id)

@@ -196,8 +196,3 @@ class Presence:
                 await conn.execute(_LOCK, ids)
                 if int(await conn.scalar(_LIVE_SOCKETS, {**ids, "stale": self.stale}) or 0) == 0:
                     await self._announce(conn, room_id, "leave", name)
-
-    async def online(self, room_id: int) -> list[str]:
-        async with self.engine.connect() as conn:
-            rows = await conn.execute(_ONLINE, {"room_id": room_id, "stale": self.stale})
-            return [row[0] for row in rows]

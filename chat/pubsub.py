@@ -57,7 +57,6 @@ class PostgresBackend(BroadcastBackend):
         self._lost = asyncio.Event()
         self._pool: asyncpg.Pool | None = None
         self._supervisor: asyncio.Task[None] | None = None
-        self.reconnects = 0
         self.queue_usage = 0.0  # pg_notification_queue_usage(), read with every heartbeat
 
     @property
@@ -179,7 +178,6 @@ class PostgresBackend(BroadcastBackend):
                 log.warning("listener reconnect failed: %r; retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
-        self.reconnects += 1
         metrics.LISTENER_RECONNECTS.inc()
         log.info("listener reconnected; resyncing %d channel(s)", len(self._channels))
         for channel in sorted(self._channels):

@@ -150,13 +150,6 @@ async def messages_before(
     return [MessageRecord.from_row(r) for r in reversed(rows.all())]
 
 
-async def message_at(conn: AsyncConnection, *, room_id: int, seq: int) -> MessageRecord | None:
-    row = (
-        await conn.execute(select(*_MESSAGE_COLUMNS).where(Message.room_id == room_id, Message.seq == seq))
-    ).one_or_none()
-    return MessageRecord.from_row(row) if row else None
-
-
 # --- users and tokens --------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 import httpx
@@ -231,8 +232,6 @@ async def test_hostile_payloads_are_stored_exactly_or_refused(server_a: Server, 
 async def test_room_names_are_checked(server_a: Server, make_token: MakeToken) -> None:
     token = await make_token()
     for name in ("it's", "a\\b", "%00", "🙂", "\u202eevil", "x" * 65, "..", "_hidden"):
-        from urllib.parse import quote
-
         status, reason = await refusal(server_a.ws(f"/rooms/{quote(name, safe='')}/ws?token={token}"))
         assert (status, reason.startswith("invalid room name")) in ((400, True), (404, False)), name
         TALLY["refused: invalid room name"] += 1
