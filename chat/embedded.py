@@ -82,6 +82,7 @@ class EmbeddedPostgres:
         self.process: subprocess.Popen[bytes] | None = None
         self.socket_dir = self.pgdata
         self.log_path = data_dir / "postgres.log"
+        self.start_timeout = 60.0  # of each restart under supervise()
         self._stopping = False
 
     @property
@@ -179,6 +180,11 @@ class EmbeddedPostgres:
 
     def start(self, *, timeout: float = 60.0) -> str:
         self._stopping = False
+        return self._launch(timeout)
+
+    def _launch(self, timeout: float) -> str:
+        """Start the server and wait until it is ready; a failure leaves no server running and
+        does not count as stop(): a supervisor keeps trying."""
         self.initdb()
         self._clear_stale_pid()
         if len(str(self.pgdata / ".s.PGSQL.5432")) > 100:  # Unix socket paths are limited to ~107 bytes
@@ -211,17 +217,20 @@ class EmbeddedPostgres:
                     raise
                 time.sleep(0.5)
 
-    def supervise(self, interval: float = 1.0) -> None:
-        """Restart the server (crash recovery included) whenever it dies, until stop()."""
+    def supervise(self, interval: float = 1.0, *, start_timeout: float = 60.0) -> None:
+        """Restart the server (crash recovery included) whenever it dies, until stop(); a failed
+        restart (a timeout included) is tried again, every `interval`, for as long as it takes."""
+        self.start_timeout = start_timeout
 
         def watch() -> None:
             while not self._stopping:
                 proc = self.process
-                if proc is not None and proc.poll() is not None and not self._stopping:
-                    log.error("embedded Postgres exited with %s; restarting it", proc.returncode)
+                if (proc is None or proc.poll() is not None) and not self._stopping:
+                    if proc is not None:
+                        log.error("embedded Postgres exited with %s; restarting it", proc.returncode)
                     try:
-                        self.start()
-                    except EmbeddedError as exc:
+                        self._launch(self.start_timeout)
+                    except Exception as exc:  # whatever it was, try again: never stop supervising
                         log.error("could not restart the embedded Postgres: %s", exc)
                 time.sleep(interval)
 
@@ -230,18 +239,24 @@ class EmbeddedPostgres:
         threading.Thread(target=watch, name="embedded-postgres", daemon=True).start()
 
     def _wait_ready(self, timeout: float) -> None:
-        assert self.process is not None
+        proc = self.process
+        assert proc is not None
         pidfile = self.pgdata / "postmaster.pid"
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise EmbeddedError(f"postgres exited with {self.process.returncode}:\n{self._log_tail()}")
+        while time.monotonic() < deadline and not self._stopping:
+            if proc.poll() is not None:
+                raise EmbeddedError(f"postgres exited with {proc.returncode}:\n{self._log_tail()}")
             with contextlib.suppress(OSError):
                 lines = pidfile.read_text().split("\n")
-                if len(lines) > 7 and lines[7].strip() == "ready" and lines[0].strip() == str(self.process.pid):
+                if len(lines) > 7 and lines[7].strip() == "ready" and lines[0].strip() == str(proc.pid):
                     return
             time.sleep(0.02)
-        self.stop()
+        # Not stop(): that would also end supervision, and a supervisor must try again.
+        if self.process is proc:
+            self.process = None
+        self._terminate(proc)
+        if self._stopping:
+            raise EmbeddedError("stopped while starting")
         raise EmbeddedError(f"postgres did not become ready in {timeout:.0f}s:\n{self._log_tail()}")
 
     def _log_tail(self, lines: int = 20) -> str:
@@ -254,6 +269,10 @@ class EmbeddedPostgres:
         """Fast shutdown (SIGINT), then immediate (SIGQUIT), then SIGKILL."""
         self._stopping = True
         proc, self.process = self.process, None
+        self._terminate(proc, timeout)
+
+    @staticmethod
+    def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
         if proc is None or proc.poll() is not None:
             return
         for sig, wait in ((signal.SIGINT, timeout), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):

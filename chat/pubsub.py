@@ -155,6 +155,19 @@ class PostgresBackend(BroadcastBackend):
 
     async def _supervise(self) -> None:
         while True:
+            try:
+                await self._watch()
+            except Exception:
+                # Whatever went wrong, this task must live on: without it there are no heartbeats
+                # and no reconnects, and /readyz stays 503 for good. Start again from a new
+                # connection, after a pause so that a repeating fault cannot spin. (Cancellation,
+                # at shutdown, is not an Exception and still ends the task.)
+                log.exception("listener supervisor: unexpected error; reconnecting")
+                self._lost.set()
+                await asyncio.sleep(self._heartbeat)
+
+    async def _watch(self) -> None:
+        while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._lost.wait(), self._heartbeat)
             try:

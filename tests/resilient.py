@@ -67,7 +67,9 @@ class ResilientClient:
                 self.server = (self.server + 1) % len(self.urls)  # try another process next
 
     async def _session(self, total: int) -> None:
-        url = self.urls[self.server] + (f"?after={self.last_seq}" if self.last_seq else "")
+        # Always resume from what was seen, 0 included: without `after` the server replays the
+        # recent tail as history, which a client that has seen nothing would record as a gap.
+        url = self.urls[self.server] + f"?after={self.last_seq}"
         ws = await connect(url, additional_headers={"Cookie": f"session={self.token}"}, open_timeout=5)
         self.ws = ws
         self.stats.connects += 1

@@ -11,7 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import asyncpg
 import httpx
+
+from chat.config import libpq_url
 
 # Most tests blast messages to test delivery, not rate limits: they get room to do so. Tests of
 # the limits start their servers with limits=DEFAULT_LIMITS.
@@ -88,3 +91,16 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+async def pids_serving(database_url: str, room: str) -> set[int]:
+    """The server processes holding sockets in `room`, from their presence rows (a process id is
+    `host:pid:nonce`): how a test knows that its clients landed on different workers."""
+    conn = await asyncpg.connect(libpq_url(database_url))
+    try:
+        rows = await conn.fetch(
+            "SELECT DISTINCT p.process_id FROM presence p JOIN rooms r ON r.id = p.room_id WHERE r.name = $1", room
+        )
+    finally:
+        await conn.close()
+    return {int(row["process_id"].split(":")[1]) for row in rows}

@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import unique
 from tests.roomclient import RoomClient
-from tests.servers import Server, free_port
+from tests.servers import Server, free_port, pids_serving
 from tests.test_auth import refusal
 
 
@@ -137,12 +137,17 @@ async def test_serve_with_workers_shares_rooms(database_url: str, tmp_root: Path
     try:
         workers = psutil.Process(server.proc.pid).children(recursive=True)
         assert len([p for p in workers if "python" in p.name()]) >= 2
-        path = f"/rooms/{unique('r')}/ws"
+        room = unique("r")
+        path = f"/rooms/{room}/ws"
         env = clean_env(DATABASE_URL=database_url)
         token = chat("token", "create", unique("w"), env=env).stdout.strip().splitlines()[-1]
-        clients = [await RoomClient.open(server.ws(path), token) for _ in range(6)]
-        for client in clients:
-            await client.ready()
+        clients: list[RoomClient] = []
+        # The kernel picks the worker for each connection: open sockets until both have some.
+        while len(clients) < 6 or len(await pids_serving(database_url, room)) < 2:
+            assert len(clients) < 30, "every socket landed on one worker"
+            clients.append(await RoomClient.open(server.ws(path), token))
+            await clients[-1].ready()
+        assert await pids_serving(database_url, room) <= {w.pid for w in workers}
         await clients[0].send("to every worker")
         for client in clients:
             await client.until_seq(1)

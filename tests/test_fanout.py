@@ -163,14 +163,18 @@ async def test_listener_killed_mid_stream_loses_nothing(
     admin = await asyncpg.connect(libpq_url(database_url))
     total = 200
     killed = 0
+    names = [f"chat-listener-{s.proc.pid}" for s in (server_a, server_b)]  # these servers' only
+    listening = "SELECT count(*) FROM pg_stat_activity WHERE application_name = ANY($1)"
     try:
         for i in range(1, total + 1):
             await clients[i % 2].send(f"m{i}", client_id=f"m{i}")
             if i in (50, 120):
+                async with asyncio.timeout(30):  # both listeners are up (again) before each kill
+                    while await admin.fetchval(listening, names) != 2:
+                        await asyncio.sleep(0.05)
                 killed += await admin.fetchval(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                    " AND application_name LIKE 'chat-listener-%'"
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = ANY($1)",
+                    names,
                 )
         for client in clients:
             await client.until_seq(total, timeout=60)
@@ -179,4 +183,4 @@ async def test_listener_killed_mid_stream_loses_nothing(
         await admin.close()
         for client in clients:
             await client.close()
-    assert killed >= 2  # both processes' listeners were hit
+    assert killed == 4  # both processes' listeners, both times

@@ -112,12 +112,16 @@ async def test_listener_backend_frozen(pair: list[Server], make_token: MakeToken
         assert len(pids) == 2
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
-        await asyncio.sleep(2.5)  # > CHAT_LISTEN_TIMEOUT_SECONDS: the heartbeat must notice
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+        try:  # frozen until each heartbeat has noticed, however long a busy machine takes
+            async with asyncio.timeout(30):
+                while not all("listener heartbeat failed" in server.log() for server in pair):
+                    await asyncio.sleep(0.05)
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
 
     await run_with_fault(pair, make_token, database_url, fault, label="SIGSTOP(listener backend)")
-    assert all("listener heartbeat failed" in server.log() for server in pair)
+    assert all("listener reconnected" in server.log() for server in pair)
 
 
 @pytest.fixture
@@ -250,7 +254,8 @@ async def test_full_notify_queue_is_detected_and_recovered(small_notify_queue: s
 
         # Big messages fill 512 KB quickly.
         clients = await run_with_fault(servers, token_maker(url), url, fault, label="NOTIFY queue full", body=3000)
-        assert "NOTIFY queue is" in servers[0].log()
+        # The warning itself, not the "back to" line that recovery also logs.
+        assert "% full: a listening session has stopped reading" in servers[0].log()
         assert sum(c.stats.unavailable for c in clients) > 0  # the full queue really refused sends
     finally:
         if not stuck.is_closed():

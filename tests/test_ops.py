@@ -16,7 +16,7 @@ from chat.cli import run_migrations
 from chat.config import libpq_url
 from tests.conftest import Database, MakeToken, unique
 from tests.roomclient import RoomClient
-from tests.servers import Server
+from tests.servers import Server, pids_serving
 from tests.test_auth import refusal
 
 
@@ -75,19 +75,24 @@ async def test_metrics_count_what_was_sent(fresh_server: Server, make_token: Mak
 async def test_metrics_add_up_over_workers(database_url: str, tmp_root: Path, make_token: MakeToken) -> None:
     server = Server(database_url, tmp_root, workers=2)
     try:
-        path = f"/rooms/{unique('r')}/ws"
-        clients = [await RoomClient.open(server.ws(path), await make_token()) for _ in range(8)]
-        for client in clients:
-            await client.ready()
+        room = unique("r")
+        path = f"/rooms/{room}/ws"
+        clients: list[RoomClient] = []
+        # The kernel picks the worker for each connection: open sockets until both have some.
+        while len(clients) < 8 or len(await pids_serving(database_url, room)) < 2:
+            assert len(clients) < 40, "every socket landed on one worker"
+            clients.append(await RoomClient.open(server.ws(path), await make_token()))
+            await clients[-1].ready()
+        n = len(clients)
         for i, client in enumerate(clients[:5]):
             await client.send(f"from {i}")
         for client in clients:
             await client.until_seq(5)
         for _ in range(6):  # whichever worker answers, it reports the whole server
             m = await scrape(server)
-            assert m["chat_open_sockets"] == 8
+            assert m["chat_open_sockets"] == n
             assert m["chat_messages_in_total"] == 5
-            assert m["chat_messages_out_total"] == 40
+            assert m["chat_messages_out_total"] == 5 * n
         for client in clients:
             await client.close()
     finally:
