@@ -76,6 +76,13 @@ async def _exit_with_parent(parent: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancel a background task and wait until it has really finished."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -84,37 +91,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         url = settings.database_url
         if not url:
             raise RuntimeError("DATABASE_URL is not set: start the server with `chat serve`")
-        engine = create_engine(settings, url)
-        backend = PostgresBackend(
-            settings.listen_database_url or url,
-            heartbeat=settings.listen_heartbeat_seconds,
-            timeout=settings.listen_timeout_seconds,
-        )
-        broadcast = Broadcast(backend=backend)
-        await broadcast.connect()
-        hub = Hub(broadcast, engine)
-        app.state.engine, app.state.backend, app.state.hub = engine, backend, hub
-        app.state.limits = Limits(settings)
-        presence = app.state.presence = Presence(
-            engine, beat=settings.presence_beat_seconds, stale=settings.presence_stale_seconds
-        )
-        await presence.start()
-        tokens = asyncio.create_task(watch_tokens(hub, engine, interval=settings.token_check_seconds))
-        restore_signals = _drain_before_exit(hub, grace=SHUTDOWN_GRACE_SECONDS)
-        watchdog = None
-        if supervisor := os.environ.get("CHAT_SUPERVISOR_PID"):
-            watchdog = asyncio.create_task(_exit_with_parent(int(supervisor)))
-        try:
+        # Each part is closed (in reverse order) as soon as the next fails to start, so a failed
+        # start-up leaves no connection open and no task running.
+        async with contextlib.AsyncExitStack() as stack:
+            engine = create_engine(settings, url)
+            stack.push_async_callback(engine.dispose)
+            backend = PostgresBackend(
+                settings.listen_database_url or url,
+                heartbeat=settings.listen_heartbeat_seconds,
+                timeout=settings.listen_timeout_seconds,
+            )
+            broadcast = Broadcast(backend=backend)
+            await broadcast.connect()
+            stack.push_async_callback(broadcast.disconnect)
+            hub = Hub(broadcast, engine)
+            stack.push_async_callback(hub.close)
+            app.state.engine, app.state.backend, app.state.hub = engine, backend, hub
+            app.state.limits = Limits(settings)
+            presence = app.state.presence = Presence(
+                engine, beat=settings.presence_beat_seconds, stale=settings.presence_stale_seconds
+            )
+            stack.push_async_callback(presence.stop)  # also closes its own engine after a failed start
+            await presence.start()
+            tokens = asyncio.create_task(watch_tokens(hub, engine, interval=settings.token_check_seconds))
+            stack.push_async_callback(_cancel, tokens)
+            stack.callback(_drain_before_exit(hub, grace=SHUTDOWN_GRACE_SECONDS))
+            if supervisor := os.environ.get("CHAT_SUPERVISOR_PID"):
+                stack.push_async_callback(_cancel, asyncio.create_task(_exit_with_parent(int(supervisor))))
             yield
-        finally:
-            restore_signals()
-            tokens.cancel()
-            if watchdog is not None:
-                watchdog.cancel()
-            await presence.stop()
-            await hub.close()
-            await broadcast.disconnect()
-            await engine.dispose()
 
     app = FastAPI(title="chat", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings

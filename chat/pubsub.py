@@ -66,7 +66,11 @@ class PostgresBackend(BroadcastBackend):
     async def connect(self) -> None:
         # Fails loudly at start-up: a server that cannot reach its database should not start.
         await self._open()
-        self._pool = await asyncpg.create_pool(self._dsn, min_size=0, max_size=2)
+        try:
+            self._pool = await asyncpg.create_pool(self._dsn, min_size=0, max_size=2)
+        except BaseException:
+            await self.disconnect()  # no LISTEN connection left behind by a failed start
+            raise
         self._supervisor = asyncio.create_task(self._supervise(), name="pubsub-supervisor")
 
     async def disconnect(self) -> None:
