@@ -53,6 +53,8 @@ class Presence:
         self.stale = stale
         self.process_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.local: dict[tuple[int, int], tuple[str, int]] = {}  # (room, user) -> (name, sockets here)
+        # enter/leave calls under way per (room, user): counted in `local`, maybe not yet stored.
+        self._in_flight: dict[tuple[int, int], int] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -76,6 +78,7 @@ class Presence:
         key = (room_id, who.user_id)
         name, count = self.local.get(key, (who.name, 0))
         self.local[key] = (name, count + 1)
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
         try:
             async with self.engine.begin() as conn:
                 await self._change(conn, room_id, who.user_id, who.name, +1)
@@ -84,6 +87,8 @@ class Presence:
         except Exception as exc:  # the next heartbeat puts the row right
             log.warning("presence enter failed: %r", exc)
             return [who.name]
+        finally:
+            self._landed(key)
 
     async def leave(self, room_id: int, who: Identity) -> None:
         key = (room_id, who.user_id)
@@ -92,11 +97,20 @@ class Presence:
             self.local.pop(key, None)
         else:
             self.local[key] = (name, count - 1)
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
         try:
             async with self.engine.begin() as conn:
                 await self._change(conn, room_id, who.user_id, who.name, -1)
         except Exception as exc:  # the next heartbeat puts the row right
             log.warning("presence leave failed: %r", exc)
+        finally:
+            self._landed(key)
+
+    def _landed(self, key: tuple[int, int]) -> None:
+        if (left := self._in_flight.get(key, 0) - 1) > 0:
+            self._in_flight[key] = left
+        else:
+            self._in_flight.pop(key, None)
 
     async def _change(self, conn: AsyncConnection, room_id: int, user_id: int, name: str, delta: int) -> None:
         """Apply a change of this process's socket count, and announce a change of state."""
@@ -168,19 +182,39 @@ class Presence:
 
     async def _reconcile(self, stored: dict[tuple[int, int], tuple[str, int]]) -> None:
         """Make this process's rows match its sockets: after a failed enter or leave, or after
-        living processes reaped us during a long stall."""
+        living processes reaped us during a long stall.
+
+        An enter or leave under way has counted its socket here but not yet stored it: such a
+        (room, user) is left to the next beat. The others are checked again under the row's lock
+        before they are corrected, since one may have started and finished in the meantime."""
         for key in set(stored) | set(self.local):
             name, there = stored.get(key, ("", 0))
             name, here = self.local.get(key, (name, 0))
-            delta = here - there
-            if delta:
-                log.info("presence: correcting room %s user %s by %+d", *key, delta)
-                async with self.engine.begin() as conn:
+            if here == there or key in self._in_flight:
+                continue
+            async with self._beat_engine.begin() as conn:
+                await conn.execute(_LOCK, {"room_id": key[0], "user_id": key[1]})
+                there = int(
+                    await conn.scalar(
+                        text(
+                            "SELECT coalesce(sum(sockets), 0) FROM presence"
+                            " WHERE room_id = :room_id AND user_id = :user_id AND process_id = :id"
+                        ),
+                        {"room_id": key[0], "user_id": key[1], "id": self.process_id},
+                    )
+                    or 0
+                )
+                if key in self._in_flight:  # one began while we waited for the lock
+                    continue
+                name, here = self.local.get(key, (name, 0))
+                if delta := here - there:
+                    log.info("presence: correcting room %s user %s by %+d", *key, delta)
                     await self._change(conn, key[0], key[1], name, delta)
 
     async def _reap(self, processes: list[str]) -> None:
-        """Remove dead processes and their rows, then announce who is no longer online anywhere."""
-        async with self.engine.begin() as conn:
+        """Remove dead processes and their rows, then announce who is no longer online anywhere.
+        On the heartbeat's own connection: a busy shared pool must not hold up the beat."""
+        async with self._beat_engine.begin() as conn:
             gone = (
                 await conn.execute(
                     text("DELETE FROM presence WHERE process_id = ANY(:ids) RETURNING room_id, user_id, user_name"),
@@ -191,7 +225,7 @@ class Presence:
         if processes != [self.process_id]:
             log.info("reaped %d dead process(es): %d presence row(s)", len(processes), len(gone))
         for room_id, user_id, name in {(r.room_id, r.user_id, r.user_name) for r in gone}:
-            async with self.engine.begin() as conn:
+            async with self._beat_engine.begin() as conn:
                 ids = {"room_id": room_id, "user_id": user_id}
                 await conn.execute(_LOCK, ids)
                 if int(await conn.scalar(_LIVE_SOCKETS, {**ids, "stale": self.stale}) or 0) == 0:

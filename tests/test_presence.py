@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from chat import store
 from chat.config import libpq_url
+from chat.presence import Presence
+from chat.store import Identity
 from tests.conftest import MakeToken, unique
 from tests.roomclient import RoomClient
 from tests.servers import Server
@@ -111,3 +117,94 @@ async def test_typing_is_fanned_out_throttled_and_never_stored(
     assert len([f for f in watcher.frames if f["type"] == "typing"]) == 1
     await t.close()
     await watcher.close()
+
+
+# --- in this process: the heartbeat against enter and leave, on the real test Postgres -------------
+
+
+async def someone_in_a_room(engine: AsyncEngine, make_token: MakeToken) -> tuple[int, Identity]:
+    async with engine.connect() as conn:
+        who = await store.identity_for_token(conn, raw=await make_token())
+        room_id = await store.room_id(conn, name=unique("presence"))
+    assert room_id is not None
+    return room_id, who
+
+
+async def stored_sockets(engine: AsyncEngine, presence: Presence, room_id: int, user_id: int) -> int:
+    async with engine.connect() as conn:
+        n = await conn.scalar(
+            text("SELECT sockets FROM presence WHERE room_id = :r AND user_id = :u AND process_id = :p"),
+            {"r": room_id, "u": user_id, "p": presence.process_id},
+        )
+    return int(n or 0)
+
+
+async def waiting_for_advisory_locks(admin: asyncpg.Connection) -> int:
+    return int(await admin.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"))
+
+
+async def test_a_heartbeat_during_an_enter_counts_the_socket_once(engine: AsyncEngine, make_token: MakeToken) -> None:
+    """Before: a beat that came while an enter was under way saw the socket here but not yet in
+    the table, and added it too: 2 sockets stored for 1. After: it leaves that row to the next beat."""
+    room_id, who = await someone_in_a_room(engine, make_token)
+    presence = Presence(engine, beat=3600, stale=10)  # beats only when the test says so
+    await presence.start()
+    admin = await asyncpg.connect(libpq_url(engine.url.render_as_string(hide_password=False)))
+    try:
+        # Hold the (room, user) lock, so that the enter stops halfway: counted here, not stored.
+        await admin.execute("BEGIN")
+        await admin.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1::bigint::text || ':' || $2::bigint::text, 0))",
+            room_id,
+            who.user_id,
+        )
+        enter = asyncio.create_task(presence.enter(room_id, who))
+        async with asyncio.timeout(10):
+            while await waiting_for_advisory_locks(admin) < 1:
+                await asyncio.sleep(0.02)
+        beat = asyncio.create_task(presence._beat())
+        async with asyncio.timeout(10):  # the beat finishes, or queues behind the lock too
+            while not beat.done() and await waiting_for_advisory_locks(admin) < 2:
+                await asyncio.sleep(0.02)
+        await admin.execute("COMMIT")
+        await enter
+        await beat
+        assert presence.local[(room_id, who.user_id)][1] == 1
+        assert await stored_sockets(engine, presence, room_id, who.user_id) == 1
+        await presence._beat()  # and the next beat finds nothing to correct
+        assert await stored_sockets(engine, presence, room_id, who.user_id) == 1
+        await presence.leave(room_id, who)
+        assert await stored_sockets(engine, presence, room_id, who.user_id) == 0
+    finally:
+        await admin.close()
+        await presence.stop()
+
+
+async def test_the_heartbeat_does_not_wait_for_the_shared_pool(database_url: str, make_token: MakeToken) -> None:
+    """Before: reaping a dead process (and reconciling) went through the shared pool, so a pool
+    held by busy sockets held up the beat. After: the beat's own connection does all of it."""
+    shared = create_async_engine(database_url, pool_size=1, max_overflow=0, pool_timeout=30)
+    presence = Presence(shared, beat=3600, stale=1)
+    await presence.start()
+    try:
+        room_id, who = await someone_in_a_room(shared, make_token)
+        dead = f"dead:{unique('p')}"
+        async with shared.begin() as conn:  # a process that stopped beating, with a user online
+            await conn.execute(
+                text("INSERT INTO chat_processes (id, beat_at) VALUES (:id, now() - interval '1 hour')"), {"id": dead}
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO presence (room_id, user_id, process_id, user_name, sockets) VALUES (:r, :u, :p, :n, 1)"
+                ),
+                {"r": room_id, "u": who.user_id, "p": dead, "n": who.name},
+            )
+        async with shared.connect() as busy:  # every connection of the shared pool is taken
+            await busy.execute(text("SELECT 1"))
+            async with asyncio.timeout(10):
+                await presence._beat()
+        async with shared.connect() as conn:
+            assert await conn.scalar(text("SELECT count(*) FROM chat_processes WHERE id = :id"), {"id": dead}) == 0
+    finally:
+        await presence.stop()
+        await shared.dispose()
