@@ -34,8 +34,15 @@ def libpq_url(url: str) -> str:
     return url.replace("postgresql+asyncpg://", "postgresql://", 1)
 
 
+def env_file() -> str | None:
+    """The `.env` file settings are also read from: CHAT_ENV_FILE names another one, and an
+    empty CHAT_ENV_FILE means none (the test suite's servers: a developer's .env must not
+    change test results)."""
+    return os.environ.get("CHAT_ENV_FILE", ".env") or None
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CHAT_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="CHAT_", env_file=env_file(), extra="ignore")
 
     database_url: str | None = Field(default=None, validation_alias=AliasChoices("DATABASE_URL", "CHAT_DATABASE_URL"))
     # A direct (not pooled) DSN for the LISTEN connection, when DATABASE_URL goes through PgBouncer.

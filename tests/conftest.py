@@ -18,9 +18,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from chat import store
 from chat.cli import run_migrations
-from chat.config import asyncpg_url, libpq_url
+from chat.config import Settings, asyncpg_url, libpq_url
 from chat.embedded import EmbeddedPostgres
 from tests.servers import Server
+
+# Settings made in this process read no .env either (tests/servers.py does the same for servers):
+# a developer's .env in the working directory must not change test results.
+Settings.model_config["env_file"] = None
 
 
 def _with_database(url: str, name: str) -> str:

@@ -47,7 +47,8 @@ class Server:
         self.port = port if port is not None else free_port()
         self.log_path = log_dir / f"server-{self.port}.log"
         environment = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
-        environment.update({"DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1"})
+        # CHAT_ENV_FILE="": no .env from the working directory (a developer's) changes the servers.
+        environment.update({"DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1", "CHAT_ENV_FILE": ""})
         environment.update(GENEROUS_LIMITS if limits is None else limits)
         environment.update(env or {})
         with open(self.log_path, "wb") as log:

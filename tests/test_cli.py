@@ -30,6 +30,7 @@ def chat(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_") and k != "DATABASE_URL"}
+    env["CHAT_ENV_FILE"] = ""  # no developer's .env either
     env.update(extra)
     return env
 
