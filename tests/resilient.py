@@ -41,6 +41,7 @@ class ResilientClient:
         self.seqs: list[int] = []
         self.violations: list[str] = []
         self.pending: dict[str, str] = {}  # client_id -> body: sent, not yet acknowledged
+        self.acked_ids: list[str] = []  # every client_id the server said it stored, in order
         self.stats = Stats()
         self.server = first % len(urls)  # which server to try first
         self.ws: ClientConnection | None = None
@@ -88,6 +89,7 @@ class ResilientClient:
                 elif kind == "ack":
                     if self.pending.pop(frame["client_id"], None) is not None:
                         self.stats.acked += 1
+                        self.acked_ids.append(frame["client_id"])
                     self.stats.duplicate_acks += bool(frame["duplicate"])
                 elif kind == "error":
                     if frame["code"] != "unavailable" or frame.get("client_id") not in self.pending:
