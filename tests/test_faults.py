@@ -8,6 +8,9 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
+import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +19,8 @@ import httpx
 import psutil
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
 from chat import store
 from chat.cli import run_migrations
@@ -23,6 +28,7 @@ from chat.config import libpq_url
 from chat.embedded import EmbeddedPostgres
 from tests.conftest import Database, MakeToken, unique
 from tests.resilient import ResilientClient
+from tests.roomclient import RoomClient
 from tests.servers import Server
 
 TOTAL = 300
@@ -320,3 +326,92 @@ async def test_acknowledged_means_on_disk(durable_postgres: tuple[EmbeddedPostgr
     finally:
         for server in servers:
             server.stop()
+
+
+async def test_sigterm_drains_without_losing_an_ack(database_url: str, tmp_root: Path, make_token: MakeToken) -> None:
+    """README, "Graceful shutdown": on SIGTERM a process refuses new sockets with 503, lets each
+    socket finish its frame, flushes its acks and closes it with 1001, all within 5 seconds.
+    The clients here never resend, so an ack the drain dropped would show as a stored message
+    its sender was never told about."""
+    server = Server(database_url, tmp_root)
+    room = unique("drain")
+    url = server.ws(f"/rooms/{room}/ws")
+    token = await make_token()
+    stuck: ClientConnection | None = None
+    try:
+        # A socket that never reads, behind more than its buffers hold: it keeps the drain busy
+        # for the whole grace period, so the drain is long enough to be watched.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        stuck = await connect(url, sock=sock, additional_headers={"Cookie": f"session={token}"}, max_queue=1)
+        filler = await RoomClient.open(url, token)
+        await filler.ready()
+        for i in range(450):  # 7 MB: more than the kernel's socket buffers (4 MB at most here)
+            await filler.send(f"fill {i} " + "x" * 16000, client_id=f"fill-{i}")
+        await filler.until("ack", client_id="fill-449", timeout=60)
+        await filler.close()
+
+        senders = [await RoomClient.open(url, await make_token()) for _ in range(4)]
+        for sender in senders:
+            await sender.ready()
+
+        async def send_until_closed(n: int, sender: RoomClient) -> None:
+            with contextlib.suppress(ConnectionClosed):
+                for i in range(100_000):
+                    await sender.send(f"s{n}-{i}", client_id=f"s{n}-{i}")
+                    await asyncio.sleep(0.005)
+
+        sending = [asyncio.create_task(send_until_closed(n, s)) for n, s in enumerate(senders)]
+        async with asyncio.timeout(30):  # mid-stream
+            while not all(any(f["type"] == "ack" for f in s.frames) for s in senders):
+                await asyncio.sleep(0.02)
+
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        answers: Counter[int] = Counter()
+        async with asyncio.timeout(60):
+            while True:  # new sockets during the drain: 503 each, until the drain is over
+                try:
+                    async with connect(url, additional_headers={"Cookie": f"session={token}"}, open_timeout=5):
+                        answers[101] += 1
+                except InvalidStatus as exc:
+                    if exc.response.status_code != 503:
+                        # uvicorn's own shutdown, after the drain, answers 500 to a handshake
+                        # it had already read: the drain is over.
+                        assert exc.response.status_code == 500, exc
+                        break
+                    answers[503] += 1
+                except (OSError, InvalidMessage):  # refused, or cut unanswered: uvicorn is shutting down
+                    break
+                await asyncio.sleep(0.02)
+        drained = time.monotonic() - started
+        assert answers[503] > 0 and set(answers) == {503}, answers
+        assert drained < 5.0 + 5.0, f"the drain took {drained:.1f}s"  # documented bound, generous slack
+        assert server.proc.wait(30) in (0, 128 + signal.SIGTERM)
+        exited = time.monotonic() - started
+        assert exited < 5.0 + 10.0 + 10.0  # README: uvicorn's own shutdown finishes within 10 more
+        await asyncio.gather(*sending)
+        for sender in senders:
+            assert await sender.wait_closed() == 1001
+
+        conn = await asyncpg.connect(libpq_url(database_url))
+        try:
+            rows = await conn.fetch(
+                "SELECT client_id FROM messages JOIN rooms ON rooms.id = room_id"
+                " WHERE name = $1 AND client_id LIKE 's%'",
+                room,
+            )
+        finally:
+            await conn.close()
+        stored = {row["client_id"] for row in rows}
+        acked = {f["client_id"] for s in senders for f in s.frames if f["type"] == "ack"}
+        assert acked == stored  # every stored message was acked, every ack was stored
+        print(
+            f"SIGTERM: drained in {drained:.1f}s, exited after {exited:.1f}s,"
+            f" {answers[503]} new sockets refused with 503, {len(acked)} acks, all stored"
+        )
+    finally:
+        if stuck is not None:
+            stuck.transport.abort()
+        server.stop()
