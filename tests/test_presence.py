@@ -143,22 +143,31 @@ async def waiting_for_advisory_locks(admin: asyncpg.Connection) -> int:
     return int(await admin.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"))
 
 
-async def test_a_heartbeat_during_an_enter_counts_the_socket_once(engine: AsyncEngine, make_token: MakeToken) -> None:
-    """Before: a beat that came while an enter was under way saw the socket here but not yet in
-    the table, and added it too: 2 sockets stored for 1. After: it leaves that row to the next beat."""
+@pytest.mark.parametrize("change", ["enter", "leave"])
+async def test_a_heartbeat_during_an_enter_or_leave_counts_sockets_once(
+    engine: AsyncEngine, make_token: MakeToken, change: str
+) -> None:
+    """Before: a beat that came while an enter (leave) was under way saw the change here but not
+    yet in the table, and applied it too: 2 sockets stored for 1, or 0 for 1 (the user shown
+    offline with a socket open). After: it leaves that (room, user) to the next beat."""
     room_id, who = await someone_in_a_room(engine, make_token)
     presence = Presence(engine, beat=3600, stale=10)  # beats only when the test says so
     await presence.start()
     admin = await asyncpg.connect(libpq_url(engine.url.render_as_string(hide_password=False)))
     try:
-        # Hold the (room, user) lock, so that the enter stops halfway: counted here, not stored.
+        if change == "leave":  # two sockets, one of which is leaving
+            await presence.enter(room_id, who)
+            await presence.enter(room_id, who)
+        # Hold the (room, user) lock, so that the change stops halfway: counted here, not stored.
         await admin.execute("BEGIN")
         await admin.execute(
             "SELECT pg_advisory_xact_lock(hashtextextended($1::bigint::text || ':' || $2::bigint::text, 0))",
             room_id,
             who.user_id,
         )
-        enter = asyncio.create_task(presence.enter(room_id, who))
+        halfway = asyncio.create_task(
+            presence.enter(room_id, who) if change == "enter" else presence.leave(room_id, who)
+        )
         async with asyncio.timeout(10):
             while await waiting_for_advisory_locks(admin) < 1:
                 await asyncio.sleep(0.02)
@@ -167,7 +176,7 @@ async def test_a_heartbeat_during_an_enter_counts_the_socket_once(engine: AsyncE
             while not beat.done() and await waiting_for_advisory_locks(admin) < 2:
                 await asyncio.sleep(0.02)
         await admin.execute("COMMIT")
-        await enter
+        await halfway
         await beat
         assert presence.local[(room_id, who.user_id)][1] == 1
         assert await stored_sockets(engine, presence, room_id, who.user_id) == 1
