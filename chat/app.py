@@ -84,6 +84,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         url = settings.database_url
         if not url:
             raise RuntimeError("DATABASE_URL is not set: start the server with `chat serve`")
+        if settings.database_pooler == "transaction" and not settings.listen_database_url:
+            raise RuntimeError(
+                "CHAT_DATABASE_POOLER=transaction needs CHAT_LISTEN_DATABASE_URL: LISTEN needs a session of its own"
+            )
         engine = create_engine(settings, url)
         backend = PostgresBackend(
             settings.listen_database_url or url,
