@@ -22,6 +22,7 @@ from chat.config import Settings, get_settings
 from chat.db import create_engine
 from chat.hub import Hub
 from chat.limits import Limits
+from chat.logs import ClientAddress
 from chat.presence import Presence
 from chat.pubsub import PostgresBackend
 from chat.revocation import watch_tokens
@@ -126,5 +127,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api.router)
     app.include_router(ws.router)
     app.add_exception_handler(Refused, refuse)  # type: ignore[arg-type]
+    app.add_middleware(ClientAddress)  # the client's address on every chat.events line
     app.mount("/static", StaticFiles(directory=http.STATIC), name="static")
     return app
