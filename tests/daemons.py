@@ -112,12 +112,19 @@ class Nginx:
     def __init__(self, folder: Path, upstreams: list[int]) -> None:
         need(NGINX, "nginx")
         self.port = free_port()
+        self.tls_port = free_port()
         folder.mkdir(parents=True, exist_ok=True)
         folder.chmod(0o777)  # as root, the workers run as nobody and keep temp files here
         self.folder = folder
         self.access_log = folder / "access.log"
         self.error_log = folder / "error.log"
         self.conf = folder / "nginx.conf"
+        self.cert, self.key = folder / "chat.pem", folder / "chat.key"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+             "-keyout", str(self.key), "-out", str(self.cert)],
+            check=True, capture_output=True,
+        )  # fmt: skip
         self.render(upstreams)
         self.proc = subprocess.Popen(
             [str(NGINX), "-p", str(folder), "-c", str(self.conf), "-e", str(self.error_log), "-g", "daemon off;"],
@@ -127,18 +134,24 @@ class Nginx:
         wait_port(self.port, self.proc, self.error_log)
 
     def render(self, upstreams: list[int]) -> None:
-        """The shipped file with the test's ports and log paths: only the lines marked as
-        placeholders are replaced."""
+        """The shipped file with the test's ports and paths: only those are replaced."""
         shipped = (REPO / "deploy" / "nginx.conf").read_text()
         servers = "".join(f"    server 127.0.0.1:{port} max_fails=1 fail_timeout=2s;\n" for port in upstreams)
-        text = (
-            shipped.replace("    server 127.0.0.1:8001 max_fails=1 fail_timeout=2s;\n", servers, 1)
-            .replace("    server 127.0.0.1:8002 max_fails=1 fail_timeout=2s;\n", "", 1)
-            .replace("listen 80;", f"listen 127.0.0.1:{self.port};", 1)
-            .replace("/var/log/nginx/chat-access.log", str(self.access_log), 1)
-            .replace("/var/log/nginx/chat-error.log", str(self.error_log), 1)
-        )
-        # The parts of a full nginx.conf around the shipped `http` block's contents.
+        replacements = {
+            "    server 127.0.0.1:8001 max_fails=1 fail_timeout=2s;\n": servers,
+            "    server 127.0.0.1:8002 max_fails=1 fail_timeout=2s;\n": "",
+            "listen 80;": f"listen 127.0.0.1:{self.port};",
+            "listen 443 ssl;": f"listen 127.0.0.1:{self.tls_port} ssl;",
+            "/etc/ssl/certs/chat.pem": str(self.cert),
+            "/etc/ssl/private/chat.key": str(self.key),
+            "/var/log/nginx/chat-access.log": str(self.access_log),
+            "/var/log/nginx/chat-error.log": str(self.error_log),
+        }
+        text = shipped
+        for old, new in replacements.items():
+            assert text.count(old) == 1, f"deploy/nginx.conf changed: {old!r}"
+            text = text.replace(old, new)
+        # The parts of a full nginx.conf around the shipped http-level blocks.
         self.conf.write_text(
             f"pid {self.folder / 'nginx.pid'};\nerror_log {self.error_log};\n"
             "events { worker_connections 1024; }\n"
@@ -152,6 +165,10 @@ class Nginx:
     @property
     def http(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def https(self) -> str:
+        return f"https://127.0.0.1:{self.tls_port}"
 
     def ws(self, path: str) -> str:
         return f"ws://127.0.0.1:{self.port}{path}"
