@@ -3,7 +3,9 @@ binary fails the run in CI (.ci/run installs them) and skips elsewhere."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -11,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
@@ -172,6 +175,22 @@ class Nginx:
 
     def ws(self, path: str) -> str:
         return f"ws://127.0.0.1:{self.port}{path}"
+
+    async def routes_to(self, port: int, timeout: float = 30.0) -> None:
+        """Wait until nginx sends requests to this upstream again (it skips one that failed for
+        fail_timeout): probe /readyz until the access log shows one answered by it."""
+        async with asyncio.timeout(timeout), httpx.AsyncClient(base_url=self.http) as http:
+            for probe in itertools.count():
+                agent = f"routes-to-probe-{port}-{probe}"
+                await http.get("/readyz", headers={"User-Agent": agent})
+                while not (line := next((x for x in self._access_lines() if agent in x), "")):
+                    await asyncio.sleep(0.02)  # nginx logs after it answers
+                if line.endswith(f"upstream=127.0.0.1:{port}") and '" 200 ' in line:
+                    return
+                await asyncio.sleep(0.1)
+
+    def _access_lines(self) -> list[str]:
+        return self.access_log.read_text(errors="replace").splitlines()
 
     def logs(self) -> str:
         return self.access_log.read_text(errors="replace") + self.error_log.read_text(errors="replace")
