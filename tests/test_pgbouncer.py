@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import pytest
@@ -19,6 +20,12 @@ from tests.roomclient import RoomClient
 from tests.servers import Server
 
 POOLED = {"CHAT_DATABASE_POOLER": "transaction"}
+
+
+class Pooled(NamedTuple):
+    server: Server  # 2 workers, DATABASE_URL through PgBouncer, the listener direct
+    token: str
+    url: str  # the database through PgBouncer
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +53,7 @@ def test_without_the_setting_asyncpg_names_collide(postgres: Database, pgbouncer
 
 
 @pytest.fixture(scope="module")
-def pooled(postgres: Database, pgbouncer: PgBouncer, tmp_root: Path) -> Iterator[tuple[Server, str]]:
+def pooled(postgres: Database, pgbouncer: PgBouncer, tmp_root: Path) -> Iterator[Pooled]:
     direct = postgres.create("chat_pgb")
     url = pgbouncer.url(direct)
     for _ in range(2):
@@ -56,12 +63,12 @@ def pooled(postgres: Database, pgbouncer: PgBouncer, tmp_root: Path) -> Iterator
     assert run.returncode == 0, run.stderr
     token = run.stdout.strip().splitlines()[-1]
     server = Server(url, tmp_root, workers=2, env={**POOLED, "CHAT_LISTEN_DATABASE_URL": direct})
-    yield server, token
+    yield Pooled(server, token, url)
     server.stop()
 
 
-async def test_a_room_through_the_pooler(pooled: tuple[Server, str], postgres: Database) -> None:
-    server, token = pooled
+async def test_a_room_through_the_pooler(pooled: Pooled) -> None:
+    server, token, _ = pooled
     room = unique("pgb")
     path = f"/rooms/{room}/ws"
     # Eight sockets over two workers, sending at once: many more clients than PgBouncer has
@@ -102,10 +109,14 @@ async def test_a_room_through_the_pooler(pooled: tuple[Server, str], postgres: D
         await client.close()
 
 
-def test_no_prepared_statement_errors_in_any_log(
-    pooled: tuple[Server, str], pgbouncer: PgBouncer, tmp_root: Path
-) -> None:
-    server, _ = pooled
+def test_no_prepared_statement_errors_in_any_log(pooled: Pooled, pgbouncer: PgBouncer) -> None:
+    server = pooled.server
     logs = server.log() + pgbouncer.log()
     assert "prepared statement" not in logs.lower()
     assert "Traceback" not in server.log()
+
+
+def test_the_pooler_setting_needs_a_direct_listen_url(pooled: Pooled, tmp_root: Path) -> None:
+    """LISTEN through a transaction-mode pooler would miss notifications: refuse to start."""
+    with pytest.raises(RuntimeError, match="needs CHAT_LISTEN_DATABASE_URL"):
+        Server(pooled.url, tmp_root, env=POOLED)
