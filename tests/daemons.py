@@ -106,7 +106,7 @@ class PgBouncer:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        stop(self.proc, signal.SIGINT)  # SIGINT: shut down at once, SIGTERM waits for clients
+        stop(self.proc, signal.SIGINT)  # safe shutdown: waits for running queries, not for clients
 
 
 class Nginx:
