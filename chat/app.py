@@ -22,6 +22,7 @@ from chat.config import Settings, get_settings
 from chat.db import create_engine
 from chat.hub import Hub
 from chat.limits import Limits
+from chat.logs import ClientAddress
 from chat.presence import Presence
 from chat.pubsub import PostgresBackend
 from chat.revocation import watch_tokens
@@ -91,6 +92,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         url = settings.database_url
         if not url:
             raise RuntimeError("DATABASE_URL is not set: start the server with `chat serve`")
+        if settings.database_pooler == "transaction" and not settings.listen_database_url:
+            raise RuntimeError(
+                "CHAT_DATABASE_POOLER=transaction needs CHAT_LISTEN_DATABASE_URL: LISTEN needs a session of its own"
+            )
         # Each part is closed (in reverse order) as soon as the next fails to start, so a failed
         # start-up leaves no connection open and no task running.
         async with contextlib.AsyncExitStack() as stack:
@@ -126,5 +131,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api.router)
     app.include_router(ws.router)
     app.add_exception_handler(Refused, refuse)  # type: ignore[arg-type]
+    app.add_middleware(ClientAddress)  # the client's address on every chat.events line
     app.mount("/static", StaticFiles(directory=http.STATIC), name="static")
     return app

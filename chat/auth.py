@@ -1,6 +1,6 @@
-"""Who is connecting: the token (cookie `session`, or query `token`) and the Origin, checked
-before a socket is accepted. Refusals are HTTP responses with a JSON reason: a close sent before
-accept() would reach a real client only as a bare 403."""
+"""Who is connecting: the token (`Authorization: Bearer`, cookie `session`, or query `token`)
+and the Origin, checked before a socket is accepted. Refusals are HTTP responses with a JSON
+reason: a close sent before accept() would reach a real client only as a bare 403."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from fastapi import Cookie, Depends, Query
+from fastapi import Cookie, Depends, Header, Query
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyCookie, APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import HTTPConnection, Request
@@ -46,13 +46,27 @@ def check_origin(conn: HTTPConnection) -> None:
         raise Refused(403, "origin not allowed")
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header; None without the header."""
+    if authorization is None:
+        return None
+    scheme, _, credentials = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        raise Refused(401, "use Authorization: Bearer <token>")
+    return credentials.strip()
+
+
 async def raw_token(
     websocket: WebSocket,
     session: Annotated[str | None, Cookie()] = None,
     token: Annotated[str | None, Query()] = None,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> str:
+    """A socket's token: `Authorization: Bearer` (non-browser clients: it stays out of URLs and
+    so out of proxies' logs), else the `session` cookie (browsers), else `?token=` (the FastAPI
+    chapter's examples; the cookie wins over it, as in the chapter)."""
     check_origin(websocket)
-    value = session or token  # the cookie wins, as in the FastAPI chapter
+    value = bearer_token(authorization) or session or token
     if not value:
         raise Refused(401, "missing token")
     return value

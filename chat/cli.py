@@ -70,9 +70,9 @@ def parse_ttl(value: str) -> timedelta | None:
 
 
 async def _with_conn(url: str, work):  # type: ignore[no-untyped-def]
-    from sqlalchemy.ext.asyncio import create_async_engine
+    from chat.db import create_engine
 
-    engine = create_async_engine(url)
+    engine = create_engine(get_settings(), url, pool_size=1, max_overflow=0)
     try:
         async with engine.connect() as conn:
             return await work(conn)
@@ -83,12 +83,11 @@ async def _with_conn(url: str, work):  # type: ignore[no-untyped-def]
 async def _link_token(url: str, data_dir: Path, name: str) -> str:
     """The sign-in link's token: kept in the data folder (0600, like a .pgpass) and reused while
     it has more than a day to live, so the link survives restarts and tokens do not pile up."""
-    from sqlalchemy.ext.asyncio import create_async_engine
-
     from chat import store
+    from chat.db import create_engine
 
     path = data_dir / "serve-token"
-    engine = create_async_engine(url)
+    engine = create_engine(get_settings(), url, pool_size=1, max_overflow=0)
     try:
         async with engine.connect() as conn:
             if path.exists():

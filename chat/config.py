@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, validation_alias=AliasChoices("DATABASE_URL", "CHAT_DATABASE_URL"))
     # A direct (not pooled) DSN for the LISTEN connection, when DATABASE_URL goes through PgBouncer.
     listen_database_url: str | None = None
+    # "transaction" when DATABASE_URL goes through a transaction-mode pooler (PgBouncer's
+    # pool_mode=transaction): no prepared statement outlives its transaction (chat/db.py), and
+    # CHAT_LISTEN_DATABASE_URL must then point straight at Postgres.
+    database_pooler: Literal["none", "transaction"] = "none"
     data_dir: Path = Field(default_factory=default_data_dir)
 
     host: str = "127.0.0.1"

@@ -1,23 +1,84 @@
-"""The async engine."""
+"""The async engine, and the connect arguments every SQLAlchemy engine of ours shares."""
 
 from __future__ import annotations
 
+import uuid
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.util import await_
 from starlette.requests import HTTPConnection
 
 from chat.config import Settings
 
 
-def create_engine(settings: Settings, url: str) -> AsyncEngine:
-    return create_async_engine(
-        url,
-        pool_size=settings.pool_size,
-        max_overflow=settings.pool_size,
+def statement_name() -> str:
+    # Unique across every client of a transaction-mode pooler: asyncpg's default names
+    # (__asyncpg_stmt_1__, …) collide on server connections that other clients prepared on.
+    return f"__asyncpg_{uuid.uuid4().hex}__"
+
+
+def connect_args(settings: Settings) -> dict[str, Any]:
+    """asyncpg's connect arguments. Behind a transaction-mode pooler (CHAT_DATABASE_POOLER=
+    transaction: PgBouncer before 1.21, or 1.21+ without max_prepared_statements) a session's
+    prepared statements live on whichever server connection ran them, so nothing may be cached
+    across transactions: SQLAlchemy's and asyncpg's statement caches are off, and each statement
+    gets a unique name (SQLAlchemy's asyncpg dialect docs, "Prepared Statement Name with PGBouncer")."""
+    args: dict[str, Any] = {"server_settings": {"application_name": "chat"}}
+    if settings.database_pooler == "transaction":
+        args.update(
+            prepared_statement_name_func=statement_name,
+            prepared_statement_cache_size=0,  # SQLAlchemy's cache of prepared statements
+            statement_cache_size=0,  # asyncpg's own
+        )
+    return args
+
+
+def create_engine(settings: Settings, url: str, **options: Any) -> AsyncEngine:
+    engine_options: dict[str, Any] = {
+        "pool_size": settings.pool_size,
+        "max_overflow": settings.pool_size,
         # No pre-ping: it costs three round trips on every checkout. A connection that died with a
         # restarted Postgres fails once, is dropped from the pool, and the client resends.
-        pool_recycle=1800,
-        connect_args={"server_settings": {"application_name": "chat"}},
-    )
+        "pool_recycle": 1800,
+    }
+    engine_options.update(options)
+    engine = create_async_engine(url, connect_args=connect_args(settings), **engine_options)
+    if settings.database_pooler == "transaction":
+        _one_transaction_per_statement(engine)
+    return engine
+
+
+_BEGAN = "chat_began"  # in Connection.info: we opened a transaction around an autocommit statement
+
+
+def _one_transaction_per_statement(engine: AsyncEngine) -> None:
+    """asyncpg prepares and then executes a statement: two round trips, each ending in Sync. In
+    autocommit, a transaction-mode pooler may give them two different server connections, and the
+    statement is not there (`prepared statement "…" does not exist`). Inside BEGIN … COMMIT the
+    pooler keeps one server connection, so every autocommit statement gets its own transaction.
+    Statements SQLAlchemy already runs in a transaction are left alone."""
+
+    @event.listens_for(engine.sync_engine, "before_cursor_execute")
+    def begin(conn: Connection, *_: Any) -> None:
+        if conn.connection.dbapi_connection.autocommit:  # type: ignore[union-attr]
+            await_(conn.connection.driver_connection.execute("BEGIN"))  # type: ignore[union-attr]
+            conn.info[_BEGAN] = True
+
+    @event.listens_for(engine.sync_engine, "after_cursor_execute")
+    def commit(conn: Connection, *_: Any) -> None:
+        if conn.info.pop(_BEGAN, False):
+            await_(conn.connection.driver_connection.execute("COMMIT"))  # type: ignore[union-attr]
+
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def rollback(context: ExceptionContext) -> None:
+        conn = context.connection
+        if conn is not None and conn.info.pop(_BEGAN, False) and not conn.invalidated:
+            driver = conn.connection.driver_connection
+            if driver is not None and not driver.is_closed():
+                await_(driver.execute("ROLLBACK"))
 
 
 def engine_of(conn: HTTPConnection) -> AsyncEngine:

@@ -73,8 +73,16 @@ def _let_traverse(path: Path) -> None:
 
 
 class EmbeddedPostgres:
-    def __init__(self, data_dir: Path, *, durable: bool = True, settings: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        durable: bool = True,
+        settings: dict[str, str] | None = None,
+        binaries: Path | None = None,
+    ) -> None:
         self.data_dir = data_dir
+        self.binaries = binaries  # another Postgres's bin folder (tests: Debian's 15); default the wheel's
         self.pgdata = data_dir / "pgdata"
         self.durable = durable  # False for throwaway test servers: no fsync
         self.settings = settings or {}  # extra postgres -c settings
@@ -84,6 +92,10 @@ class EmbeddedPostgres:
         self.log_path = data_dir / "postgres.log"
         self.start_timeout = 60.0  # of each restart under supervise()
         self._stopping = False
+
+    @property
+    def bin_dir(self) -> Path:
+        return self.binaries or bin_dir()
 
     @property
     def url(self) -> str:
@@ -109,7 +121,7 @@ class EmbeddedPostgres:
 
     def _run_tool(self, *args: str) -> None:
         result = subprocess.run(
-            [str(bin_dir() / args[0]), *args[1:]],
+            [str(self.bin_dir / args[0]), *args[1:]],
             preexec_fn=self._demote,
             capture_output=True,
             text=True,
@@ -124,7 +136,7 @@ class EmbeddedPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.account is not None:
             _let_traverse(self.data_dir)
-            _let_traverse(bin_dir())
+            _let_traverse(self.bin_dir)
         # initdb into a fresh folder and rename it, so an interrupted initdb leaves no half-made cluster.
         staging = Path(tempfile.mkdtemp(prefix=".pgdata-", dir=self.data_dir))
         self._as_server(staging)
@@ -191,7 +203,7 @@ class EmbeddedPostgres:
             self.socket_dir = Path(tempfile.mkdtemp(prefix="chat-pg-"))
             self._as_server(self.socket_dir)
         args = [
-            str(bin_dir() / "postgres"),
+            str(self.bin_dir / "postgres"),
             "-D", str(self.pgdata),
             "-k", str(self.socket_dir),
             "-h", "",  # no TCP: the Unix socket only

@@ -3,12 +3,15 @@ with its query string, so every handler redacts tokens, whatever logger the reco
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import logging
 import logging.config
+import os
 import re
 from typing import Any
 
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.config import LOGGING_CONFIG
 
 _SECRETS = re.compile(r"((?:token|session)=)[^&\s\"';]+|chat_[A-Za-z0-9_-]{16,}")
@@ -37,11 +40,30 @@ class RedactTokens(logging.Filter):
 
 
 _events = logging.getLogger("chat.events")
+_client: contextvars.ContextVar[str] = contextvars.ContextVar("chat_client", default="-")
+
+
+class ClientAddress:
+    """ASGI middleware: remembers the connection's client address for the events it logs.
+
+    It runs inside uvicorn's proxy-headers middleware, so behind a proxy that FORWARDED_ALLOW_IPS
+    trusts, this is the address from X-Forwarded-For, not the proxy's."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            client = scope.get("client")
+            _client.set(str(client[0]) if client else "-")
+        await self.app(scope, receive, send)
 
 
 def event(name: str, **fields: object) -> None:
-    """One structured line per connection event, as logfmt: `event=close room=general code=1000`.
-    Fields never include a token (and the handlers would redact one anyway)."""
+    """One structured line per connection event, as logfmt: `event=close room=general code=1000
+    client=203.0.113.7 pid=4242`. Fields never include a token (and the handlers would redact one
+    anyway). `client` is the client's address (see ClientAddress), `pid` the serving process."""
+    fields = {**fields, "client": _client.get(), "pid": os.getpid()}
     parts = [f"event={name}"]
     for key, value in fields.items():
         text = str(value)

@@ -19,8 +19,10 @@ import socket
 import uuid
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from chat.config import get_settings
+from chat.db import create_engine
 from chat.store import Identity
 
 log = logging.getLogger("chat.presence")
@@ -48,7 +50,10 @@ class Presence:
         # The heartbeat has a connection of its own: when thousands of sockets come or go at
         # once their presence writes fill the shared pool, and a beat that waited behind them
         # would make this live process look dead to the others.
-        self._beat_engine = create_async_engine(engine.url, pool_size=1, max_overflow=0, pool_pre_ping=True)
+        self._beat_engine = create_engine(
+            get_settings(), engine.url.render_as_string(hide_password=False), pool_size=1, max_overflow=0,
+            pool_pre_ping=True
+        )  # fmt: skip
         self.beat = beat
         self.stale = stale
         self.process_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

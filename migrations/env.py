@@ -7,9 +7,9 @@ from logging.config import fileConfig
 
 from alembic import context
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from chat.config import asyncpg_url, get_settings
+from chat.db import create_engine
 from chat.models import Base
 
 config = context.config
@@ -39,7 +39,9 @@ def do_run_migrations(connection: Connection) -> None:
 
 
 async def run_async_migrations() -> None:
-    engine = create_async_engine(database_url())
+    # With the pooler's settings (chat/db.py): the migrations run in one transaction, so they
+    # work through a transaction-mode pooler too.
+    engine = create_engine(get_settings(), database_url(), pool_size=1, max_overflow=0)
     async with engine.connect() as connection:
         await connection.run_sync(do_run_migrations)
     await engine.dispose()

@@ -93,10 +93,15 @@ class ChatPage:
         await dialog.dismiss()
 
     @classmethod
-    async def open(cls, browser: Browser, base_url: str, token: str, user: str, **options: Any) -> ChatPage:
-        """A fresh context (own cookies and localStorage), signed in through the #token= link."""
+    async def open(
+        cls, browser: Browser, base_url: str, token: str, user: str, *, init_script: str | None = None, **options: Any
+    ) -> ChatPage:
+        """A fresh context (own cookies and localStorage), signed in through the #token= link.
+        `init_script` runs in the page before its own scripts."""
         context = await browser.new_context(**options)
         context.set_default_timeout(TIMEOUT_MS)
+        if init_script is not None:
+            await context.add_init_script(init_script)
         page = await context.new_page()
         chat = cls(context, page, user)
         await page.goto(f"{base_url}/#token={token}")

@@ -92,6 +92,10 @@ MakeToken = Callable[..., Awaitable[str]]
 
 @pytest.fixture(scope="session")
 def make_token(engine: AsyncEngine) -> MakeToken:
+    return token_maker(engine)
+
+
+def token_maker(engine: AsyncEngine) -> MakeToken:
     async def make(name: str | None = None, *, ttl: timedelta | None = timedelta(hours=1)) -> str:
         async with engine.connect() as conn:
             _, raw = await store.create_token(conn, user_name=name or unique("user"), ttl=ttl)

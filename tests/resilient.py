@@ -25,6 +25,7 @@ class Stats:
     unavailable: int = 0
     connects: int = 0
     refused: int = 0
+    refused_with: Counter[int] = field(default_factory=Counter)  # HTTP status of each refusal
     closes: Counter[int | None] = field(default_factory=Counter)
 
 
@@ -63,6 +64,7 @@ class ResilientClient:
                 except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
                     if isinstance(exc, InvalidStatus):
                         self.stats.refused += 1
+                        self.stats.refused_with[exc.response.status_code] += 1
                     await asyncio.sleep(delay * (0.5 + random.random()))
                     delay = min(delay * 2, 1.0)
                 self.server = (self.server + 1) % len(self.urls)  # try another process next

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Protocol
 
 import asyncpg
 import httpx
@@ -25,6 +26,12 @@ GENEROUS_LIMITS = {
     "CHAT_USER_RATE_BURST": "100000",
 }
 DEFAULT_LIMITS: dict[str, str] = {}
+
+
+class Endpoint(Protocol):
+    """Where clients connect: a server, or a proxy in front of several."""
+
+    def ws(self, path: str) -> str: ...
 
 
 def free_port() -> int:

@@ -66,6 +66,31 @@ async def test_accepted_with_cookie_or_query(server_a: Server, make_token: MakeT
         assert await ws.recv(decode=True)
 
 
+@pytest.mark.parametrize("route", ROUTES)
+async def test_bearer_header_on_sockets(server_a: Server, make_token: MakeToken, route: str) -> None:
+    """README: non-browser clients send `Authorization: Bearer`, which keeps tokens out of URLs."""
+    raw = await make_token()
+    async with connect(server_a.ws(route), additional_headers={"Authorization": f"Bearer {raw}"}) as ws:
+        await ws.send("hello")
+        assert await ws.recv(decode=True)
+    # The header wins over a cookie or query token, bad or good.
+    async with connect(
+        server_a.ws(route) + "?token=some-key-token",
+        additional_headers={"Authorization": f"bearer {raw}", "Cookie": "session=some-key-token"},
+    ) as ws:
+        await ws.send("hello")
+        assert await ws.recv(decode=True)
+    assert await refusal(server_a.ws(route), additional_headers={"Authorization": "Bearer some-key-token"}) == (
+        401,
+        "invalid token",
+    )
+    for header in (f"Basic {raw}", "Bearer ", "Bearer"):
+        assert await refusal(server_a.ws(route) + f"?token={raw}", additional_headers={"Authorization": header}) == (
+            401,
+            "use Authorization: Bearer <token>",
+        ), header
+
+
 async def test_origin_check(server_a: Server, make_token: MakeToken) -> None:
     raw = await make_token()
     url = server_a.ws("/rooms/general/ws")

@@ -38,8 +38,10 @@ def test_compose_file_resolves_and_runs_the_multi_process_path() -> None:
     assert command[:2] == ["chat", "serve"] and int(command[command.index("--workers") + 1]) >= 2
     assert app["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert app["depends_on"]["postgres"]["condition"] == "service_healthy"
-    # Every CHAT_ variable the file sets is a real setting.
-    known = {f"CHAT_{name.upper()}" for name in Settings.model_fields} | {"DATABASE_URL"}
+    # Every CHAT_ variable the file sets is a real setting; FORWARDED_ALLOW_IPS is uvicorn's, and
+    # behind a proxy it decides the client's address and the cookie's Secure flag.
+    known = {f"CHAT_{name.upper()}" for name in Settings.model_fields} | {"DATABASE_URL", "FORWARDED_ALLOW_IPS"}
+    assert "FORWARDED_ALLOW_IPS" in app["environment"]
     for name in ("migrate", "app"):
         environment = services[name].get("environment", {})
         assert "DATABASE_URL" in environment

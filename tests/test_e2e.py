@@ -286,3 +286,67 @@ async def test_online_list_and_typing(open_page: OpenPage, server_a: Server, ser
     await bob.close()
     await expect(alice.page.locator("#online-list li")).to_have_text([alice.user])
     assert_clean(alice)
+
+
+# Delivers the frames of the page's sockets in a forced order: each of its own messages before
+# the ack of its send ("message-first"), or after it ("ack-first"). Both happen for real: the ack
+# follows the commit, the copy comes through NOTIFY on another connection (README: Protocol).
+# window.__delivered records what the page got, in order, as [type, client_id].
+REORDER_FRAMES = """
+(() => {
+  const order = ORDER;
+  const Native = window.WebSocket;
+  window.__delivered = [];
+  window.WebSocket = class extends Native {
+    send(data) {
+      try { const f = JSON.parse(data); if (f.client_id) (this.__mine ||= new Set()).add(f.client_id); } catch (e) {}
+      return super.send(data);
+    }
+    set onmessage(handler) {
+      const held = new Map(), done = new Set(), mine = () => this.__mine || new Set();
+      const deliver = (ev, f) => { if (f) window.__delivered.push([f.type, f.client_id]); handler && handler(ev); };
+      super.onmessage = handler && ((ev) => {
+        let f = null;
+        try { f = JSON.parse(ev.data); } catch (e) { return deliver(ev, null); }
+        const id = f && f.client_id;
+        const first = order === 'message-first' ? 'message' : 'ack';
+        const second = order === 'message-first' ? 'ack' : 'message';
+        if (!id || !mine().has(id) || (f.type !== 'message' && f.type !== 'ack')) return deliver(ev, f);
+        if (f.type === second && !done.has(id)) { held.set(id, ev); return; }
+        deliver(ev, f);
+        if (f.type === first) {
+          done.add(id);
+          if (held.has(id)) { const later = held.get(id); held.delete(id); deliver(later, JSON.parse(later.data)); }
+        }
+      });
+    }
+  };
+})();
+"""
+
+
+@pytest.mark.parametrize("order", ["message-first", "ack-first"])
+async def test_ack_and_own_copy_in_either_order(
+    browser: Browser, server_a: Server, make_token: MakeToken, order: str
+) -> None:
+    """The ack and the sender's own copy may come in either order; the page matches them by
+    client_id: each message shows once, and nothing stays in the outbox."""
+    user = unique("order")
+    script = REORDER_FRAMES.replace("ORDER", repr(order))
+    page = await ChatPage.open(browser, server_a.http, await make_token(user), user, init_script=script)
+    try:
+        await page.join(unique("order"))
+        bodies = [f"{order} {i}" for i in range(3)]
+        for body in bodies:
+            await page.send(body)  # waits for the message, once, and an empty outbox
+        assert await page.page.locator("#messages .msg.mine").count() == len(bodies)
+        delivered: list[list[str]] = await page.page.evaluate("window.__delivered")
+        ids = {cid for kind, cid in delivered if kind == "ack"}
+        assert len(ids) == len(bodies)
+        first = "message" if order == "message-first" else "ack"
+        for cid in ids:
+            kinds = [kind for kind, c in delivered if c == cid and kind in ("message", "ack")]
+            assert kinds[0] == first and sorted(kinds) == ["ack", "message"], (cid, kinds)
+        assert_clean(page)
+    finally:
+        await page.close()

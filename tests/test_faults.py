@@ -11,7 +11,7 @@ import signal
 import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import asyncpg
@@ -29,7 +29,7 @@ from chat.embedded import EmbeddedPostgres
 from tests.conftest import Database, MakeToken, unique
 from tests.resilient import ResilientClient
 from tests.roomclient import RoomClient
-from tests.servers import Server
+from tests.servers import Endpoint, Server
 
 TOTAL = 300
 CLIENTS = 4
@@ -39,7 +39,14 @@ Fault = Callable[[list[ResilientClient]], Awaitable[None]]
 
 
 async def run_with_fault(
-    servers: list[Server], make_token: MakeToken, database_url: str, fault: Fault, *, label: str, body: int = 0
+    servers: Sequence[Endpoint],
+    make_token: MakeToken,
+    database_url: str,
+    fault: Fault,
+    *,
+    label: str,
+    body: int = 0,
+    pace: float = 0.03,
 ) -> list[ResilientClient]:
     room = unique("fault")
     urls = [s.ws(f"/rooms/{room}/ws") for s in servers]
@@ -50,7 +57,7 @@ async def run_with_fault(
             urls,
             await make_token(),
             [f"c{i}-{n} " + "x" * body for n in range(per_client)],
-            pace=0.03,
+            pace=pace,
             first=i,
         )
         for i in range(CLIENTS)  # spread over the servers

@@ -158,3 +158,6 @@ async def test_connection_events_are_structured_log_lines(fresh_server: Server, 
         "event=refused kind=websocket path=/rooms/" in line and 'reason="invalid token"' in line for line in lines
     )
     assert all(token not in line and "some-key-token" not in line for line in lines)
+    # Who and which process: every event line ends with the client's address and the pid.
+    events = [line for line in lines if "event=open" in line or "event=close" in line or "event=refused" in line]
+    assert events and all(line.endswith(f" client=127.0.0.1 pid={fresh_server.proc.pid}") for line in events)
