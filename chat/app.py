@@ -25,6 +25,7 @@ from chat.limits import Limits
 from chat.presence import Presence
 from chat.pubsub import PostgresBackend
 from chat.revocation import watch_tokens
+from chat.writer import Writer
 
 log = logging.getLogger("chat.app")
 
@@ -95,6 +96,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         hub = Hub(broadcast, engine)
         app.state.engine, app.state.backend, app.state.hub = engine, backend, hub
         app.state.limits = Limits(settings)
+        writer = app.state.writer = Writer(
+            engine,
+            max_rows=settings.write_batch_rows,
+            max_bytes=settings.write_batch_bytes,
+            queue_rows=settings.write_queue_rows,
+            queue_bytes=settings.write_queue_bytes,
+        )
+        writer.start()
         presence = app.state.presence = Presence(
             engine, beat=settings.presence_beat_seconds, stale=settings.presence_stale_seconds
         )
@@ -111,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             tokens.cancel()
             if watchdog is not None:
                 watchdog.cancel()
+            await writer.stop()  # after the sockets' drain: what they sent last is stored
             await presence.stop()
             await hub.close()
             await broadcast.disconnect()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -15,6 +16,7 @@ from chat.hub import Hub
 from chat.limits import FrameGuard, RateLimited
 from chat.protocol import CLOSE_FLOOD, BadFrame, HistoryFrame, PingFrame, SendFrame, TypingFrame
 from chat.store import Identity
+from chat.writer import InFlight, NotStored, Stored, Writer
 
 log = logging.getLogger("chat.service")
 
@@ -60,8 +62,14 @@ class RoomSession:
         room: str,
         client: Client,
         guard: FrameGuard,
+        writer: Writer,
     ) -> None:
         self.settings = settings
+        self.writer = writer
+        # Sends awaiting their commit: the receive loop goes on reading meanwhile, up to the
+        # bound, and their answers go out in the order the sends came in.
+        self.inflight = InFlight(settings.socket_inflight, client.offer)
+        client.settle = self.inflight.settle  # a graceful close flushes their acks first
         self.engine = engine
         self.hub = hub
         self.identity = identity
@@ -104,12 +112,15 @@ class RoomSession:
         )
 
     async def handle(self, text: str | None) -> None:
+        # Errors answer frames that may be sends: in order behind the sends in flight.
         if refused := admit(self.guard, self.client):
             detail = f"slow down: retry in {refused.retry_after:.1f}s"
-            self.client.offer(protocol.error_frame("rate_limited", detail, retry_after=round(refused.retry_after, 2)))
+            self.inflight.answer(
+                protocol.error_frame("rate_limited", detail, retry_after=round(refused.retry_after, 2))
+            )
             return
         if text is None:
-            self.client.offer(protocol.error_frame("binary_not_supported", "send JSON text frames"))
+            self.inflight.answer(protocol.error_frame("binary_not_supported", "send JSON text frames"))
             return
         frame: protocol.Incoming | None = None
         try:
@@ -126,36 +137,38 @@ class RoomSession:
             metrics.REFUSALS.labels(exc.code).inc()
             # Errors answering a send name its client_id, so the client knows which one failed.
             extra = {"client_id": frame.client_id} if isinstance(frame, SendFrame) else {}
-            self.client.offer(protocol.error_frame(exc.code, exc.detail, **extra))
+            self.inflight.answer(protocol.error_frame(exc.code, exc.detail, **extra))
 
     def reply(self, frame: dict[str, Any]) -> None:
         self.client.offer(protocol.dumps(frame))
 
     async def send(self, frame: SendFrame) -> None:
+        """Hand the message to the writer and go back to reading: the ack (or error) goes out
+        once it is committed, in order. At the in-flight bound this waits for a free slot, so
+        the socket stops reading and TCP pushes back."""
         check_body(frame.body, max_bytes=self.settings.max_message_bytes)
-        try:
-            async with self.engine.connect() as conn:
-                appended = await store.append_message(
-                    conn,
-                    room_id=self.room_id,
-                    author_id=self.identity.user_id,
-                    author=self.identity.name,
-                    body=frame.body,
-                    client_id=frame.client_id,
-                )
-        except Exception as exc:
-            log.warning("storing a message failed: %r", exc)
-            raise BadFrame("unavailable", "the message was not stored; send it again") from None
-        if not appended.duplicate:
-            metrics.MESSAGES_IN.inc()
-        self.reply(
-            {
-                "type": "ack",
-                "client_id": frame.client_id,
-                "seq": appended.message.seq,
-                "duplicate": appended.duplicate,
-            }
+        await self.inflight.reserve()
+        future = self.writer.submit(
+            room_id=self.room_id,
+            author_id=self.identity.user_id,
+            author=self.identity.name,
+            body=frame.body,
+            client_id=frame.client_id,
         )
+        client_id = frame.client_id
+
+        def answer(done: asyncio.Future[Stored]) -> str:
+            error = done.exception()
+            if error is None:
+                stored = done.result()
+                return protocol.dumps(
+                    {"type": "ack", "client_id": client_id, "seq": stored.seq, "duplicate": stored.duplicate}
+                )
+            code, detail = (error.code, error.detail) if isinstance(error, NotStored) else ("unavailable", str(error))
+            metrics.REFUSALS.labels(code).inc()
+            return protocol.error_frame(code, detail, client_id=client_id)
+
+        self.inflight.add(future, answer)
 
     async def typing(self) -> None:
         """Ephemeral: fanned out through NOTIFY, never stored, at most one per interval per
