@@ -37,6 +37,13 @@ def check_body(body: str, *, max_bytes: int) -> None:
         raise BadFrame("invalid_text", "the message contains a lone surrogate") from None
 
 
+def inflight_bound(settings: Settings) -> int:
+    """Sends one socket may have in flight: CHAT_SOCKET_INFLIGHT, but at most a quarter of the
+    socket's queue, so that a burst of their acks (with the echoes of the same messages) never
+    overflows it."""
+    return max(1, min(settings.socket_inflight, settings.socket_queue // 4))
+
+
 def admit(guard: FrameGuard, client: Client) -> RateLimited | None:
     """Charge one frame to the rate limits: None if it may be handled; else why not (and a
     client that keeps sending while refused is cut off as a flood)."""
@@ -68,7 +75,7 @@ class RoomSession:
         self.writer = writer
         # Sends awaiting their commit: the receive loop goes on reading meanwhile, up to the
         # bound, and their answers go out in the order the sends came in.
-        self.inflight = InFlight(settings.socket_inflight, client.offer)
+        self.inflight = InFlight(inflight_bound(settings), client.offer)
         client.settle = self.inflight.settle  # a graceful close flushes their acks first
         self.engine = engine
         self.hub = hub

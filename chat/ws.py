@@ -18,7 +18,7 @@ from chat.auth import Refused, SocketToken, SocketUser
 from chat.client import Client, Item, RoomEvent
 from chat.db import engine_of
 from chat.limits import FrameGuard, TooManyConnections
-from chat.service import RoomSession, admit, check_body
+from chat.service import RoomSession, admit, check_body, inflight_bound
 from chat.store import Identity, MessageRecord
 from chat.writer import UNAVAILABLE, InFlight, NotStored, Stored, writer_of
 
@@ -158,7 +158,7 @@ async def clients(websocket: WebSocket, client_id: int, user: SocketUser) -> Non
     async with _joined(websocket, user, CHAPTER_ROOM, client) as (guard, room_id):
         # Pipelined like the room socket: each message goes to the writer and the loop reads on;
         # a message the database did not take gets a line saying so (in the order sent).
-        inflight = InFlight(state.settings.socket_inflight, client.offer)
+        inflight = InFlight(inflight_bound(state.settings), client.offer)
         client.settle = inflight.settle
 
         async def handle(data: str | None) -> None:
