@@ -161,9 +161,10 @@ async def new_room(database_url: str) -> int:
 async def rows_of(database_url: str, room_id: int) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(libpq_url(database_url))
     try:
-        return await conn.fetch(
+        rows: list[asyncpg.Record] = await conn.fetch(
             "SELECT seq, author, body, client_id FROM messages WHERE room_id = $1 ORDER BY seq", room_id
         )
+        return rows
     finally:
         await conn.close()
 
