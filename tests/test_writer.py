@@ -4,19 +4,27 @@ against a real Postgres, and real server processes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
+import signal
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from websockets.asyncio.client import ClientConnection, connect
 
+from chat import store
+from chat.cli import run_migrations
 from chat.config import libpq_url
 from chat.db import drop_dead_connections
+from chat.embedded import EmbeddedPostgres
 from chat.writer import (
     REJECTED,
     UNAVAILABLE,
@@ -31,7 +39,7 @@ from chat.writer import (
     never_sent,
     take_batch,
 )
-from tests.conftest import MakeToken, unique
+from tests.conftest import Database, MakeToken, unique
 from tests.roomclient import RoomClient
 from tests.servers import Server
 
@@ -522,3 +530,188 @@ async def test_a_bad_row_gets_its_sender_an_error_and_stores_the_others(
         assert not any(f["type"] == "error" for f in good.frames)
         await good.until_seq(60)
         assert good.seqs() == list(range(1, 61))
+
+
+async def test_graceful_shutdown_flushes_the_acks_of_sends_in_flight(
+    database_url: str, tmp_root: Path, make_token: MakeToken
+) -> None:
+    """SIGTERM while three sends wait on the database: the process stops taking sockets, waits
+    for their commits, sends the three acks, and only then closes with 1001."""
+    server = Server(database_url, tmp_root)
+    room = unique("drain")
+    lock = RoomLock(database_url)
+    try:
+        async with await RoomClient.open(server.ws(f"/rooms/{room}/ws"), await make_token()) as client:
+            await client.ready()
+            await lock.take(room)
+            try:
+                for n in range(3):
+                    await client.send(f"m{n}", client_id=f"d{n}")
+                await send_ping(client)
+                await client.until("pong")  # the three are in flight
+                server.proc.send_signal(signal.SIGTERM)
+                async with httpx.AsyncClient() as http:
+                    async with asyncio.timeout(15):
+                        while (await http.get(f"{server.http}/readyz")).status_code == 200:
+                            await asyncio.sleep(0.02)  # until the drain has begun
+            finally:
+                await lock.release()
+            assert await client.wait_closed() == 1001
+            assert [(t, c) for t, c in types(client) if t == "ack"] == [("ack", f"d{n}") for n in range(3)]
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def own_postgres(tmp_root: Path) -> Iterator[tuple[EmbeddedPostgres, str]]:
+    with EmbeddedPostgres(tmp_root / unique("writer-pg"), durable=False) as pg:
+        url = Database(pg.url).create("chat_writer")
+        run_migrations(url)
+        yield pg, url
+
+
+async def test_postgres_restart_mid_batch_then_resend_stores_each_once(
+    own_postgres: tuple[EmbeddedPostgres, str], tmp_root: Path
+) -> None:
+    """A batch is in flight (held by a locked room) when Postgres stops: exactly that batch's
+    sends are answered `unavailable`, and the socket stays open. After the restart, resending
+    them with the same client_ids stores each once; resending again only finds them."""
+    pg, url = own_postgres
+    server = Server(url, tmp_root)
+    room = unique("restart")
+    lock = RoomLock(url)
+    try:
+        engine = create_async_engine(url)
+        async with engine.connect() as db:
+            _, token = await store.create_token(db, user_name=unique("u"), ttl=timedelta(hours=1))
+        await engine.dispose()
+        async with await RoomClient.open(server.ws(f"/rooms/{room}/ws"), token) as client:
+            await client.ready()
+            await client.send("before", client_id="r-before")
+            await client.until("ack", client_id="r-before")
+            await lock.take(room)
+            for n in range(5):
+                await client.send(f"m{n}", client_id=f"r{n}")
+            await wait_for_lock_wait(url)
+            await asyncio.to_thread(pg.stop)
+            errors = [await client.until("error", client_id=f"r{n}") for n in range(5)]
+            assert {e["code"] for e in errors} == {"unavailable"}
+            await asyncio.to_thread(pg.start)
+            await send_ping(client)
+            await client.until("pong")  # the socket lived through it
+
+            acked: dict[str, dict[str, Any]] = {}
+            async with asyncio.timeout(60):
+                while len(acked) < 5:  # resend until stored: the pool may need a moment
+                    for n in range(5):
+                        if f"r{n}" not in acked:
+                            await client.send(f"m{n}", client_id=f"r{n}")
+                    for n in range(5):
+                        if f"r{n}" in acked:
+                            continue
+                        answer = await next_answer(client, f"r{n}")
+                        if answer["type"] == "ack":
+                            acked[f"r{n}"] = answer
+                        else:
+                            assert answer["code"] == "unavailable", answer
+                            await asyncio.sleep(0.2)
+            seqs = [acked[f"r{n}"]["seq"] for n in range(5)]
+            assert sorted(seqs) == [2, 3, 4, 5, 6]
+            for n in range(5):  # once more: nothing new, the same seqs
+                await client.send(f"m{n}", client_id=f"r{n}")
+            again = [await client.until("ack", client_id=f"r{n}") for n in range(5)]
+            assert [(a["seq"], a["duplicate"]) for a in again] == [(s, True) for s in seqs]
+        conn = await asyncpg.connect(libpq_url(url))
+        try:
+            rows = await conn.fetch(
+                "SELECT seq, client_id FROM messages JOIN rooms ON rooms.id = room_id WHERE name = $1 ORDER BY seq",
+                room,
+            )
+        finally:
+            await conn.close()
+        assert [r["seq"] for r in rows] == [1, 2, 3, 4, 5, 6]
+        assert sorted(r["client_id"] for r in rows) == sorted(["r-before"] + [f"r{n}" for n in range(5)])
+    finally:
+        await lock.release()
+        server.stop()
+
+
+async def next_answer(client: RoomClient, client_id: str, timeout: float = 30.0) -> dict[str, Any]:
+    """The next ack or error for this client_id."""
+    async with asyncio.timeout(timeout):
+        while True:
+            for type_ in ("ack", "error"):
+                with contextlib.suppress(TimeoutError):
+                    return await client.until(type_, timeout=0.05, client_id=client_id)
+
+
+async def test_chapter_socket_survives_terminated_backends(
+    server_a: Server, server_b: Server, make_token: MakeToken, database_url: str
+) -> None:
+    """Issue 14, item 5. 300 messages on the chapter's /ws/{client_id} over 2 processes while
+    every client backend of the servers is terminated twice (as a failover or a pooler restart
+    does): the sender's socket stays open, a message the database did not take is answered
+    with a line saying so (and resent), and all 300 reach the listeners on both processes."""
+    token = await make_token()
+    total = 300
+    sender_id, listener_ids = 7100 + random.randrange(1000), (8100, 9100)
+    lines: dict[str, list[str]] = {"sender": [], "a": [], "b": []}
+    async with (
+        connect(server_a.ws(f"/ws/{sender_id}?token={token}")) as sender,
+        connect(server_a.ws(f"/ws/{listener_ids[0]}?token={token}")) as on_a,
+        connect(server_b.ws(f"/ws/{listener_ids[1]}?token={token}")) as on_b,
+    ):
+        not_stored: list[str] = []
+        done = asyncio.Event()
+
+        async def read(name: str, ws: ClientConnection) -> None:
+            async for raw in ws:
+                assert isinstance(raw, str)
+                lines[name].append(raw)
+                if raw.startswith("Error: your message was not stored"):
+                    text = raw.rsplit(": ", 1)[1]
+                    not_stored.append(text)
+                    await ws.send(text)  # the chapter has no client_id: resend the text
+                if name != "sender" and delivered(lines["a"]) >= wanted and delivered(lines["b"]) >= wanted:
+                    done.set()
+
+        wanted = {f"t{n}" for n in range(total)}
+
+        def delivered(seen: list[str]) -> set[str]:
+            prefix = f"Client #{sender_id} says: "
+            return {line[len(prefix) :] for line in seen if line.startswith(prefix)}
+
+        readers = [asyncio.create_task(read(name, ws)) for name, ws in (("sender", sender), ("a", on_a), ("b", on_b))]
+        killed = []
+        for n in range(total):
+            await sender.send(f"t{n}")
+            if n in (100, 200):
+                killed.append(await terminate_chat_backends(database_url))
+            await asyncio.sleep(0.005)
+        async with asyncio.timeout(90):
+            await done.wait()
+        print(f"terminated {killed} backends; {len(not_stored)} message(s) answered not stored, resent")
+        assert all(k > 0 for k in killed), killed  # the terminations really hit pooled connections
+        assert sender.state.name == "OPEN"  # the socket survived both
+        for name in ("a", "b"):
+            says = [line for line in lines[name] if line.startswith(f"Client #{sender_id} says: ")]
+            repeated = {line for line in says if says.count(line) > 1}
+            # A copy twice only where the sender was told "not stored" and sent it again.
+            assert {line.rsplit(": ", 1)[1] for line in repeated} <= set(not_stored)
+        assert sum(line.startswith("You wrote: ") for line in lines["sender"]) == total + len(not_stored)
+        for task in readers:
+            task.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+
+
+async def terminate_chat_backends(database_url: str) -> int:
+    """pg_terminate_backend on every backend of the servers' pools (application_name 'chat')."""
+    conn = await asyncpg.connect(libpq_url(database_url))
+    try:
+        killed: int = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = 'chat' AND datname = current_database()"
+        )
+        return killed
+    finally:
+        await conn.close()
