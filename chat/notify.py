@@ -24,6 +24,9 @@ from chat.store import MessageRecord
 ROOM_PREFIX = "room_"
 MAX_PAYLOAD_BYTES = 8000  # Postgres refuses a longer payload; ours send a reference at this size
 EVENT_TYPES = frozenset({"join", "leave", "typing"})
+# Sent by our listener itself after a reconnect: "you may have missed notifications, read the
+# table". Nothing we NOTIFY is empty, and an empty NOTIFY from anyone else costs a harmless read.
+RESYNC = ""
 
 
 def room_channel(room_id: int) -> str:
@@ -99,7 +102,7 @@ Notice = MessageRecord | Ref | Event | Resync | Ignored
 
 def parse(payload: str) -> Notice:
     """One payload from a room channel. Never raises: what cannot be read means "read the table"."""
-    if payload == "":
+    if payload == RESYNC:
         return Resync()
     try:
         data = json.loads(payload)

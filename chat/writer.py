@@ -176,9 +176,13 @@ def is_row_error(exc: BaseException) -> bool:
 
 
 def never_sent(exc: BaseException) -> bool:
-    """True when the statement certainly never reached the server (the connection was already
-    closed when it was to be sent), so running it again cannot store anything twice."""
-    return isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc)
+    """True when the statement certainly never reached the server, so running it again cannot
+    store anything twice: the connection was found closed before sending, or asyncpg refused to
+    start because the connection had just received its backend's FATAL error (terminated, and
+    the close not yet seen)."""
+    if isinstance(exc, asyncpg.InterfaceError):
+        return "connection is closed" in str(exc)
+    return isinstance(exc, asyncpg.exceptions.InternalClientError) and "cannot switch to state" in str(exc)
 
 
 # --- the statement -------------------------------------------------------------------------------
@@ -385,7 +389,7 @@ class Writer:
                         return await driver.fetch(sql, *args)
                     return await driver.fetchval(sql, *args)
                 except Exception as exc:
-                    if driver.is_closed() or isinstance(exc, (OSError, asyncpg.InterfaceError)):
+                    if driver.is_closed() or never_sent(exc) or isinstance(exc, (OSError, asyncpg.InterfaceError)):
                         await conn.invalidate()  # never hand this connection out again
                     if attempt == 1 and never_sent(exc):
                         log.info("retrying a statement that never reached the server")

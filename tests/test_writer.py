@@ -102,6 +102,7 @@ def test_error_classes() -> None:
     assert not is_row_error(ConnectionResetError())
     assert not is_row_error(asyncpg.exceptions.ConnectionDoesNotExistError("closed mid-operation"))
     assert never_sent(asyncpg.InterfaceError("cannot call Connection.fetch(): connection is closed"))
+    assert never_sent(asyncpg.exceptions.InternalClientError("cannot switch to state 12; another operation (2) ..."))
     assert not never_sent(asyncpg.exceptions.ConnectionDoesNotExistError("closed in the middle of operation"))
 
 
