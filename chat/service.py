@@ -7,6 +7,8 @@ import logging
 import time
 from typing import Any
 
+import asyncpg
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chat import metrics, protocol, store
@@ -21,6 +23,9 @@ from chat.writer import InFlight, NotStored, Stored, Writer
 log = logging.getLogger("chat.service")
 
 REPLAY_PAGE = 500
+
+# What a database that is away (restarting, unreachable, a backend terminated) raises.
+DATABASE_ERRORS = (SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 
 def check_body(body: str, *, max_bytes: int) -> None:
@@ -145,6 +150,10 @@ class RoomSession:
             # Errors answering a send name its client_id, so the client knows which one failed.
             extra = {"client_id": frame.client_id} if isinstance(frame, SendFrame) else {}
             self.inflight.answer(protocol.error_frame(exc.code, exc.detail, **extra))
+        except DATABASE_ERRORS as exc:  # a read (history) while the database is away: say so, stay open
+            log.warning("a %s frame failed: %r", getattr(frame, "type", "?"), exc)
+            metrics.REFUSALS.labels("unavailable").inc()
+            self.inflight.answer(protocol.error_frame("unavailable", "the database is unavailable; try again"))
 
     def reply(self, frame: dict[str, Any]) -> None:
         self.client.offer(protocol.dumps(frame))

@@ -597,6 +597,8 @@ async def test_postgres_restart_mid_batch_then_resend_stores_each_once(
             await asyncio.to_thread(pg.stop)
             errors = [await client.until("error", client_id=f"r{n}") for n in range(5)]
             assert {e["code"] for e in errors} == {"unavailable"}
+            await client.ws.send(json.dumps({"type": "history", "before": 2}))  # a read meets the outage too
+            await client.until("error", code="unavailable", client_id=None)
             await asyncio.to_thread(pg.start)
             await send_ping(client)
             await client.until("pong")  # the socket lived through it
