@@ -501,6 +501,9 @@ async def test_many_sends_in_flight_are_acked_in_order(server_a: Server, make_to
         assert all(a["seq"] == acks[i - 1]["seq"] for i, a in enumerate(acks) if a["duplicate"])
 
 
+SENDS = 25  # per socket: under the in-flight bound (32), so the ping after them is read
+
+
 async def test_a_bad_row_gets_its_sender_an_error_and_stores_the_others(
     server_a: Server, make_token: MakeToken, database_url: str
 ) -> None:
@@ -520,17 +523,26 @@ async def test_a_bad_row_gets_its_sender_an_error_and_stores_the_others(
             await conn.execute("DELETE FROM rooms WHERE name = $1", gone_room)
         finally:
             await conn.close()
-        for n in range(60):
-            await good.send(f"g{n}", client_id=f"g{n}")
-            await gone.send(f"x{n}", client_id=f"x{n}")
-        acks = [await good.until("ack", client_id=f"g{n}") for n in range(60)]
-        errors = [await gone.until("error", client_id=f"x{n}") for n in range(60)]
-        assert [a["seq"] for a in acks] == list(range(1, 61))
+        # Hold the process's writer on the good room's lock while the sends queue up behind it:
+        # the batches after the release mix good rows and bad ones.
+        lock = RoomLock(database_url)
+        await lock.take(good_room)
+        try:
+            for n in range(SENDS):
+                await good.send(f"g{n}", client_id=f"g{n}")
+                await gone.send(f"x{n}", client_id=f"x{n}")
+            await send_ping(good)
+            await good.until("pong")
+        finally:
+            await lock.release()
+        acks = [await good.until("ack", client_id=f"g{n}") for n in range(SENDS)]
+        errors = [await gone.until("error", client_id=f"x{n}") for n in range(SENDS)]
+        assert [a["seq"] for a in acks] == list(range(1, SENDS + 1))
         assert {e["code"] for e in errors} == {"rejected"}
         assert "does not exist" in errors[0]["detail"]
         assert not any(f["type"] == "error" for f in good.frames)
-        await good.until_seq(60)
-        assert good.seqs() == list(range(1, 61))
+        await good.until_seq(SENDS)
+        assert good.seqs() == list(range(1, SENDS + 1))
 
 
 async def test_graceful_shutdown_flushes_the_acks_of_sends_in_flight(
