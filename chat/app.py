@@ -26,6 +26,7 @@ from chat.logs import ClientAddress
 from chat.presence import Presence
 from chat.pubsub import PostgresBackend
 from chat.revocation import watch_tokens
+from chat.writer import Writer
 
 log = logging.getLogger("chat.app")
 
@@ -113,6 +114,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             stack.push_async_callback(hub.close)
             app.state.engine, app.state.backend, app.state.hub = engine, backend, hub
             app.state.limits = Limits(settings)
+            writer = app.state.writer = Writer(
+                engine,
+                max_rows=settings.write_batch_rows,
+                max_bytes=settings.write_batch_bytes,
+                queue_rows=settings.write_queue_rows,
+                queue_bytes=settings.write_queue_bytes,
+                transactional=settings.database_pooler == "transaction",
+            )
+            writer.start()
+            stack.push_async_callback(writer.stop)  # after the sockets' drain: what they sent last is stored
             presence = app.state.presence = Presence(
                 engine, beat=settings.presence_beat_seconds, stale=settings.presence_stale_seconds
             )

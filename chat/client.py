@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -64,6 +64,8 @@ class Client:
         self._flush = False  # send what is queued before closing
         self._sender: asyncio.Task[None] | None = None
         self._receiver: asyncio.Task[None] | None = None
+        # Work to finish before a graceful close, beyond the queue: the acks of sends in flight.
+        self.settle: Callable[[], Awaitable[None]] | None = None
 
     def offer(self, item: Item) -> None:
         if self.overflowed:
@@ -141,7 +143,10 @@ class Client:
             if self._kicked is not None and self._flush and not self._sender.done():
                 # What is queued (acks of in-flight sends, the errors of a flood) goes out first.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.queue.join(), CLOSE_GRACE_SECONDS)
+                    async with asyncio.timeout(CLOSE_GRACE_SECONDS):
+                        if self.settle is not None:
+                            await self.settle()
+                        await self.queue.join()
         finally:
             for task in tasks:
                 task.cancel()

@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     socket_queue: int = Field(default=1024, ge=1)
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     pool_size: int = Field(default=10, ge=1)
+    # Group commit and pipelining (README: "Delivery guarantees").
+    socket_inflight: int = Field(default=32, ge=1)  # sends per socket awaiting their commit
+    write_batch_rows: int = Field(default=500, ge=1)  # rows per INSERT statement
+    write_batch_bytes: int = Field(default=1024 * 1024, ge=1)  # about that many bytes per statement
+    write_queue_rows: int = Field(default=20_000, ge=1)  # sends waiting for the writer; more: unavailable
+    write_queue_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
 
     # Limits, per process (README: "Limits").
     rate_per_second: float = Field(default=10.0, gt=0)  # frames per second, per connection

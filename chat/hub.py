@@ -10,28 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-from datetime import datetime
 from typing import Any
 
 from broadcaster import Broadcast
 from broadcaster._base import Unsubscribed
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from chat import metrics, store
+from chat import metrics, notify, store
 from chat.client import Client, RoomEvent
+from chat.notify import room_channel as channel_of
 from chat.protocol import dumps
-from chat.pubsub import RESYNC
 from chat.store import MessageRecord
 
 log = logging.getLogger("chat.hub")
 
 BACKFILL_PAGE = 500
-
-
-def channel_of(room_id: int) -> str:
-    return f"room_{room_id}"  # room names may be longer than a channel name's 63 bytes
 
 
 class RoomFeed:
@@ -67,36 +61,15 @@ class RoomFeed:
                 await asyncio.sleep(1.0)
 
     async def _handle(self, payload: str) -> None:
-        if payload == RESYNC:
-            await self._backfill()
-            return
-        try:
-            data: dict[str, Any] = json.loads(payload)
-        except ValueError:
-            log.warning("room %r: unreadable notification; reading the table instead", self.name)
-            await self._backfill()
-            return
-        seq = data.get("seq")
-        if seq is None:
-            if data.get("type") in ("join", "leave", "typing"):
-                self._dispatch(RoomEvent(dumps({**data, "room": self.name})))
-            return
-        if seq <= self.last_seq:
+        notice = notify.parse(payload)
+        if isinstance(notice, notify.Event):
+            self._dispatch(RoomEvent(dumps({**notice.data, "room": self.name})))
+        elif isinstance(notice, MessageRecord | notify.Ref) and notice.seq <= self.last_seq:
             return  # already dispatched (a backfill got there first)
-        if seq == self.last_seq + 1 and not data.get("ref"):
-            self._dispatch(
-                MessageRecord(
-                    seq=seq,
-                    author=data["author"],
-                    body=data["body"],
-                    kind=data["kind"],
-                    author_id=data.get("author_id"),
-                    client_id=data.get("client_id"),
-                    sent_at=datetime.fromisoformat(data["sent_at"]),
-                )
-            )
-        else:
-            await self._backfill()  # a payload too big for NOTIFY, or a gap
+        elif isinstance(notice, MessageRecord) and notice.seq == self.last_seq + 1:
+            self._dispatch(notice)
+        elif not isinstance(notice, notify.Ignored):
+            await self._backfill()  # a payload too big for NOTIFY, a gap, a resync, or unreadable
 
     async def _backfill(self) -> None:
         delay = 0.1

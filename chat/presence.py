@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -21,6 +20,7 @@ import uuid
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from chat import notify
 from chat.config import get_settings
 from chat.db import create_engine
 from chat.store import Identity
@@ -41,7 +41,7 @@ _ONLINE = text(
     "SELECT DISTINCT p.user_name FROM presence p JOIN chat_processes c ON c.id = p.process_id"
     " WHERE p.room_id = :room_id AND c.beat_at > now() - make_interval(secs => :stale) ORDER BY 1"
 )
-_NOTIFY = text("SELECT pg_notify('room_' || CAST(:room_id AS bigint)::text, :payload)")
+_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 
 
 class Presence:
@@ -146,8 +146,9 @@ class Presence:
             await self._announce(conn, room_id, "leave", name)
 
     async def _announce(self, conn: AsyncConnection, room_id: int, kind: str, name: str) -> None:
-        payload = json.dumps({"type": kind, "user": name}, ensure_ascii=False)
-        await conn.execute(_NOTIFY, {"room_id": room_id, "payload": payload})
+        await conn.execute(
+            _NOTIFY, {"channel": notify.room_channel(room_id), "payload": notify.event_payload(kind, name)}
+        )
 
     # --- heartbeat and reaping ----------------------------------------------------------------
 

@@ -26,12 +26,9 @@ from broadcaster import BroadcastBackend, Event
 
 from chat import metrics
 from chat.config import libpq_url
+from chat.notify import RESYNC
 
 log = logging.getLogger("chat.pubsub")
-
-# An empty payload means "you may have missed notifications: read the table". Nothing we send
-# is empty, and an empty NOTIFY from anyone else only costs a harmless backfill.
-RESYNC = ""
 
 
 def listener_settings() -> dict[str, str]:

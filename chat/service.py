@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
 
+import asyncpg
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chat import metrics, protocol, store
@@ -15,10 +18,14 @@ from chat.hub import Hub
 from chat.limits import FrameGuard, RateLimited
 from chat.protocol import CLOSE_FLOOD, BadFrame, HistoryFrame, PingFrame, SendFrame, TypingFrame
 from chat.store import Identity
+from chat.writer import InFlight, NotStored, Stored, Writer
 
 log = logging.getLogger("chat.service")
 
 REPLAY_PAGE = 500
+
+# What a database that is away (restarting, unreachable, a backend terminated) raises.
+DATABASE_ERRORS = (SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 
 def check_body(body: str, *, max_bytes: int) -> None:
@@ -33,6 +40,13 @@ def check_body(body: str, *, max_bytes: int) -> None:
         body.encode("utf-8")
     except UnicodeEncodeError:
         raise BadFrame("invalid_text", "the message contains a lone surrogate") from None
+
+
+def inflight_bound(settings: Settings) -> int:
+    """Sends one socket may have in flight: CHAT_SOCKET_INFLIGHT, but at most a quarter of the
+    socket's queue, so that a burst of their acks (with the echoes of the same messages) never
+    overflows it."""
+    return max(1, min(settings.socket_inflight, settings.socket_queue // 4))
 
 
 def admit(guard: FrameGuard, client: Client) -> RateLimited | None:
@@ -60,8 +74,14 @@ class RoomSession:
         room: str,
         client: Client,
         guard: FrameGuard,
+        writer: Writer,
     ) -> None:
         self.settings = settings
+        self.writer = writer
+        # Sends awaiting their commit: the receive loop goes on reading meanwhile, up to the
+        # bound, and their answers go out in the order the sends came in.
+        self.inflight = InFlight(inflight_bound(settings), client.offer)
+        client.settle = self.inflight.settle  # a graceful close flushes their acks first
         self.engine = engine
         self.hub = hub
         self.identity = identity
@@ -104,12 +124,15 @@ class RoomSession:
         )
 
     async def handle(self, text: str | None) -> None:
+        # Errors answer frames that may be sends: in order behind the sends in flight.
         if refused := admit(self.guard, self.client):
             detail = f"slow down: retry in {refused.retry_after:.1f}s"
-            self.client.offer(protocol.error_frame("rate_limited", detail, retry_after=round(refused.retry_after, 2)))
+            self.inflight.answer(
+                protocol.error_frame("rate_limited", detail, retry_after=round(refused.retry_after, 2))
+            )
             return
         if text is None:
-            self.client.offer(protocol.error_frame("binary_not_supported", "send JSON text frames"))
+            self.inflight.answer(protocol.error_frame("binary_not_supported", "send JSON text frames"))
             return
         frame: protocol.Incoming | None = None
         try:
@@ -126,36 +149,42 @@ class RoomSession:
             metrics.REFUSALS.labels(exc.code).inc()
             # Errors answering a send name its client_id, so the client knows which one failed.
             extra = {"client_id": frame.client_id} if isinstance(frame, SendFrame) else {}
-            self.client.offer(protocol.error_frame(exc.code, exc.detail, **extra))
+            self.inflight.answer(protocol.error_frame(exc.code, exc.detail, **extra))
+        except DATABASE_ERRORS as exc:  # a read (history) while the database is away: say so, stay open
+            log.warning("a %s frame failed: %r", getattr(frame, "type", "?"), exc)
+            metrics.REFUSALS.labels("unavailable").inc()
+            self.inflight.answer(protocol.error_frame("unavailable", "the database is unavailable; try again"))
 
     def reply(self, frame: dict[str, Any]) -> None:
         self.client.offer(protocol.dumps(frame))
 
     async def send(self, frame: SendFrame) -> None:
+        """Hand the message to the writer and go back to reading: the ack (or error) goes out
+        once it is committed, in order. At the in-flight bound this waits for a free slot, so
+        the socket stops reading and TCP pushes back."""
         check_body(frame.body, max_bytes=self.settings.max_message_bytes)
-        try:
-            async with self.engine.connect() as conn:
-                appended = await store.append_message(
-                    conn,
-                    room_id=self.room_id,
-                    author_id=self.identity.user_id,
-                    author=self.identity.name,
-                    body=frame.body,
-                    client_id=frame.client_id,
-                )
-        except Exception as exc:
-            log.warning("storing a message failed: %r", exc)
-            raise BadFrame("unavailable", "the message was not stored; send it again") from None
-        if not appended.duplicate:
-            metrics.MESSAGES_IN.inc()
-        self.reply(
-            {
-                "type": "ack",
-                "client_id": frame.client_id,
-                "seq": appended.message.seq,
-                "duplicate": appended.duplicate,
-            }
+        await self.inflight.reserve()
+        future = self.writer.submit(
+            room_id=self.room_id,
+            author_id=self.identity.user_id,
+            author=self.identity.name,
+            body=frame.body,
+            client_id=frame.client_id,
         )
+        client_id = frame.client_id
+
+        def answer(done: asyncio.Future[Stored]) -> str:
+            error = done.exception()
+            if error is None:
+                stored = done.result()
+                return protocol.dumps(
+                    {"type": "ack", "client_id": client_id, "seq": stored.seq, "duplicate": stored.duplicate}
+                )
+            code, detail = (error.code, error.detail) if isinstance(error, NotStored) else ("unavailable", str(error))
+            metrics.REFUSALS.labels(code).inc()
+            return protocol.error_frame(code, detail, client_id=client_id)
+
+        self.inflight.add(future, answer)
 
     async def typing(self) -> None:
         """Ephemeral: fanned out through NOTIFY, never stored, at most one per interval per

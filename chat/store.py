@@ -13,7 +13,6 @@ from typing import Any
 from sqlalchemy import delete, func, insert, literal_column, select, tuple_, update
 from sqlalchemy.dialects.postgresql import TSQUERY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from chat.models import Message, Room, Token, User
@@ -85,47 +84,7 @@ async def room_head(conn: AsyncConnection, *, room_id: int) -> int:
 # --- messages ----------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class Appended:
-    message: MessageRecord
-    duplicate: bool  # True when client_id had been used before: nothing new was written
-
-
-async def append_message(
-    conn: AsyncConnection,
-    *,
-    room_id: int,
-    author_id: int | None,
-    author: str,
-    body: str,
-    kind: str = "text",
-    client_id: str | None = None,
-) -> Appended:
-    """Store one message; the triggers give it its seq and NOTIFY it at commit."""
-    stmt = (
-        insert(Message)
-        .values(room_id=room_id, author_id=author_id, author=author, body=body, kind=kind, client_id=client_id)
-        .returning(*_MESSAGE_COLUMNS)
-    )
-    try:
-        if conn.in_transaction():
-            await conn.commit()
-        # One statement in autocommit, one round trip: the triggers run inside its implicit
-        # transaction, so the seq, the row and the NOTIFY still commit (or fail) together.
-        await conn.execution_options(isolation_level="AUTOCOMMIT")
-        row = (await conn.execute(stmt)).one()
-        return Appended(MessageRecord.from_row(row), duplicate=False)
-    except IntegrityError:
-        # Never INSERT .. ON CONFLICT here: the seq trigger has already run by then, so a skipped
-        # row would leave a gap. A failed INSERT rolls the whole transaction back, bump included.
-        if client_id is None:
-            raise
-        existing = await conn.execute(
-            select(*_MESSAGE_COLUMNS).where(
-                Message.room_id == room_id, Message.author_id == author_id, Message.client_id == client_id
-            )
-        )
-        return Appended(MessageRecord.from_row(existing.one()), duplicate=True)
+# Messages are written by chat/writer.py (group commit), in one multi-row INSERT per batch.
 
 
 async def messages_after(conn: AsyncConnection, *, room_id: int, after: int, limit: int) -> list[MessageRecord]:

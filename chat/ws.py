@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, MutableMapping
@@ -16,8 +18,11 @@ from chat.auth import Refused, SocketToken, SocketUser
 from chat.client import Client, Item, RoomEvent
 from chat.db import engine_of
 from chat.limits import FrameGuard, TooManyConnections
-from chat.service import RoomSession, admit, check_body
+from chat.service import RoomSession, admit, check_body, inflight_bound
 from chat.store import Identity, MessageRecord
+from chat.writer import UNAVAILABLE, InFlight, NotStored, Stored, writer_of
+
+log = logging.getLogger("chat.ws")
 
 router = APIRouter()
 
@@ -93,6 +98,7 @@ async def room_socket(
             room=room,
             client=client,
             guard=guard,
+            writer=writer_of(websocket),
         )
         online = await state.presence.enter(room_id, user)
         try:
@@ -148,13 +154,12 @@ async def clients(websocket: WebSocket, client_id: int, user: SocketUser) -> Non
         return None if isinstance(item, RoomEvent) else item
 
     client = Client(websocket, queue_size=state.settings.socket_queue, render=render, identity=user, live_only=True)
+    writer = writer_of(websocket)
     async with _joined(websocket, user, CHAPTER_ROOM, client) as (guard, room_id):
-
-        async def post(body: str, kind: str) -> None:
-            async with state.engine.connect() as conn:
-                await store.append_message(
-                    conn, room_id=room_id, author_id=user.user_id, author=user.name, body=body, kind=kind
-                )
+        # Pipelined like the room socket: each message goes to the writer and the loop reads on;
+        # a message the database did not take gets a line saying so (in the order sent).
+        inflight = InFlight(inflight_bound(state.settings), client.offer)
+        client.settle = inflight.settle
 
         async def handle(data: str | None) -> None:
             if refused := admit(guard, client):
@@ -168,10 +173,39 @@ async def clients(websocket: WebSocket, client_id: int, user: SocketUser) -> Non
             except protocol.BadFrame as exc:
                 client.offer(f"Error: {exc.detail}")
                 return
+            # The chapter's echo goes out at once, before the broadcast of the same message.
             client.offer(f"You wrote: {data}")
-            await post(f"Client #{client_id} says: {data}", "text")
-            metrics.MESSAGES_IN.inc()
+            await inflight.reserve()
+            stored = writer.submit(
+                room_id=room_id,
+                author_id=user.user_id,
+                author=user.name,
+                body=f"Client #{client_id} says: {data}",
+            )
+            inflight.add(stored, lambda done: not_stored(done, data))
 
         await websocket.accept()
         await client.serve(handle)
-    await post(f"Client #{client_id} left the chat", "notice")
+    try:
+        await writer.submit(
+            room_id=room_id,
+            author_id=user.user_id,
+            author=user.name,
+            body=f"Client #{client_id} left the chat",
+            kind="notice",
+        )
+    except NotStored as exc:
+        log.warning("the chapter's leave notice was not stored: %s", exc.detail)
+
+
+def not_stored(done: asyncio.Future[Stored], data: str) -> str | None:
+    """The chapter socket's line for a message the database did not take (None: it did)."""
+    error = done.exception()
+    if error is None:
+        return None
+    if isinstance(error, NotStored) and error.code != UNAVAILABLE:
+        reason = error.detail
+    else:
+        reason = "the database did not take it; send it again"
+    metrics.REFUSALS.labels(error.code if isinstance(error, NotStored) else UNAVAILABLE).inc()
+    return f"Error: your message was not stored ({reason}): {data}"

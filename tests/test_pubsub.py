@@ -9,7 +9,8 @@ import asyncpg
 from broadcaster import Event
 
 from chat.config import libpq_url
-from chat.pubsub import RESYNC, PostgresBackend, listener_settings
+from chat.notify import RESYNC
+from chat.pubsub import PostgresBackend, listener_settings
 from tests.conftest import unique
 
 

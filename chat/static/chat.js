@@ -6,7 +6,7 @@ const ROOM_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
 const HISTORY_LIMIT = 50;
 const PING_MS = 25000;
 const STALE_MS = 70000; // nothing heard for this long (pongs included): the socket is dead
-const SEND_ERRORS = new Set(['too_large', 'empty', 'invalid_text', 'invalid_frame', 'unavailable']);
+const SEND_ERRORS = new Set(['too_large', 'empty', 'invalid_text', 'invalid_frame', 'unavailable', 'rejected']);
 const LABELS = { connecting: 'Connecting…', connected: 'Connected', reconnecting: 'Reconnecting…', offline: 'Offline' };
 
 const el = {};
