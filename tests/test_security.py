@@ -378,6 +378,8 @@ def test_tokens_never_reach_the_logs(database_url: str, tmp_root: Path) -> None:
             server.ws(f"/rooms/general/ws?token={token}"),
             server.ws(f"/items/foo/ws?token={token}&q=1"),
             server.ws(f"/ws/42?token={token}"),
+            # Percent-encoded name and value (issue 14 item 11): the server decodes both.
+            server.ws(f"/rooms/general/ws?tok%65n={token.replace('_', '%5F')}"),
         ):
             async with connect(url) as ws:
                 await ws.send(json.dumps({"type": "ping"}))
