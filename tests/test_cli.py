@@ -187,3 +187,24 @@ async def test_embedded_postgres_crash_is_recovered(tmp_root: Path) -> None:
     finally:
         serve.proc.send_signal(signal.SIGTERM)
         serve.proc.wait(30)
+
+
+def test_data_folder_and_postgres_log_are_private(tmp_root: Path) -> None:
+    """Issue 14 item 12: a folder made by an older version (0755, log 0644) is made private."""
+    from chat.embedded import EmbeddedPostgres
+
+    data_dir = tmp_root / unique("modes")
+    data_dir.mkdir(mode=0o755)
+    data_dir.chmod(0o755)
+    (data_dir / "postgres.log").write_text("")
+    (data_dir / "postgres.log").chmod(0o644)
+    pg = EmbeddedPostgres(data_dir, durable=False)
+    pg.start()
+    try:
+        # Root runs postgres as another account, which must pass through (group x, nothing else).
+        expected = 0o710 if os.geteuid() == 0 else 0o700
+        assert data_dir.stat().st_mode & 0o777 == expected
+        assert (data_dir / "postgres.log").stat().st_mode & 0o777 == 0o600
+        assert (data_dir / "pgdata").stat().st_mode & 0o077 == 0
+    finally:
+        pg.stop()
