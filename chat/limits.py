@@ -77,6 +77,8 @@ class Limits:
         self.settings = settings
         self.connections: Counter[int] = Counter()  # open sockets per user id
         self._user_buckets: dict[int, TokenBucket] = {}
+        self.addresses = Slots(settings.echo_connections_per_address)  # the chapter's echo socket
+        self.searches = Slots(settings.searches_per_user)  # running searches per user id
 
     def user_bucket(self, user_id: int) -> TokenBucket:
         bucket = self._user_buckets.get(user_id)

@@ -359,7 +359,7 @@ async def test_search_uses_the_gin_index(
     name, room_id = big_room
     plan = await explain(engine, lambda c: store.search_messages(c, room_id=room_id, query="needle", limit=21))
     bitmap = [n for n in nodes(plan) if n["Node Type"] == "Bitmap Index Scan"]
-    assert [n["Index Name"] for n in bitmap if n["Index Name"] == "messages_search_idx"], plan
+    assert [n["Index Name"] for n in bitmap if n["Index Name"] == "messages_room_search_idx"], plan
     assert "Seq Scan" not in [n["Node Type"] for n in nodes(plan)], plan
     found = await search(api, name, "needle")
     assert [r["seq"] for r in found["results"]] == [BIG + 3, BIG + 2, BIG + 1]
@@ -368,3 +368,29 @@ async def test_search_uses_the_gin_index(
         async with engine.connect() as conn:
             await store.search_messages(conn, room_id=room_id, query="message", limit=20, timeout_ms=1)
     assert getattr(caught.value.orig, "sqlstate", None) == "57014"
+
+
+async def test_search_reads_only_its_own_rooms_entries(
+    engine: AsyncEngine, database_url: str, big_room: tuple[str, int]
+) -> None:
+    """Issue 14 item 24: the index filters by room first (btree_gin on (room_id, search)), so a
+    search's work, and so its time, does not depend on how common a word is in other rooms."""
+    _, room_id = big_room
+    other = await make_room(engine, [])
+    conn = await asyncpg.connect(libpq_url(database_url))
+    try:
+        other_id = await conn.fetchval("SELECT id FROM rooms WHERE name = $1", other)
+        await conn.execute(
+            f"INSERT INTO messages (room_id, author, body) SELECT {int(other_id)}, 'bot', 'needle ' || g "
+            "FROM generate_series(1, 3000) g"
+        )
+        await conn.execute("VACUUM ANALYZE messages")
+    finally:
+        await conn.close()
+    plan = await explain(engine, lambda c: store.search_messages(c, room_id=room_id, query="needle", limit=21))
+    scans = [n for n in nodes(plan) if n["Node Type"] == "Bitmap Index Scan"]
+    assert [n["Index Name"] for n in scans] == ["messages_room_search_idx"], plan
+    assert "room_id" in scans[0]["Index Cond"], plan  # the room is part of the index search
+    # The 3 needles of this room, not the 3,000 of the other one, then dropped by a recheck.
+    assert scans[0]["Actual Rows"] == 3, plan
+    assert all(n.get("Rows Removed by Filter", 0) == 0 for n in nodes(plan)), plan
