@@ -171,7 +171,8 @@ async def test_chapter_routes_can_be_turned_off(database_url: str, tmp_root: Pat
 
 async def test_a_refused_join_creates_no_room(guarded: Server, engine: AsyncEngine, make_token: MakeToken) -> None:
     token = await make_token()
-    held = [await connect(guarded.ws(f"/items/foo/ws?token={token}")) for _ in range(3)]
+    shared = guarded.ws(f"/rooms/{unique('r')}/ws?token={token}")
+    held = [await connect(shared) for _ in range(3)]
     room = unique("never")
     assert await refusal(guarded.ws(f"/rooms/{room}/ws?token={token}")) == (429, "too many connections for this user")
     assert not await _room_exists(engine, room)
