@@ -3,6 +3,7 @@ the query plans (EXPLAIN ANALYZE on a room of 100,000 messages)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -394,3 +395,44 @@ async def test_search_reads_only_its_own_rooms_entries(
     # The 3 needles of this room, not the 3,000 of the other one, then dropped by a recheck.
     assert scans[0]["Actual Rows"] == 3, plan
     assert all(n.get("Rows Removed by Filter", 0) == 0 for n in nodes(plan)), plan
+
+
+async def test_searches_per_user_are_capped(server_a: Server, database_url: str, make_token: MakeToken) -> None:
+    """Issue 14 item 24: 20 concurrent slow searches from one user took the pool. While two of a
+    user's searches run (here: held by a lock on messages), a third is refused with 429; another
+    user's search still goes in. The default is CHAT_SEARCHES_PER_USER=2."""
+    room = unique("slow")
+    alice, bob = await make_token(), await make_token()
+    async with httpx.AsyncClient(base_url=f"{server_a.http}/api", timeout=30) as http:
+
+        def as_user(token: str) -> dict[str, str]:
+            return {"Authorization": f"Bearer {token}"}
+
+        async with await RoomClient.open(server_a.ws(f"/rooms/{room}/ws"), alice) as client:
+            await client.ready()  # the room exists
+        lock = await asyncpg.connect(libpq_url(database_url))
+        try:
+            held = lock.transaction()
+            await held.start()
+            await lock.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+            url, params = f"/rooms/{room}/search", {"q": "anything"}
+            running = [asyncio.create_task(http.get(url, params=params, headers=as_user(alice))) for _ in range(2)]
+            # Watched from another connection: a transaction sees one snapshot of pg_stat_activity.
+            waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%ts_rank%'"
+            watch = await asyncpg.connect(libpq_url(database_url))
+            try:
+                async with asyncio.timeout(15):  # both are in the database, waiting for the lock
+                    while await watch.fetchval(waiting) < 2:
+                        await asyncio.sleep(0.02)
+            finally:
+                await watch.close()
+            third = await http.get(url, params=params, headers=as_user(alice))
+            other = asyncio.create_task(http.get(url, params=params, headers=as_user(bob)))
+            await held.rollback()
+        finally:
+            await lock.close()
+        assert (third.status_code, third.json()["detail"]) == (429, "too many searches at once: wait for one to finish")
+        for response in [*await asyncio.gather(*running), await other]:
+            assert response.status_code in (200, 503), response.text  # served (or timed out), never refused
+        again = await http.get(url, params=params, headers=as_user(alice))
+        assert again.status_code == 200  # the slots came back
