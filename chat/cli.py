@@ -117,7 +117,12 @@ def main(log_level: str) -> None:
 @click.option("--port", type=int, help="Port [CHAT_PORT, default 8000].")
 @click.option("--workers", type=int, help="Server processes [CHAT_WORKERS, default 1].")
 @click.option("--no-link", is_flag=True, help="Do not create a sign-in link (embedded Postgres only).")
-def serve(host: str | None, port: int | None, workers: int | None, no_link: bool) -> None:
+@click.option(
+    "--link-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the sign-in link to this file (0600) instead of the terminal.",
+)
+def serve(host: str | None, port: int | None, workers: int | None, no_link: bool, link_file: Path | None) -> None:
     """Migrate and serve; with no DATABASE_URL, on the embedded Postgres."""
     import uvicorn
 
@@ -136,8 +141,22 @@ def serve(host: str | None, port: int | None, workers: int | None, no_link: bool
         if embedded and not no_link:
             name = re.sub(r"[^\w.-]", "", getpass.getuser()) or "guest"
             raw = asyncio.run(_link_token(url, settings.data_dir, name))
-            # In the fragment, which browsers never send to the server, so it reaches no log.
-            click.echo(f"chat is running: open {address}#token={raw}  (signed in as {name})")
+            # In the fragment, which browsers never send to the server, so it reaches no access log.
+            # Not on a stdout that is not a terminal: journald and docker keep that for anyone
+            # who may read the logs.
+            link = f"{address}#token={raw}"
+            if link_file is not None:
+                link_file.touch(mode=0o600)
+                link_file.chmod(0o600)
+                link_file.write_text(link + "\n")
+                click.echo(f"chat is running at {address}: the sign-in link (as {name}) is in {link_file}")
+            elif sys.stdout.isatty():
+                click.echo(f"chat is running: open {link}  (signed in as {name})")
+            else:
+                click.echo(
+                    f"chat is running at {address}: sign-in link not shown, as stdout is not a terminal "
+                    "(use --link-file PATH, or `chat token create NAME`)"
+                )
         else:
             click.echo(f"chat is running at {address}")
         if workers > 1:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pty
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -75,11 +77,11 @@ class EmbeddedServe:
     def __init__(self, data_dir: Path, log_dir: Path) -> None:
         self.port = free_port()
         self.log_path = log_dir / f"embedded-{self.port}.log"
+        self.link_path = log_dir / f"embedded-{self.port}.link"  # stdout is no terminal: no link there
         env = clean_env(CHAT_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
+        command = ["serve", "--port", str(self.port), "--link-file", str(self.link_path)]
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "chat", "serve", "--port", str(self.port)], env=env, stdout=log, stderr=log
-            )
+            self.proc = subprocess.Popen([sys.executable, "-m", "chat", *command], env=env, stdout=log, stderr=log)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log_path.read_text()
@@ -92,8 +94,8 @@ class EmbeddedServe:
             raise AssertionError(self.log_path.read_text())
 
     def token(self) -> str:
-        match = re.search(r"#token=(chat_[\w-]+)", self.log_path.read_text())
-        assert match, self.log_path.read_text()
+        match = re.search(r"#token=(chat_[\w-]+)", self.link_path.read_text())
+        assert match, self.link_path.read_text()
         return match.group(1)
 
     def ws(self, path: str) -> str:
@@ -103,7 +105,9 @@ class EmbeddedServe:
 async def test_embedded_serve_survives_kill_and_restart(tmp_root: Path) -> None:
     data_dir = tmp_root / unique("embedded")
     first = EmbeddedServe(data_dir, tmp_root)
-    assert f"http://127.0.0.1:{first.port}/#token=chat_" in first.log_path.read_text()
+    assert first.link_path.read_text().startswith(f"http://127.0.0.1:{first.port}/#token=chat_")
+    assert first.link_path.stat().st_mode & 0o777 == 0o600
+    assert "#token=" not in first.log_path.read_text() and first.token() not in first.log_path.read_text()
     room = f"/rooms/{unique('r')}/ws"
     async with await RoomClient.open(first.ws(room), first.token()) as client:
         await client.ready()
@@ -208,3 +212,40 @@ def test_data_folder_and_postgres_log_are_private(tmp_root: Path) -> None:
         assert (data_dir / "pgdata").stat().st_mode & 0o077 == 0
     finally:
         pg.stop()
+
+
+def test_sign_in_link_is_printed_only_to_a_terminal(tmp_root: Path) -> None:
+    """Issue 14 item 23: the link went to stdout, which journald or docker keep in their logs."""
+    data_dir = tmp_root / unique("link")
+    port = free_port()
+    env = clean_env(CHAT_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
+    log_path = tmp_root / f"link-{port}.log"
+    with open(log_path, "wb") as log:  # a file, as under systemd or docker: no link
+        proc = subprocess.Popen([sys.executable, "-m", "chat", "serve", "--port", str(port)], env=env, stdout=log)
+    try:
+        deadline = time.monotonic() + 60
+        while "chat is running" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert "sign-in link not shown" in log_path.read_text()
+    assert "#token=" not in log_path.read_text() and "chat_" not in log_path.read_text()
+
+    controller, terminal = pty.openpty()  # a terminal: the link is shown
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chat", "serve", "--port", str(free_port())], env=env, stdout=terminal, stderr=terminal
+    )
+    os.close(terminal)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"#token=chat_" not in seen:
+            assert proc.poll() is None and time.monotonic() < deadline, seen
+            if select.select([controller], [], [], 0.5)[0]:
+                seen += os.read(controller, 4096)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        os.close(controller)
