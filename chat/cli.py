@@ -256,6 +256,41 @@ def token_revoke(token_ids: tuple[int, ...], user_name: str | None) -> None:
     click.echo(f"revoked {count} token(s)")
 
 
+@main.group()
+def room() -> None:
+    """List and delete rooms."""
+
+
+@room.command("list")
+def room_list() -> None:
+    """List rooms: name, last seq, when and by whom created."""
+    from chat import store
+
+    with database(get_settings()) as (url, _):
+        rows = asyncio.run(_with_conn(url, lambda c: store.list_rooms(c)))
+    click.echo(f"{'name':<30} {'last_seq':>10}  {'created':<17} created by")
+    for r in rows:
+        click.echo(f"{r.name:<30} {r.last_seq:>10}  {r.created_at:%Y-%m-%d %H:%M} {r.created_by or '-'}")
+
+
+@room.command("delete")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def room_delete(names: tuple[str, ...], yes: bool) -> None:
+    """Delete rooms NAMES with all their messages. Sockets still in them get `unavailable` for
+    what they send; deleting a room its users still use is rarely what you want."""
+    from chat import store
+
+    if not yes:
+        click.confirm(f"Delete {', '.join(names)} and every message in them?", abort=True)
+    with database(get_settings()) as (url, _):
+        deleted = asyncio.run(_with_conn(url, lambda c: store.delete_rooms(c, names=list(names))))
+    missing = sorted(set(names) - set(deleted))
+    click.echo(f"deleted {len(deleted)} room(s){': ' + ', '.join(deleted) if deleted else ''}")
+    if missing:
+        raise click.ClickException(f"no such room: {', '.join(missing)}")
+
+
 @main.command()
 @click.option("--older-than", "older_than", required=True, help="Age: 90d, 12w, 36h …; older messages go.")
 @click.option("--room", help="Only this room; default: every room.")

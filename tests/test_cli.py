@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import unique
+from tests.conftest import MakeToken, unique
 from tests.roomclient import RoomClient
 from tests.servers import Server, free_port
 from tests.test_auth import refusal
@@ -27,6 +27,13 @@ from tests.test_auth import refusal
 def chat(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "chat", *args], env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+
+
+def answered(answer: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run `chat` with `answer` typed at its prompt; may fail."""
+    return subprocess.run(
+        [sys.executable, "-m", "chat", *args], env=env, input=answer, capture_output=True, text=True, timeout=60
     )
 
 
@@ -69,6 +76,36 @@ def gone(pid: int, timeout: float = 15.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+async def test_room_list_and_delete(server_a: Server, database_url: str, make_token: MakeToken) -> None:
+    """Issue 14 item 9: rooms, who made them, and their deletion from the command line."""
+    env = clean_env(DATABASE_URL=database_url)
+    maker = unique("maker")
+    room, kept = unique("doomed"), unique("kept")
+    token = await make_token(maker)
+    for name in (room, kept):
+        async with await RoomClient.open(server_a.ws(f"/rooms/{name}/ws"), token) as client:
+            await client.ready()
+            await client.send("hello")
+            await client.until("ack")
+    listing = chat("room", "list", env=env).stdout
+    line = next(line for line in listing.splitlines() if line.startswith(room))
+    assert line.split()[1] == "1" and line.split()[-1] == maker  # last seq, creator
+
+    refused = answered("n\n", "room", "delete", room, env=env)
+    assert refused.returncode != 0 and "Aborted" in refused.stderr  # asks first; no means no
+    assert room in chat("room", "list", env=env).stdout
+
+    assert f"deleted 1 room(s): {room}" in chat("room", "delete", room, "--yes", env=env).stdout
+    listing = chat("room", "list", env=env).stdout
+    assert room not in listing and kept in listing
+    async with httpx.AsyncClient(base_url=server_a.http, headers={"Authorization": f"Bearer {token}"}) as http:
+        assert (await http.get(f"/api/rooms/{room}/messages")).status_code == 404  # messages gone too
+        assert (await http.get(f"/api/rooms/{kept}/messages")).status_code == 200
+    with pytest.raises(subprocess.CalledProcessError) as missing:
+        chat("room", "delete", room, "--yes", env=env)
+    assert f"no such room: {room}" in missing.value.stderr
 
 
 class EmbeddedServe:
