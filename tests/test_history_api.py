@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -267,6 +268,22 @@ async def test_openapi_documents_the_history_api(server_a: Server) -> None:
         assert {next(iter(s)) for s in get["security"]} == {"HTTPBearer", "APIKeyCookie", "APIKeyQuery"}
     assert "404" in paths["/api/rooms/{room}/messages"]["get"]["responses"]
     assert {"Page", "MessageOut", "SearchResults", "Hit", "RoomOut"} <= set(schema["components"]["schemas"])
+
+
+async def test_docs_pages_are_off_unless_asked_for(server_a: Server, database_url: str, tmp_root: Path) -> None:
+    """Issue 14 item 10: /docs and /redoc load unpinned scripts from a CDN on the chat's origin.
+    Off by default (the schema stays at /openapi.json); CHAT_API_DOCS=true turns them on."""
+    async with httpx.AsyncClient(base_url=server_a.http) as http:
+        for page in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+            assert (await http.get(page)).status_code == 404, page
+        assert (await http.get("/openapi.json")).status_code == 200
+    server = Server(database_url, tmp_root, env={"CHAT_API_DOCS": "true"})
+    try:
+        async with httpx.AsyncClient(base_url=server.http) as http:
+            for page in ("/docs", "/redoc"):
+                assert (await http.get(page)).status_code == 200, page
+    finally:
+        server.stop()
 
 
 # --- query plans on a big room ----------------------------------------------------------------
