@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -148,3 +149,26 @@ async def test_https_origin_is_refused_by_an_http_server(server_a: Server, make_
     assert await refusal(url, origin=wrong, additional_headers=cookie) == (403, "origin not allowed")
     async with connect(url, origin=Origin(f"http://127.0.0.1:{server_a.port}"), additional_headers=cookie) as ws:
         assert json.loads(await ws.recv())["type"] in ("message", "ready")
+
+
+async def test_scheme_behind_a_proxy_comes_only_from_trusted_proxy_headers(
+    server_a: Server, database_url: str, tmp_root: Path, make_token: MakeToken
+) -> None:
+    """X-Forwarded-Proto makes the request https only when uvicorn trusts the proxy
+    (FORWARDED_ALLOW_IPS, 127.0.0.1 by default); anyone else's header changes nothing."""
+    token = await make_token()
+    cookie = {"Cookie": f"session={token}", "X-Forwarded-Proto": "https"}
+    https, http = Origin(f"https://127.0.0.1:{server_a.port}"), Origin(f"http://127.0.0.1:{server_a.port}")
+    async with connect(server_a.ws("/rooms/general/ws"), origin=https, additional_headers=cookie) as ws:
+        assert json.loads(await ws.recv())["type"] in ("message", "ready")  # a trusted proxy said https
+    assert await refusal(server_a.ws("/rooms/general/ws"), origin=http, additional_headers=cookie) == (
+        403,
+        "origin not allowed",
+    )
+    untrusting = Server(database_url, tmp_root, env={"FORWARDED_ALLOW_IPS": "192.0.2.1"})
+    try:
+        https = Origin(f"https://127.0.0.1:{untrusting.port}")
+        url = untrusting.ws("/rooms/general/ws")
+        assert await refusal(url, origin=https, additional_headers=cookie) == (403, "origin not allowed")
+    finally:
+        untrusting.stop()
