@@ -168,12 +168,15 @@ async def echo(websocket: WebSocket) -> None:
                     metrics.REFUSALS.labels("flood").inc()
                     await websocket.close(CLOSE_FLOOD, "flood: too many frames while rate limited")
                     return
-                await websocket.send_text(f"Error: slow down, retry in {wait:.1f}s")
-                continue
-            refused_in_a_row = 0
-            await websocket.send_text(
-                f"Message text was: {text}" if text is not None else "binary frames are not supported"
-            )
+                reply = f"Error: slow down, retry in {wait:.1f}s"
+            else:
+                refused_in_a_row = 0
+                reply = f"Message text was: {text}" if text is not None else "binary frames are not supported"
+            # Bounded too: a client that sends but never reads would otherwise hold its slot forever.
+            try:
+                await asyncio.wait_for(websocket.send_text(reply), settings.echo_idle_seconds)
+            except TimeoutError:
+                return
     except WebSocketDisconnect:
         pass
     finally:
