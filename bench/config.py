@@ -10,7 +10,7 @@ from pathlib import Path
 SCENARIOS = ("limits", "latency", "throughput", "join", "idle", "history")
 
 # The bench measures capacity, not policy: the per-connection and per-user rate limits and the
-# per-user connection cap are lifted (the limiter still runs on every frame). Unknown CHAT_*
+# per-user connection and room caps are lifted (the limiter still runs on every frame). Unknown CHAT_*
 # variables are ignored by the server, so this stays harmless if a setting is renamed.
 SERVER_ENV = {
     "CHAT_RATE_PER_SECOND": "1000000",
@@ -18,6 +18,8 @@ SERVER_ENV = {
     "CHAT_USER_RATE_PER_SECOND": "1000000",
     "CHAT_USER_RATE_BURST": "1000000",
     "CHAT_MAX_CONNECTIONS_PER_USER": "1000000",
+    "CHAT_MAX_ROOMS_PER_USER": "1000000",  # the join scenario makes a room per "first" join
+    "CHAT_ECHO_CONNECTIONS_PER_ADDRESS": "1000000",  # every load generator socket comes from 127.0.0.1
 }
 
 

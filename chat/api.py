@@ -17,7 +17,7 @@ from chat.db import engine_of
 from chat.store import Identity, MessageRecord
 from chat.ws import ROOM_NAME
 
-MAX_SEQ = 2**63 - 1  # seqs are bigint: larger cursors would fail in the database, not here
+MAX_SEQ = protocol.MAX_BIGINT  # seqs are bigint: larger cursors would fail in the database, not here
 ROOMS_MAX = 500
 SEARCH_MAX = 50
 SEARCH_OFFSET_MAX = 1000  # each page ranks every match before it: deep pages cost more
@@ -108,7 +108,7 @@ async def messages(
     user: HttpUser,
     before: Annotated[int | None, Query(ge=1, le=MAX_SEQ, description="messages with seq < this")] = None,
     after: Annotated[int | None, Query(ge=0, le=MAX_SEQ, description="messages with seq > this")] = None,
-    limit: Annotated[int, Query(ge=1, description="clamped to CHAT_HISTORY_PAGE_MAX (200)")] = 50,
+    limit: Annotated[int, Query(ge=1, le=MAX_SEQ, description="clamped to CHAT_HISTORY_PAGE_MAX (200)")] = 50,
 ) -> Page:
     """A page of history, oldest first: the latest messages, those before a seq (paging back),
     or those after one (catching up). Each page is one primary-key range scan of `limit` rows."""
@@ -130,7 +130,12 @@ async def messages(
 
 @router.get(
     "/rooms/{room}/search",
-    responses={400: _error("`q` is empty or holds NUL"), 404: NO_ROOM, 503: _error("the search took too long")},
+    responses={
+        400: _error("`q` is empty or holds NUL"),
+        404: NO_ROOM,
+        429: _error("`too many searches at once` (CHAT_SEARCHES_PER_USER)"),
+        503: _error("the search took too long"),
+    },
 )
 async def search(
     request: Request,
@@ -146,15 +151,23 @@ async def search(
         raise Refused(400, "q is empty: give words to search for")
     if "\x00" in q:  # Postgres text cannot hold NUL: refuse it here rather than fail there
         raise Refused(400, "q may not contain NUL")
-    async with engine_of(request).connect() as conn:
-        room_id = await _room_id(conn, user, room)
-        try:
-            found = await store.search_messages(
-                conn, room_id=room_id, query=q, limit=limit + 1, offset=offset, timeout_ms=SEARCH_TIMEOUT_MS
-            )
-        except DBAPIError as exc:
-            if getattr(exc.orig, "sqlstate", None) != "57014":  # query_canceled: our timeout
-                raise
-            raise Refused(503, "the search took too long: try rarer words") from None
+    # Each search holds a pooled connection for up to SEARCH_TIMEOUT_MS: a few per user at once,
+    # so that one user cannot take the pool.
+    running = request.app.state.limits.searches
+    if not running.take(user.user_id):
+        raise Refused(429, "too many searches at once: wait for one to finish")
+    try:
+        async with engine_of(request).connect() as conn:
+            room_id = await _room_id(conn, user, room)
+            try:
+                found = await store.search_messages(
+                    conn, room_id=room_id, query=q, limit=limit + 1, offset=offset, timeout_ms=SEARCH_TIMEOUT_MS
+                )
+            except DBAPIError as exc:
+                if getattr(exc.orig, "sqlstate", None) != "57014":  # query_canceled: our timeout
+                    raise
+                raise Refused(503, "the search took too long: try rarer words") from None
+    finally:
+        running.give_back(user.user_id)
     results = [Hit(**_message(room, f.message).model_dump(), rank=f.rank) for f in found[:limit]]
     return SearchResults(room=room, q=q, offset=offset, results=results, has_more=len(found) > limit)

@@ -14,6 +14,7 @@ from typing import Any
 
 from broadcaster import Broadcast
 from fastapi import FastAPI
+from fastapi.exceptions import WebSocketRequestValidationError
 from fastapi.staticfiles import StaticFiles
 
 from chat import api, http, ws
@@ -136,12 +137,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 stack.push_async_callback(_cancel, asyncio.create_task(_exit_with_parent(int(supervisor))))
             yield
 
-    app = FastAPI(title="chat", version="0.1.0", lifespan=lifespan)
+    # /docs and /redoc pull Swagger UI and ReDoc from a CDN, unpinned: off unless CHAT_API_DOCS.
+    docs = {} if settings.api_docs else {"docs_url": None, "redoc_url": None}
+    app = FastAPI(title="chat", version="0.1.0", lifespan=lifespan, **docs)  # type: ignore[arg-type]
     app.state.settings = settings
     app.include_router(http.router)
     app.include_router(api.router)
     app.include_router(ws.router)
+    if settings.chapter_routes:
+        app.include_router(ws.chapter)
     app.add_exception_handler(Refused, refuse)  # type: ignore[arg-type]
     app.add_middleware(ClientAddress)  # the client's address on every chat.events line
+    app.add_exception_handler(WebSocketRequestValidationError, ws.refuse_invalid)
     app.mount("/static", StaticFiles(directory=http.STATIC), name="static")
     return app

@@ -31,18 +31,44 @@ class Refused(Exception):
         self.reason = reason
 
 
-def origin_allowed(conn: HTTPConnection, settings: Settings) -> bool:
-    origin = conn.headers.get("origin")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin_key(scheme: str, netloc: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an origin, with the scheme's default port; None if malformed."""
+    scheme = {"ws": "http", "wss": "https"}.get(scheme.lower(), scheme.lower())
+    if scheme not in _DEFAULT_PORTS or not netloc or "@" in netloc:
+        return None
+    try:
+        parts = urlsplit(f"{scheme}://{netloc}")
+        port = parts.port or _DEFAULT_PORTS[scheme]
+    except ValueError:
+        return None
+    return (scheme, parts.hostname or "", port) if parts.hostname else None
+
+
+def origin_allowed(origin: str | None, *, scheme: str, host: str | None, allowed: list[str]) -> bool:
+    """Whether a request with this Origin header may use a cookie. Same origin means the same
+    scheme, host and port as the request (`scheme` is the request's own: http/ws or https/wss,
+    from X-Forwarded-Proto only when uvicorn trusts the proxy); else it must be listed."""
     if origin is None:
         return True  # not a browser: browsers always send Origin on WebSocket handshakes
     origin = origin.rstrip("/")
-    if "*" in settings.allowed_origins or origin in settings.allowed_origins:
+    if "*" in allowed or origin in allowed:
         return True
-    return urlsplit(origin).netloc == conn.headers.get("host")  # same origin
+    parts = urlsplit(origin)
+    if parts.path or parts.query or parts.fragment:
+        return False
+    mine = _origin_key(scheme, host or "")
+    return mine is not None and _origin_key(parts.scheme, parts.netloc) == mine
 
 
 def check_origin(conn: HTTPConnection) -> None:
-    if not origin_allowed(conn, conn.app.state.settings):
+    settings: Settings = conn.app.state.settings
+    origin = conn.headers.get("origin")
+    if not origin_allowed(
+        origin, scheme=conn.url.scheme, host=conn.headers.get("host"), allowed=settings.allowed_origins
+    ):
         raise Refused(403, "origin not allowed")
 
 

@@ -116,7 +116,12 @@ def main(log_level: str) -> None:
 @click.option("--port", type=int, help="Port [CHAT_PORT, default 8000].")
 @click.option("--workers", type=int, help="Server processes [CHAT_WORKERS, default 1].")
 @click.option("--no-link", is_flag=True, help="Do not create a sign-in link (embedded Postgres only).")
-def serve(host: str | None, port: int | None, workers: int | None, no_link: bool) -> None:
+@click.option(
+    "--link-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the sign-in link to this file (0600) instead of the terminal.",
+)
+def serve(host: str | None, port: int | None, workers: int | None, no_link: bool, link_file: Path | None) -> None:
     """Migrate and serve; with no DATABASE_URL, on the embedded Postgres."""
     import uvicorn
 
@@ -135,8 +140,22 @@ def serve(host: str | None, port: int | None, workers: int | None, no_link: bool
         if embedded and not no_link:
             name = re.sub(r"[^\w.-]", "", getpass.getuser()) or "guest"
             raw = asyncio.run(_link_token(url, settings.data_dir, name))
-            # In the fragment, which browsers never send to the server, so it reaches no log.
-            click.echo(f"chat is running: open {address}#token={raw}  (signed in as {name})")
+            # In the fragment, which browsers never send to the server, so it reaches no access log.
+            # Not on a stdout that is not a terminal: journald and docker keep that for anyone
+            # who may read the logs.
+            link = f"{address}#token={raw}"
+            if link_file is not None:
+                link_file.touch(mode=0o600)
+                link_file.chmod(0o600)
+                link_file.write_text(link + "\n")
+                click.echo(f"chat is running at {address}: the sign-in link (as {name}) is in {link_file}")
+            elif sys.stdout.isatty():
+                click.echo(f"chat is running: open {link}  (signed in as {name})")
+            else:
+                click.echo(
+                    f"chat is running at {address}: sign-in link not shown, as stdout is not a terminal "
+                    "(use --link-file PATH, or `chat token create NAME`)"
+                )
         else:
             click.echo(f"chat is running at {address}")
         if workers > 1:
@@ -234,6 +253,41 @@ def token_revoke(token_ids: tuple[int, ...], user_name: str | None) -> None:
             )
         )
     click.echo(f"revoked {count} token(s)")
+
+
+@main.group()
+def room() -> None:
+    """List and delete rooms."""
+
+
+@room.command("list")
+def room_list() -> None:
+    """List rooms: name, last seq, when and by whom created."""
+    from chat import store
+
+    with database(get_settings()) as (url, _):
+        rows = asyncio.run(_with_conn(url, lambda c: store.list_rooms(c)))
+    click.echo(f"{'name':<30} {'last_seq':>10}  {'created':<17} created by")
+    for r in rows:
+        click.echo(f"{r.name:<30} {r.last_seq:>10}  {r.created_at:%Y-%m-%d %H:%M} {r.created_by or '-'}")
+
+
+@room.command("delete")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def room_delete(names: tuple[str, ...], yes: bool) -> None:
+    """Delete rooms NAMES with all their messages. Sockets still in them get `unavailable` for
+    what they send; deleting a room its users still use is rarely what you want."""
+    from chat import store
+
+    if not yes:
+        click.confirm(f"Delete {', '.join(names)} and every message in them?", abort=True)
+    with database(get_settings()) as (url, _):
+        deleted = asyncio.run(_with_conn(url, lambda c: store.delete_rooms(c, names=list(names))))
+    missing = sorted(set(names) - set(deleted))
+    click.echo(f"deleted {len(deleted)} room(s){': ' + ', '.join(deleted) if deleted else ''}")
+    if missing:
+        raise click.ClickException(f"no such room: {', '.join(missing)}")
 
 
 @main.command()

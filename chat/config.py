@@ -82,6 +82,14 @@ class Settings(BaseSettings):
     flood_close_after: int = Field(default=50, ge=1)  # refused frames in a row before close 4029
     max_connections_per_user: int = Field(default=32, ge=1)
     token_check_seconds: float = Field(default=2.0, gt=0)  # revoked/expired tokens close live sockets
+    max_rooms_per_user: int = Field(default=100, ge=0)  # rooms a user may create by joining them
+    join_timeout_seconds: float = Field(default=10.0, gt=0)  # a room's feed not ready by then: 503
+    searches_per_user: int = Field(default=2, ge=1)  # concurrent searches, per user
+    # The FastAPI chapter's example routes (/ws, /items/{id}/ws, /ws/{client_id}, /chapter/N).
+    chapter_routes: bool = True
+    echo_connections_per_address: int = Field(default=8, ge=1)  # /ws, per client address
+    echo_idle_seconds: float = Field(default=60.0, gt=0)  # /ws closes with 4002 after this long silent
+    api_docs: bool = False  # /docs and /redoc load their scripts from a CDN: off unless asked for
 
     presence_beat_seconds: float = Field(default=2.0, gt=0)  # each process's heartbeat
     presence_stale_seconds: float = Field(default=10.0, gt=0)  # a process silent this long is dead

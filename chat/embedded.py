@@ -133,9 +133,9 @@ class EmbeddedPostgres:
     def initdb(self) -> None:
         if (self.pgdata / "PG_VERSION").exists():
             return
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._protect()
         if self.account is not None:
-            _let_traverse(self.data_dir)
+            _let_traverse(self.data_dir.parent)
             _let_traverse(self.bin_dir)
         # initdb into a fresh folder and rename it, so an interrupted initdb leaves no half-made cluster.
         staging = Path(tempfile.mkdtemp(prefix=".pgdata-", dir=self.data_dir))
@@ -145,6 +145,19 @@ class EmbeddedPostgres:
             args.append("--no-sync")
         self._run_tool(*args)
         staging.rename(self.pgdata)
+
+    def _protect(self) -> None:
+        """The data folder is ours alone (0700): it holds the cluster, its log and the sign-in
+        token. When we run as root, the postgres account gets to pass through it, nothing more
+        (0710, group of that account). The log is 0600: it may quote SQL with message text."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.account is None:
+            self.data_dir.chmod(0o700)
+        else:
+            os.chown(self.data_dir, -1, self.account.pw_gid)
+            self.data_dir.chmod(0o710)
+        self.log_path.touch(mode=0o600)
+        self.log_path.chmod(0o600)
 
     def _clear_stale_pid(self) -> None:
         pidfile = self.pgdata / "postmaster.pid"
@@ -198,6 +211,7 @@ class EmbeddedPostgres:
         """Start the server and wait until it is ready; a failure leaves no server running and
         does not count as stop(): a supervisor keeps trying."""
         self.initdb()
+        self._protect()  # also folders made by older versions (0755, log 0644)
         self._clear_stale_pid()
         if len(str(self.pgdata / ".s.PGSQL.5432")) > 100:  # Unix socket paths are limited to ~107 bytes
             self.socket_dir = Path(tempfile.mkdtemp(prefix="chat-pg-"))

@@ -40,9 +40,9 @@ async def index() -> FileResponse:
 
 
 @router.get("/chapter/{example}", include_in_schema=False)
-async def chapter_page(example: int) -> FileResponse:
+async def chapter_page(request: Request, example: int) -> FileResponse:
     """The FastAPI chapter's three example pages (1: echo, 2: items with a token, 3: clients)."""
-    if example not in (1, 2, 3):
+    if example not in (1, 2, 3) or not request.app.state.settings.chapter_routes:
         raise Refused(404, "no such example")
     return _page(f"chapter{example}.html")
 

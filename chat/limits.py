@@ -21,16 +21,20 @@ class TokenBucket:
     tokens: float = -1.0
     stamp: float = field(default_factory=time.monotonic)
 
-    def take(self, now: float) -> float:
-        """Take one token; 0.0 if there was one, else the seconds until there will be."""
+    def wait(self, now: float) -> float:
+        """Refill; 0.0 if a token is there, else the seconds until there will be one (takes none)."""
         if self.tokens < 0:
             self.tokens = self.burst
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1.0:
+        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.rate
+
+    def take(self, now: float) -> float:
+        """Take one token; 0.0 if there was one, else the seconds until there will be."""
+        wait = self.wait(now)
+        if wait == 0.0:
             self.tokens -= 1.0
-            return 0.0
-        return (1.0 - self.tokens) / self.rate
+        return wait
 
 
 class RateLimited(Exception):
@@ -51,9 +55,13 @@ class FrameGuard:
         self.refused_in_a_row = 0
 
     def check(self) -> None:
+        user = self.limits.user_bucket(self.user_id)  # first: a new bucket's stamp must not be after `now`
         now = time.monotonic()
-        wait = max(self.bucket.take(now), self.limits.user_bucket(self.user_id).take(now))
+        # Both buckets or neither: a frame one bucket refuses must not cost the other a token.
+        wait = max(self.bucket.wait(now), user.wait(now))
         if wait == 0.0:
+            self.bucket.take(now)
+            user.take(now)
             self.refused_in_a_row = 0
             return
         self.refused_in_a_row += 1
@@ -69,6 +77,8 @@ class Limits:
         self.settings = settings
         self.connections: Counter[int] = Counter()  # open sockets per user id
         self._user_buckets: dict[int, TokenBucket] = {}
+        self.addresses = Slots(settings.echo_connections_per_address)  # the chapter's echo socket
+        self.searches = Slots(settings.searches_per_user)  # running searches per user id
 
     def user_bucket(self, user_id: int) -> TokenBucket:
         bucket = self._user_buckets.get(user_id)
@@ -97,3 +107,22 @@ class Limits:
         for user_id, bucket in list(self._user_buckets.items()):
             if user_id not in self.connections and now - bucket.stamp > bucket.burst / bucket.rate:
                 del self._user_buckets[user_id]
+
+
+class Slots:
+    """A cap on open things per key (sockets per client address, searches per user)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.open: Counter[object] = Counter()
+
+    def take(self, key: object) -> bool:
+        if self.open[key] >= self.cap:
+            return False
+        self.open[key] += 1
+        return True
+
+    def give_back(self, key: object) -> None:
+        self.open[key] -= 1
+        if self.open[key] <= 0:
+            del self.open[key]

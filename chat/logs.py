@@ -10,15 +10,38 @@ import logging.config
 import os
 import re
 from typing import Any
+from urllib.parse import unquote_plus
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.config import LOGGING_CONFIG
 
-_SECRETS = re.compile(r"((?:token|session)=)[^&\s\"';]+|chat_[A-Za-z0-9_-]{16,}")
+_SECRET_NAMES = {"token", "session", "access_token", "authorization"}
+# A parameter `name=value` as it appears in a query string or a cookie header.
+_PARAMETER = re.compile(r"(?P<name>[^\s&;?=\"']+)=(?P<value>[^&\s\"';]*)")
+_TOKEN_SHAPED = re.compile(r"chat_[A-Za-z0-9_-]{16,}")
+
+
+def _decoded(text: str) -> str:
+    """Percent-decoded until stable (a few rounds): `tok%65n` and `tok%2565n` both read `token`."""
+    for _ in range(4):
+        decoded = unquote_plus(text)
+        if decoded == text:
+            break
+        text = decoded
+    return text
+
+
+def _parameter(match: re.Match[str]) -> str:
+    name, value = match.group("name"), match.group("value")
+    if _decoded(name).lower() in _SECRET_NAMES or _TOKEN_SHAPED.search(_decoded(value)):
+        return f"{name}=[redacted]"
+    return match.group(0)
 
 
 def redact(text: str) -> str:
-    return _SECRETS.sub(lambda m: (m.group(1) or "") + "[redacted]", text)
+    """Secrets out of a log line: any parameter whose decoded name is a token's, any value that
+    decodes to something shaped like a token, and anything token-shaped left anywhere."""
+    return _TOKEN_SHAPED.sub("[redacted]", _PARAMETER.sub(_parameter, text))
 
 
 # uvicorn 0.54 logs this after every HTTP denial response, which is how we refuse sockets: the

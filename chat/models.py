@@ -57,6 +57,8 @@ class Room(Base):
     # The last seq handed out; bumped under this row's lock by the messages trigger.
     last_seq: Mapped[int] = mapped_column(BigInteger, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # Who made it by joining it (migration 0006); None for the server's own and older rooms.
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
 
 
 class Message(Base):
@@ -72,9 +74,9 @@ class Message(Base):
             unique=True,
             postgresql_where=text("client_id IS NOT NULL"),
         ),
-        # Full-text search (migration 0004); queries also filter on room_id, through this index's
-        # bitmap and a recheck of the heap rows (README: "History API").
-        Index("messages_search_idx", "search", postgresql_using="gin"),
+        # Full-text search (migration 0005, btree_gin): the room first, so a search reads only its
+        # room's entries, and its time tells nothing about other rooms (README: "History API").
+        Index("messages_room_search_idx", "room_id", "search", postgresql_using="gin"),
     )
 
     room_id: Mapped[int] = mapped_column(ForeignKey("rooms.id", ondelete="CASCADE"), primary_key=True)

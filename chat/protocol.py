@@ -19,7 +19,12 @@ CLOSE_POLICY = 1008  # a policy violation
 CLOSE_TOO_BIG = 1009  # a frame over the hard frame limit (closed by uvicorn)
 CLOSE_SLOW_CONSUMER = 4000  # this socket's outgoing queue overflowed: reconnect with "after"
 CLOSE_TOKEN_REFUSED = 4001  # the token was revoked or expired while the socket was open
+CLOSE_IDLE = 4002  # the chapter's echo socket: nothing received for CHAT_ECHO_IDLE_SECONDS
 CLOSE_FLOOD = 4029  # kept sending while rate limited
+
+# Every integer a client sends must fit Postgres's bigint (seqs are bigint): larger ones get a
+# clear error here instead of an overflow in the database.
+MAX_BIGINT = 2**63 - 1
 
 
 class _Frame(BaseModel):
@@ -43,8 +48,8 @@ class TypingFrame(_Frame):
 
 class HistoryFrame(_Frame):
     type: Literal["history"]
-    before: int = Field(ge=1)
-    limit: int = Field(default=50, ge=1)
+    before: int = Field(ge=1, le=MAX_BIGINT)
+    limit: int = Field(default=50, ge=1, le=MAX_BIGINT)  # then clamped to CHAT_HISTORY_PAGE_MAX
 
 
 Incoming = SendFrame | PingFrame | HistoryFrame | TypingFrame

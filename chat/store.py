@@ -76,6 +76,47 @@ async def room_id(conn: AsyncConnection, *, name: str, create: bool = True) -> i
     return await conn.scalar(select(Room.id).where(Room.name == name))
 
 
+async def create_room(conn: AsyncConnection, *, name: str, creator_id: int | None, max_per_user: int) -> int | None:
+    """The room's id, creating it for `creator_id` (None: the server's own room, uncapped); None
+    when that user has created `max_per_user` rooms already. The creator's row is locked while
+    counting, so that concurrent joins of one user cannot overshoot the cap."""
+    async with _write(conn):
+        if creator_id is not None:
+            await conn.execute(select(User.id).where(User.id == creator_id).with_for_update())
+            made = await conn.scalar(select(func.count()).select_from(Room).where(Room.created_by == creator_id))
+            if (made or 0) >= max_per_user:
+                return await conn.scalar(select(Room.id).where(Room.name == name))  # unless it exists now
+        await conn.execute(
+            pg_insert(Room).values(name=name, created_by=creator_id).on_conflict_do_nothing(index_elements=["name"])
+        )
+    return await conn.scalar(select(Room.id).where(Room.name == name))
+
+
+@dataclass(slots=True, frozen=True)
+class RoomRow:
+    name: str
+    last_seq: int
+    created_at: datetime
+    created_by: str | None
+
+
+async def list_rooms(conn: AsyncConnection) -> list[RoomRow]:
+    """Every room, by name, with its creator (for `chat room list`)."""
+    rows = await conn.execute(
+        select(Room.name, Room.last_seq, Room.created_at, User.name.label("creator"))
+        .outerjoin(User, User.id == Room.created_by)
+        .order_by(Room.name)
+    )
+    return [RoomRow(r.name, r.last_seq, r.created_at, r.creator) for r in rows]
+
+
+async def delete_rooms(conn: AsyncConnection, *, names: list[str]) -> list[str]:
+    """Delete rooms by name, their messages and presence with them; returns the names deleted."""
+    async with _write(conn):
+        rows = await conn.execute(delete(Room).where(Room.name.in_(names)).returning(Room.name))
+        return sorted(r.name for r in rows)
+
+
 async def room_head(conn: AsyncConnection, *, room_id: int) -> int:
     head = await conn.scalar(select(Room.last_seq).where(Room.id == room_id))
     return int(head or 0)
@@ -165,13 +206,22 @@ async def identity_for_token(conn: AsyncConnection, *, raw: str) -> Identity:
 
 
 async def refused_tokens(conn: AsyncConnection, *, token_ids: list[int]) -> dict[int, str]:
-    """Which of these tokens are no longer good, and why (for closing their live sockets)."""
+    """Which of these tokens are no longer good, and why (for closing their live sockets). A
+    token whose row is gone (deleted in SQL, or with its user) is refused too."""
     rows = await conn.execute(
-        select(Token.id, Token.revoked_at).where(
-            Token.id.in_(token_ids), (Token.revoked_at.is_not(None)) | (Token.expires_at <= func.now())
+        select(Token.id, Token.revoked_at, (Token.expires_at <= func.now()).label("expired")).where(
+            Token.id.in_(token_ids)
         )
     )
-    return {row.id: "token revoked" if row.revoked_at is not None else "token expired" for row in rows}
+    refused = {token_id: "token deleted" for token_id in token_ids}
+    for row in rows:
+        if row.revoked_at is not None:
+            refused[row.id] = "token revoked"
+        elif row.expired:
+            refused[row.id] = "token expired"
+        else:
+            del refused[row.id]
+    return refused
 
 
 async def create_token(

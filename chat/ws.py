@@ -11,20 +11,26 @@ from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Path, Query, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import WebSocketRequestValidationError
+from starlette.requests import HTTPConnection
 
 from chat import logs, metrics, protocol, store
-from chat.auth import Refused, SocketToken, SocketUser
+from chat.auth import Refused, SocketToken, SocketUser, check_origin, refuse
 from chat.client import Client, Item, RoomEvent
 from chat.db import engine_of
-from chat.limits import FrameGuard, TooManyConnections
+from chat.limits import FrameGuard, TokenBucket, TooManyConnections
+from chat.protocol import CLOSE_FLOOD, CLOSE_IDLE, MAX_BIGINT
+from chat.revocation import OUTSIDE_ROOMS
 from chat.service import RoomSession, admit, check_body, inflight_bound
-from chat.store import Identity, MessageRecord
+from chat.store import TOKEN_PREFIX, Identity, MessageRecord
 from chat.writer import UNAVAILABLE, InFlight, NotStored, Stored, writer_of
 
 log = logging.getLogger("chat.ws")
 
 router = APIRouter()
+chapter = APIRouter()  # the FastAPI chapter's examples: off with CHAT_CHAPTER_ROUTES=false
+Bigint = Annotated[int, Path(ge=-MAX_BIGINT, le=MAX_BIGINT)]
 
 ROOM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 CHAPTER_ROOM = "_chapter"  # where /ws/{client_id} keeps its messages; no user room starts with "_"
@@ -35,6 +41,15 @@ def _receive_text_or_none(message: MutableMapping[str, Any]) -> str | None:
         raise WebSocketDisconnect(int(message.get("code") or 1000))
     text = message.get("text")
     return text if isinstance(text, str) else None
+
+
+async def refuse_invalid(conn: HTTPConnection, exc: Exception) -> None:
+    """A socket's path or query parameter failed validation: refuse it before accept with 400 and
+    the reason, as any other refusal (FastAPI's default is a bare close, seen as 403)."""
+    assert isinstance(exc, WebSocketRequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
+    await refuse(conn, Refused(400, f"invalid {where}: {first.get('msg', 'not valid')}"))
 
 
 @asynccontextmanager
@@ -48,16 +63,26 @@ async def _joined(
         raise Refused(503, "server shutting down: try again")  # the client reconnects elsewhere
     if not user.may_join(room):
         raise Refused(403, "room not allowed for this token")
-    async with engine_of(websocket).connect() as conn:
-        room_id = await store.room_id(conn, name=room)
-    assert room_id is not None
     try:
         guard = state.limits.open(user.user_id)
     except TooManyConnections:
         raise Refused(429, "too many connections for this user") from None
     opened = time.monotonic()
     try:
-        await state.hub.join(room_id, room, client)
+        # The room is made last, once every check has passed: a refused join leaves nothing behind.
+        async with engine_of(websocket).connect() as conn:
+            room_id = await store.room_id(conn, name=room, create=False)
+            if room_id is None:
+                creator = None if room.startswith("_") else user.user_id  # "_…": the server's own
+                room_id = await store.create_room(
+                    conn, name=room, creator_id=creator, max_per_user=state.settings.max_rooms_per_user
+                )
+        if room_id is None:
+            raise Refused(429, "too many rooms created by this user")
+        try:
+            await state.hub.join(room_id, room, client, timeout=state.settings.join_timeout_seconds)
+        except TimeoutError:
+            raise Refused(503, "room not ready: try again") from None
         metrics.SOCKETS.inc()
         logs.event("open", room=room, user=user.name, token_id=user.token_id)
         try:
@@ -76,7 +101,7 @@ async def room_socket(
     websocket: WebSocket,
     room: str,
     user: SocketUser,
-    after: Annotated[int | None, Query(ge=0)] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_BIGINT)] = None,
 ) -> None:
     if not ROOM_NAME.fullmatch(room):
         raise Refused(400, "invalid room name: 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
@@ -114,37 +139,101 @@ async def room_socket(
 # --- the FastAPI chapter's examples -----------------------------------------------------------
 
 
-@router.websocket("/ws")
+def masked(token: str) -> str:
+    """A token as page script may see it: enough to tell tokens apart, never enough to use one
+    (the cookie is HttpOnly; echoing it whole would hand it to any script on the page)."""
+    return f"{TOKEN_PREFIX}…{token[-4:]}"
+
+
+@chapter.websocket("/ws")
 async def echo(websocket: WebSocket) -> None:
-    """Example 1: answers each text with `Message text was: {data}`."""
-    await websocket.accept()
+    """Example 1: answers each text with `Message text was: {data}`. No token, so it gets the
+    anonymous controls: the Origin check, a cap per client address, a rate limit, an idle timeout."""
+    check_origin(websocket)
+    state = websocket.app.state
+    settings = state.settings
+    address = websocket.client.host if websocket.client else "unknown"
+    if not state.limits.addresses.take(address):
+        raise Refused(429, "too many connections from this address")
     try:
+        bucket = TokenBucket(settings.rate_per_second, settings.rate_burst)
+        refused_in_a_row = 0
+        await websocket.accept()
         while True:
-            text = _receive_text_or_none(await websocket.receive())
-            await websocket.send_text(
-                f"Message text was: {text}" if text is not None else "binary frames are not supported"
-            )
+            try:
+                message = await asyncio.wait_for(websocket.receive(), settings.echo_idle_seconds)
+            except TimeoutError:
+                await websocket.close(CLOSE_IDLE, f"idle: nothing received for {settings.echo_idle_seconds:g}s")
+                return
+            text = _receive_text_or_none(message)
+            if wait := bucket.take(time.monotonic()):
+                metrics.REFUSALS.labels("rate_limited").inc()
+                refused_in_a_row += 1
+                if refused_in_a_row > settings.flood_close_after:
+                    metrics.REFUSALS.labels("flood").inc()
+                    await websocket.close(CLOSE_FLOOD, "flood: too many frames while rate limited")
+                    return
+                reply = f"Error: slow down, retry in {wait:.1f}s"
+            else:
+                refused_in_a_row = 0
+                reply = f"Message text was: {text}" if text is not None else "binary frames are not supported"
+            # Bounded too: a client that sends but never reads would otherwise hold its slot forever.
+            try:
+                await asyncio.wait_for(websocket.send_text(reply), settings.echo_idle_seconds)
+            except TimeoutError:
+                return
     except WebSocketDisconnect:
         pass
+    finally:
+        state.limits.addresses.give_back(address)
 
 
-@router.websocket("/items/{item_id}/ws")
-async def items(websocket: WebSocket, item_id: str, token: SocketToken, user: SocketUser, q: int | None = None) -> None:
-    """Example 2: dependencies; the token must be a live one from the tokens table."""
-    await websocket.accept()
+@chapter.websocket("/items/{item_id}/ws")
+async def items(
+    websocket: WebSocket,
+    item_id: str,
+    token: SocketToken,
+    user: SocketUser,
+    q: Annotated[int | None, Query(ge=-MAX_BIGINT, le=MAX_BIGINT)] = None,
+) -> None:
+    """Example 2: dependencies; the token must be a live one from the tokens table. Under the
+    room socket's controls: the user's connection cap, the rate limit, and revocation (4001)."""
+    state = websocket.app.state
+    if state.hub.closing:
+        raise Refused(503, "server shutting down: try again")
     try:
-        while True:
-            data = _receive_text_or_none(await websocket.receive())
-            await websocket.send_text(f"Session cookie or query token value is: {token}")
-            if q is not None:
-                await websocket.send_text(f"Query parameter q is: {q}")
-            await websocket.send_text(f"Message text was: {data}, for item ID: {item_id}")
+        guard = state.limits.open(user.user_id)
+    except TooManyConnections:
+        raise Refused(429, "too many connections for this user") from None
+    client = Client(
+        websocket,
+        queue_size=state.settings.socket_queue,
+        render=lambda i: i if isinstance(i, str) else None,
+        identity=user,
+    )
+
+    async def handle(data: str | None) -> None:
+        if refused := admit(guard, client):
+            client.offer(f"Error: slow down, retry in {refused.retry_after:.1f}s")
+            return
+        client.offer(f"Session cookie or query token value is: {masked(token)}")
+        if q is not None:
+            client.offer(f"Query parameter q is: {q}")
+        client.offer(f"Message text was: {data}, for item ID: {item_id}")
+
+    OUTSIDE_ROOMS.add(client)  # the token watcher closes it with 4001 once revoked or expired
+    try:
+        await websocket.accept()
+        await client.serve(handle)
     except WebSocketDisconnect:
         pass
+    finally:
+        OUTSIDE_ROOMS.discard(client)
+        state.limits.close(user.user_id)
 
 
-@router.websocket("/ws/{client_id}")
-async def clients(websocket: WebSocket, client_id: int, user: SocketUser) -> None:
+@chapter.websocket("/ws/{client_id}")
+async def clients(websocket: WebSocket, client_id: Bigint, user: SocketUser) -> None:
     """Example 3: broadcast to every client in every process; persisted in the `_chapter` room."""
     state = websocket.app.state
 

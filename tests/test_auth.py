@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,6 +14,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin
 
 from chat import store
+from chat.auth import origin_allowed
 from tests.conftest import MakeToken, unique
 from tests.servers import Server
 
@@ -116,3 +118,82 @@ async def test_session_cookie_sign_in(server_a: Server, make_token: MakeToken) -
         assert (await http.get("/api/me")).json()["user"] == name
         assert (await http.delete("/api/session")).status_code == 204
         assert (await http.get("/api/me")).status_code == 401
+
+
+# --- the Origin check, as a pure function --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("origin", "scheme", "host"),
+    [
+        (None, "ws", "chat.example"),  # not a browser
+        ("http://chat.example", "ws", "chat.example"),
+        ("http://chat.example", "http", "chat.example:80"),  # default port spelled out
+        ("https://chat.example", "wss", "chat.example"),
+        ("https://chat.example:443", "https", "chat.example"),
+        ("HTTP://Chat.Example", "ws", "chat.example"),  # case-insensitive
+        ("http://127.0.0.1:8000", "ws", "127.0.0.1:8000"),
+        ("https://good.example", "ws", "chat.example"),  # listed
+        ("https://any.example", "ws", "chat.example"),  # "*" listed (below)
+    ],
+)
+def test_origin_allowed(origin: str | None, scheme: str, host: str) -> None:
+    listed = ["https://good.example"] + (["*"] if origin == "https://any.example" else [])
+    assert origin_allowed(origin, scheme=scheme, host=host, allowed=listed)
+
+
+@pytest.mark.parametrize(
+    ("origin", "scheme", "host"),
+    [
+        ("https://chat.example", "ws", "chat.example"),  # issue 14 item 8: https origin, http server
+        ("http://chat.example", "wss", "chat.example"),
+        ("http://chat.example:8080", "ws", "chat.example:8000"),
+        ("http://chat.example:80", "ws", "chat.example:8000"),
+        ("http://evil.example", "ws", "chat.example"),
+        ("http://chat.example.evil.example", "ws", "chat.example"),
+        ("http://user@chat.example", "ws", "chat.example"),
+        ("http://chat.example/path", "ws", "chat.example"),
+        ("null", "ws", "chat.example"),
+        ("chat.example", "ws", "chat.example"),
+        ("file://chat.example", "ws", "chat.example"),
+        ("http://chat.example:99999", "ws", "chat.example:99999"),
+        ("http://chat.example", "ws", None),
+        ("https://good.example.evil", "ws", "chat.example"),
+    ],
+)
+def test_origin_refused(origin: str, scheme: str, host: str | None) -> None:
+    assert not origin_allowed(origin, scheme=scheme, host=host, allowed=["https://good.example"])
+
+
+async def test_https_origin_is_refused_by_an_http_server(server_a: Server, make_token: MakeToken) -> None:
+    """The check on a real handshake: the right host and port, the wrong scheme."""
+    token = await make_token()
+    url = server_a.ws("/rooms/general/ws")
+    wrong = Origin(f"https://127.0.0.1:{server_a.port}")
+    cookie = {"Cookie": f"session={token}"}
+    assert await refusal(url, origin=wrong, additional_headers=cookie) == (403, "origin not allowed")
+    async with connect(url, origin=Origin(f"http://127.0.0.1:{server_a.port}"), additional_headers=cookie) as ws:
+        assert json.loads(await ws.recv())["type"] in ("message", "ready")
+
+
+async def test_scheme_behind_a_proxy_comes_only_from_trusted_proxy_headers(
+    server_a: Server, database_url: str, tmp_root: Path, make_token: MakeToken
+) -> None:
+    """X-Forwarded-Proto makes the request https only when uvicorn trusts the proxy
+    (FORWARDED_ALLOW_IPS, 127.0.0.1 by default); anyone else's header changes nothing."""
+    token = await make_token()
+    cookie = {"Cookie": f"session={token}", "X-Forwarded-Proto": "https"}
+    https, http = Origin(f"https://127.0.0.1:{server_a.port}"), Origin(f"http://127.0.0.1:{server_a.port}")
+    async with connect(server_a.ws("/rooms/general/ws"), origin=https, additional_headers=cookie) as ws:
+        assert json.loads(await ws.recv())["type"] in ("message", "ready")  # a trusted proxy said https
+    assert await refusal(server_a.ws("/rooms/general/ws"), origin=http, additional_headers=cookie) == (
+        403,
+        "origin not allowed",
+    )
+    untrusting = Server(database_url, tmp_root, env={"FORWARDED_ALLOW_IPS": "192.0.2.1"})
+    try:
+        https = Origin(f"https://127.0.0.1:{untrusting.port}")
+        url = untrusting.ws("/rooms/general/ws")
+        assert await refusal(url, origin=https, additional_headers=cookie) == (403, "origin not allowed")
+    finally:
+        untrusting.stop()

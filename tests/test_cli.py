@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pty
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -16,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import unique
+from tests.conftest import MakeToken, unique
 from tests.roomclient import RoomClient
 from tests.servers import Server, free_port, pids_serving
 from tests.test_auth import refusal
@@ -25,6 +27,13 @@ from tests.test_auth import refusal
 def chat(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "chat", *args], env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+
+
+def answered(answer: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run `chat` with `answer` typed at its prompt; may fail."""
+    return subprocess.run(
+        [sys.executable, "-m", "chat", *args], env=env, input=answer, capture_output=True, text=True, timeout=60
     )
 
 
@@ -70,17 +79,47 @@ def gone(pid: int, timeout: float = 15.0) -> bool:
     return False
 
 
+async def test_room_list_and_delete(server_a: Server, database_url: str, make_token: MakeToken) -> None:
+    """Issue 14 item 9: rooms, who made them, and their deletion from the command line."""
+    env = clean_env(DATABASE_URL=database_url)
+    maker = unique("maker")
+    room, kept = unique("doomed"), unique("kept")
+    token = await make_token(maker)
+    for name in (room, kept):
+        async with await RoomClient.open(server_a.ws(f"/rooms/{name}/ws"), token) as client:
+            await client.ready()
+            await client.send("hello")
+            await client.until("ack")
+    listing = chat("room", "list", env=env).stdout
+    line = next(line for line in listing.splitlines() if line.startswith(room))
+    assert line.split()[1] == "1" and line.split()[-1] == maker  # last seq, creator
+
+    refused = answered("n\n", "room", "delete", room, env=env)
+    assert refused.returncode != 0 and "Aborted" in refused.stderr  # asks first; no means no
+    assert room in chat("room", "list", env=env).stdout
+
+    assert f"deleted 1 room(s): {room}" in chat("room", "delete", room, "--yes", env=env).stdout
+    listing = chat("room", "list", env=env).stdout
+    assert room not in listing and kept in listing
+    async with httpx.AsyncClient(base_url=server_a.http, headers={"Authorization": f"Bearer {token}"}) as http:
+        assert (await http.get(f"/api/rooms/{room}/messages")).status_code == 404  # messages gone too
+        assert (await http.get(f"/api/rooms/{kept}/messages")).status_code == 200
+    with pytest.raises(subprocess.CalledProcessError) as missing:
+        chat("room", "delete", room, "--yes", env=env)
+    assert f"no such room: {room}" in missing.value.stderr
+
+
 class EmbeddedServe:
     """`chat serve` with no DATABASE_URL: the embedded Postgres in `data_dir`."""
 
     def __init__(self, data_dir: Path, log_dir: Path) -> None:
         self.port = free_port()
         self.log_path = log_dir / f"embedded-{self.port}.log"
+        self.link_path = log_dir / f"embedded-{self.port}.link"  # stdout is no terminal: no link there
         env = clean_env(CHAT_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
+        command = ["serve", "--port", str(self.port), "--link-file", str(self.link_path)]
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "chat", "serve", "--port", str(self.port)], env=env, stdout=log, stderr=log
-            )
+            self.proc = subprocess.Popen([sys.executable, "-m", "chat", *command], env=env, stdout=log, stderr=log)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log_path.read_text()
@@ -93,8 +132,8 @@ class EmbeddedServe:
             raise AssertionError(self.log_path.read_text())
 
     def token(self) -> str:
-        match = re.search(r"#token=(chat_[\w-]+)", self.log_path.read_text())
-        assert match, self.log_path.read_text()
+        match = re.search(r"#token=(chat_[\w-]+)", self.link_path.read_text())
+        assert match, self.link_path.read_text()
         return match.group(1)
 
     def ws(self, path: str) -> str:
@@ -104,7 +143,9 @@ class EmbeddedServe:
 async def test_embedded_serve_survives_kill_and_restart(tmp_root: Path) -> None:
     data_dir = tmp_root / unique("embedded")
     first = EmbeddedServe(data_dir, tmp_root)
-    assert f"http://127.0.0.1:{first.port}/#token=chat_" in first.log_path.read_text()
+    assert first.link_path.read_text().startswith(f"http://127.0.0.1:{first.port}/#token=chat_")
+    assert first.link_path.stat().st_mode & 0o777 == 0o600
+    assert "#token=" not in first.log_path.read_text() and first.token() not in first.log_path.read_text()
     room = f"/rooms/{unique('r')}/ws"
     async with await RoomClient.open(first.ws(room), first.token()) as client:
         await client.ready()
@@ -193,3 +234,61 @@ async def test_embedded_postgres_crash_is_recovered(tmp_root: Path) -> None:
     finally:
         serve.proc.send_signal(signal.SIGTERM)
         serve.proc.wait(30)
+
+
+def test_data_folder_and_postgres_log_are_private(tmp_root: Path) -> None:
+    """Issue 14 item 12: a folder made by an older version (0755, log 0644) is made private."""
+    from chat.embedded import EmbeddedPostgres
+
+    data_dir = tmp_root / unique("modes")
+    data_dir.mkdir(mode=0o755)
+    data_dir.chmod(0o755)
+    (data_dir / "postgres.log").write_text("")
+    (data_dir / "postgres.log").chmod(0o644)
+    pg = EmbeddedPostgres(data_dir, durable=False)
+    pg.start()
+    try:
+        # Root runs postgres as another account, which must pass through (group x, nothing else).
+        expected = 0o710 if os.geteuid() == 0 else 0o700
+        assert data_dir.stat().st_mode & 0o777 == expected
+        assert (data_dir / "postgres.log").stat().st_mode & 0o777 == 0o600
+        assert (data_dir / "pgdata").stat().st_mode & 0o077 == 0
+    finally:
+        pg.stop()
+
+
+def test_sign_in_link_is_printed_only_to_a_terminal(tmp_root: Path) -> None:
+    """Issue 14 item 23: the link went to stdout, which journald or docker keep in their logs."""
+    data_dir = tmp_root / unique("link")
+    port = free_port()
+    env = clean_env(CHAT_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
+    log_path = tmp_root / f"link-{port}.log"
+    with open(log_path, "wb") as log:  # a file, as under systemd or docker: no link
+        proc = subprocess.Popen([sys.executable, "-m", "chat", "serve", "--port", str(port)], env=env, stdout=log)
+    try:
+        deadline = time.monotonic() + 60
+        while "chat is running" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert "sign-in link not shown" in log_path.read_text()
+    assert "#token=" not in log_path.read_text() and "chat_" not in log_path.read_text()
+
+    controller, terminal = pty.openpty()  # a terminal: the link is shown
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chat", "serve", "--port", str(free_port())], env=env, stdout=terminal, stderr=terminal
+    )
+    os.close(terminal)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"#token=chat_" not in seen:
+            assert proc.poll() is None and time.monotonic() < deadline, seen
+            if select.select([controller], [], [], 0.5)[0]:
+                seen += os.read(controller, 4096)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        os.close(controller)

@@ -350,3 +350,80 @@ async def test_ack_and_own_copy_in_either_order(
         assert_clean(page)
     finally:
         await page.close()
+
+
+async def test_paging_reaches_the_beginning_with_small_pages(
+    open_page: OpenPage, database_url: str, tmp_root: Path
+) -> None:
+    """Issue 14 item 19: pages clamped below the page's 50 (CHAT_HISTORY_PAGE_MAX=10) still page
+    all the way back, instead of taking the first short page for the beginning of the room."""
+    server = Server(database_url, tmp_root, env={"CHAT_HISTORY_PAGE_MAX": "10", "CHAT_HISTORY_ON_JOIN": "5"})
+    try:
+        room = unique("smallpages")
+        await seed_room(database_url, room, 32)
+        alice = await open_page(server, "alice")
+        await alice.join(room)
+        await alice.wait_seqs(list(range(28, 33)))
+        load_older = alice.page.locator("#load-older")
+        for low in (18, 8, 1):
+            await expect(load_older).to_be_visible()
+            await expect(load_older).to_have_attribute("aria-disabled", "false")
+            await load_older.click()
+            await alice.wait_seqs(list(range(low, 33)))
+        await expect(load_older).to_be_hidden()
+        assert_clean(alice)
+    finally:
+        server.stop()
+
+
+async def test_a_sign_in_link_asks_before_switching_accounts(
+    browser: Browser, server_a: Server, make_token: MakeToken
+) -> None:
+    """Issue 14 item 13 (login CSRF): a #token= link opened while signed in switches accounts only
+    when the user says yes; each account keeps its own saved rooms."""
+    alice, bob = unique("alice"), unique("bob")
+    alice_token, bob_token = await make_token(alice), await make_token(bob)
+    context = await browser.new_context()
+    try:
+        page = await context.new_page()
+        answers: list[bool] = []  # what to answer the next dialogs, in order
+        asked: list[str] = []
+
+        async def on_dialog(dialog: Any) -> None:
+            asked.append(dialog.message)
+            await (dialog.accept() if answers.pop(0) else dialog.dismiss())
+
+        page.on("dialog", on_dialog)
+        me, rooms = page.locator("#me"), page.locator("#room-list")
+        await page.goto(f"{server_a.http}/#token={alice_token}")  # signed out: no question
+        await expect(me).to_have_text(alice)
+        await page.fill("#room-input", "alices-room")
+        await page.click("#room-join")
+        await expect(rooms.locator('[data-room="alices-room"]')).to_be_visible()
+        assert asked == []
+
+        answers.append(False)
+        await page.goto(f"{server_a.http}/#token={bob_token}")  # say no: nothing changes
+        async with asyncio.timeout(15):
+            while not asked:
+                await asyncio.sleep(0.05)
+        assert alice in asked[0]
+        await expect(me).to_have_text(alice)
+        assert (await page.request.get(f"{server_a.http}/api/me")).ok
+        assert (await (await page.request.get(f"{server_a.http}/api/me")).json())["user"] == alice
+        await page.reload()  # still alice after a reload: the cookie was never replaced
+        await expect(me).to_have_text(alice)
+
+        answers.append(True)
+        await page.goto(f"{server_a.http}/#token={bob_token}")  # say yes: bob, with his own rooms
+        await expect(me).to_have_text(bob)
+        await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+        await expect(rooms.locator('[data-room="alices-room"]')).to_have_count(0)
+
+        answers.append(True)
+        await page.goto(f"{server_a.http}/#token={alice_token}")
+        await expect(me).to_have_text(alice)
+        await expect(rooms.locator('[data-room="alices-room"]')).to_be_visible()
+        assert len(asked) == 3
+    finally:
+        await context.close()

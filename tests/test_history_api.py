@@ -3,8 +3,10 @@ the query plans (EXPLAIN ANALYZE on a room of 100,000 messages)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -268,6 +270,22 @@ async def test_openapi_documents_the_history_api(server_a: Server) -> None:
     assert {"Page", "MessageOut", "SearchResults", "Hit", "RoomOut"} <= set(schema["components"]["schemas"])
 
 
+async def test_docs_pages_are_off_unless_asked_for(server_a: Server, database_url: str, tmp_root: Path) -> None:
+    """Issue 14 item 10: /docs and /redoc load unpinned scripts from a CDN on the chat's origin.
+    Off by default (the schema stays at /openapi.json); CHAT_API_DOCS=true turns them on."""
+    async with httpx.AsyncClient(base_url=server_a.http) as http:
+        for page in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+            assert (await http.get(page)).status_code == 404, page
+        assert (await http.get("/openapi.json")).status_code == 200
+    server = Server(database_url, tmp_root, env={"CHAT_API_DOCS": "true"})
+    try:
+        async with httpx.AsyncClient(base_url=server.http) as http:
+            for page in ("/docs", "/redoc"):
+                assert (await http.get(page)).status_code == 200, page
+    finally:
+        server.stop()
+
+
 # --- query plans on a big room ----------------------------------------------------------------
 
 
@@ -359,7 +377,7 @@ async def test_search_uses_the_gin_index(
     name, room_id = big_room
     plan = await explain(engine, lambda c: store.search_messages(c, room_id=room_id, query="needle", limit=21))
     bitmap = [n for n in nodes(plan) if n["Node Type"] == "Bitmap Index Scan"]
-    assert [n["Index Name"] for n in bitmap if n["Index Name"] == "messages_search_idx"], plan
+    assert [n["Index Name"] for n in bitmap if n["Index Name"] == "messages_room_search_idx"], plan
     assert "Seq Scan" not in [n["Node Type"] for n in nodes(plan)], plan
     found = await search(api, name, "needle")
     assert [r["seq"] for r in found["results"]] == [BIG + 3, BIG + 2, BIG + 1]
@@ -368,3 +386,70 @@ async def test_search_uses_the_gin_index(
         async with engine.connect() as conn:
             await store.search_messages(conn, room_id=room_id, query="message", limit=20, timeout_ms=1)
     assert getattr(caught.value.orig, "sqlstate", None) == "57014"
+
+
+async def test_search_reads_only_its_own_rooms_entries(
+    engine: AsyncEngine, database_url: str, big_room: tuple[str, int]
+) -> None:
+    """Issue 14 item 24: the index filters by room first (btree_gin on (room_id, search)), so a
+    search's work, and so its time, does not depend on how common a word is in other rooms."""
+    _, room_id = big_room
+    other = await make_room(engine, [])
+    conn = await asyncpg.connect(libpq_url(database_url))
+    try:
+        other_id = await conn.fetchval("SELECT id FROM rooms WHERE name = $1", other)
+        await conn.execute(
+            f"INSERT INTO messages (room_id, author, body) SELECT {int(other_id)}, 'bot', 'needle ' || g "
+            "FROM generate_series(1, 3000) g"
+        )
+        await conn.execute("VACUUM ANALYZE messages")
+    finally:
+        await conn.close()
+    plan = await explain(engine, lambda c: store.search_messages(c, room_id=room_id, query="needle", limit=21))
+    scans = [n for n in nodes(plan) if n["Node Type"] == "Bitmap Index Scan"]
+    assert [n["Index Name"] for n in scans] == ["messages_room_search_idx"], plan
+    assert "room_id" in scans[0]["Index Cond"], plan  # the room is part of the index search
+    # The 3 needles of this room, not the 3,000 of the other one, then dropped by a recheck.
+    assert scans[0]["Actual Rows"] == 3, plan
+    assert all(n.get("Rows Removed by Filter", 0) == 0 for n in nodes(plan)), plan
+
+
+async def test_searches_per_user_are_capped(server_a: Server, database_url: str, make_token: MakeToken) -> None:
+    """Issue 14 item 24: 20 concurrent slow searches from one user took the pool. While two of a
+    user's searches run (here: held by a lock on messages), a third is refused with 429; another
+    user's search still goes in. The default is CHAT_SEARCHES_PER_USER=2."""
+    room = unique("slow")
+    alice, bob = await make_token(), await make_token()
+    async with httpx.AsyncClient(base_url=f"{server_a.http}/api", timeout=30) as http:
+
+        def as_user(token: str) -> dict[str, str]:
+            return {"Authorization": f"Bearer {token}"}
+
+        async with await RoomClient.open(server_a.ws(f"/rooms/{room}/ws"), alice) as client:
+            await client.ready()  # the room exists
+        lock = await asyncpg.connect(libpq_url(database_url))
+        try:
+            held = lock.transaction()
+            await held.start()
+            await lock.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+            url, params = f"/rooms/{room}/search", {"q": "anything"}
+            running = [asyncio.create_task(http.get(url, params=params, headers=as_user(alice))) for _ in range(2)]
+            # Watched from another connection: a transaction sees one snapshot of pg_stat_activity.
+            waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%ts_rank%'"
+            watch = await asyncpg.connect(libpq_url(database_url))
+            try:
+                async with asyncio.timeout(15):  # both are in the database, waiting for the lock
+                    while await watch.fetchval(waiting) < 2:
+                        await asyncio.sleep(0.02)
+            finally:
+                await watch.close()
+            third = await http.get(url, params=params, headers=as_user(alice))
+            other = asyncio.create_task(http.get(url, params=params, headers=as_user(bob)))
+            await held.rollback()
+        finally:
+            await lock.close()
+        assert (third.status_code, third.json()["detail"]) == (429, "too many searches at once: wait for one to finish")
+        for response in [*await asyncio.gather(*running), await other]:
+            assert response.status_code in (200, 503), response.text  # served (or timed out), never refused
+        again = await http.get(url, params=params, headers=as_user(alice))
+        assert again.status_code == 200  # the slots came back

@@ -141,17 +141,36 @@ async function signOut() {
   showSignin('');
 }
 
+// Saved rooms are per user: one browser, several accounts, no room list leaking across them.
+function roomsKey() { return `chat.rooms.${me}`; }
+function roomKey() { return `chat.room.${me}`; }
+
+// A #token= link while signed in may come from anyone (login CSRF): switching accounts silently
+// would post this user's words into someone else's account. Ask first; no means no change.
+async function signInFromLink(token) {
+  const r = me === null ? await checkMe() : { user: me };
+  if (r.user) {
+    const question = `You are signed in as ${r.user}. This link signs in with another token, `
+      + 'possibly another account. Switch to it?';
+    if (!window.confirm(question)) {
+      if (me === null) startChat(r.user);
+      return;
+    }
+  }
+  return signIn(token);
+}
+
 function startChat(user) {
   if (me !== null && me !== user) showSignin(''); // another account: forget what the last one saw
   me = user;
   el.me.textContent = user;
-  const stored = load('chat.rooms', ['general']);
+  const stored = load(roomsKey(), ['general']);
   rooms = Array.isArray(stored) ? [...new Set(stored.filter((r) => typeof r === 'string' && ROOM_RE.test(r)))] : [];
   if (!rooms.length) rooms = ['general'];
-  const saved = load('chat.room', rooms[0]);
+  const saved = load(roomKey(), rooms[0]);
   const room = typeof saved === 'string' && ROOM_RE.test(saved) ? saved : rooms[0];
   if (!rooms.includes(room)) rooms.push(room);
-  save('chat.rooms', rooms);
+  save(roomsKey(), rooms);
   current = null;
   renderRoomList();
   showView('chat');
@@ -215,7 +234,7 @@ function onRoomSubmit(e) {
   el.roomInput.value = '';
   if (!rooms.includes(name)) {
     rooms.push(name);
-    save('chat.rooms', rooms);
+    save(roomsKey(), rooms);
     renderRoomList();
   }
   openRoom(name);
@@ -240,7 +259,7 @@ function openRoom(name) {
   }
   current = name;
   delete el.scroller.dataset.ready; // until the room's history is in: no "no messages yet"
-  save('chat.room', name);
+  save(roomKey(), name);
   el.currentRoom.textContent = name;
   markCurrentRoom();
   el.banner.hidden = true;
@@ -610,7 +629,9 @@ function onHistory(state, f) {
   const fromBottom = s.scrollHeight - s.scrollTop; // keep the view where it was
   for (const m of list) addMessage(state, m, true);
   s.scrollTop = s.scrollHeight - fromBottom;
-  if (list.length < HISTORY_LIMIT) state.exhausted = true; // the beginning: never ask again
+  // The beginning: never ask again. Not "fewer than asked": the server clamps a page to
+  // CHAT_HISTORY_PAGE_MAX (and to a byte budget), so a short page may still have more before it.
+  if (f.has_more === false || (f.has_more === undefined && !list.length)) state.exhausted = true;
   updateLoadOlder();
 }
 
@@ -647,14 +668,14 @@ function bind() {
   window.addEventListener('offline', () => { if (me && !conn) { clearRetry(); setStatus('offline'); } });
   window.addEventListener('hashchange', () => {
     const token = tokenFromHash();
-    if (token) signIn(token);
+    if (token) signInFromLink(token);
   });
 }
 
 async function boot() {
   bind();
   const token = tokenFromHash();
-  if (token) return signIn(token);
+  if (token) return signInFromLink(token);
   const r = await checkMe();
   if (r.user) startChat(r.user);
   else showSignin(r.error ? `Could not check your session: ${r.error}.` : '');
