@@ -17,6 +17,7 @@ from chat.store import MessageRecord
 CLOSE_GOING_AWAY = 1001  # the server is shutting down: reconnect (to another process) and resume
 CLOSE_POLICY = 1008  # a policy violation
 CLOSE_TOO_BIG = 1009  # a frame over the hard frame limit (closed by uvicorn)
+CLOSE_TRY_AGAIN = 1013  # too many of this user's joins replaying at once: reconnect a little later
 CLOSE_SLOW_CONSUMER = 4000  # this socket's outgoing queue overflowed: reconnect with "after"
 CLOSE_TOKEN_REFUSED = 4001  # the token was revoked or expired while the socket was open
 CLOSE_FLOOD = 4029  # kept sending while rate limited
@@ -101,6 +102,17 @@ def message_frame(room: str, message: MessageRecord) -> str:
     if message._frame is None:
         message._frame = dumps(message_dict(room, message))
     return message._frame
+
+
+def fit_newest(frames: list[str], *, max_bytes: int) -> int:
+    """How many of `frames` (oldest first), counted from the newest, fit in `max_bytes`; at
+    least one, so that a single large message can always be read."""
+    total = 0
+    for kept, frame in enumerate(reversed(frames)):
+        total += len(frame) + 1
+        if total > max_bytes and kept > 0:
+            return kept
+    return len(frames)
 
 
 def error_frame(code: str, detail: str, **extra: Any) -> str:

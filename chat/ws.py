@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import AsyncIterator, MutableMapping
@@ -13,11 +14,12 @@ from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 
 from chat import logs, metrics, protocol, store
 from chat.auth import Refused, SocketToken, SocketUser
-from chat.client import Client, Item, RoomEvent
+from chat.client import Client
 from chat.db import engine_of
 from chat.limits import FrameGuard, TooManyConnections
 from chat.service import RoomSession, admit, check_body
-from chat.store import Identity, MessageRecord
+from chat.store import Identity
+from chat.subscription import Render, Subscription, chapter_render
 
 router = APIRouter()
 
@@ -32,38 +34,69 @@ def _receive_text_or_none(message: MutableMapping[str, Any]) -> str | None:
     return text if isinstance(text, str) else None
 
 
-@asynccontextmanager
-async def _joined(
-    websocket: WebSocket, user: Identity, room: str, client: Client
-) -> AsyncIterator[tuple[FrameGuard, int]]:
-    """What a socket holds while it is open: a connection slot of its user, and its place in
-    the room's feed. Taken before accept, so that a connected client hears every message."""
-    state = websocket.app.state
-    if state.hub.closing:
-        raise Refused(503, "server shutting down: try again")  # the client reconnects elsewhere
+async def _room_id(websocket: WebSocket, user: Identity, room: str) -> int:
+    """The room's id (made if new), if this token may join it; else Refused(403)."""
     if not user.may_join(room):
         raise Refused(403, "room not allowed for this token")
     async with engine_of(websocket).connect() as conn:
         room_id = await store.room_id(conn, name=room)
     assert room_id is not None
+    return room_id
+
+
+@asynccontextmanager
+async def _connected(websocket: WebSocket, user: Identity, client: Client) -> AsyncIterator[FrameGuard]:
+    """What any socket holds while it is open: a connection slot of its user, and its place
+    among the process's sockets (revocation, shutdown). Taken before accept."""
+    state = websocket.app.state
+    if state.hub.closing:
+        raise Refused(503, "server shutting down: try again")  # the client reconnects elsewhere
     try:
         guard = state.limits.open(user.user_id)
     except TooManyConnections:
         raise Refused(429, "too many connections for this user") from None
-    opened = time.monotonic()
+    state.hub.attach(client)
+    metrics.SOCKETS.inc()
     try:
-        await state.hub.join(room_id, room, client)
-        metrics.SOCKETS.inc()
+        yield guard
+    finally:
+        state.hub.detach(client)
+        metrics.SOCKETS.dec()
+        state.limits.close(user.user_id)
+
+
+@asynccontextmanager
+async def _joined(
+    websocket: WebSocket,
+    user: Identity,
+    room: str,
+    client: Client,
+    *,
+    render: Render,
+    live_only: bool = False,
+    events: bool = True,
+) -> AsyncIterator[tuple[FrameGuard, Subscription]]:
+    """A socket of one room: its connection, and its place in the room's feed. Taken before
+    accept, so that a connected client hears every message."""
+    if websocket.app.state.hub.closing:
+        raise Refused(503, "server shutting down: try again")
+    room_id = await _room_id(websocket, user, room)
+    async with _connected(websocket, user, client) as guard:
+        sub = Subscription(client, room_id, room, render=render, live_only=live_only, events=events)
+        opened = time.monotonic()
+        await websocket.app.state.hub.join(sub)
         logs.event("open", room=room, user=user.name, token_id=user.token_id)
         try:
-            yield guard, room_id
+            yield guard, sub
         finally:
-            state.hub.leave(room_id, client)
-            metrics.SOCKETS.dec()
+            websocket.app.state.hub.leave(sub)
             seconds = f"{time.monotonic() - opened:.1f}"
             logs.event("close", room=room, user=user.name, code=client.close_code, seconds=seconds, sent=client.sent)
-    finally:
-        state.limits.close(user.user_id)
+
+
+def _client(websocket: WebSocket, user: Identity) -> Client:
+    settings = websocket.app.state.settings
+    return Client(websocket, max_items=settings.socket_queue, max_bytes=settings.socket_queue_bytes, identity=user)
 
 
 @router.websocket("/rooms/{room}/ws")
@@ -76,33 +109,27 @@ async def room_socket(
     if not ROOM_NAME.fullmatch(room):
         raise Refused(400, "invalid room name: 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
     state = websocket.app.state
-
-    def render(item: Item) -> str:
-        if isinstance(item, MessageRecord):
-            return protocol.message_frame(room, item)
-        return item.frame if isinstance(item, RoomEvent) else item
-
-    client = Client(websocket, queue_size=state.settings.socket_queue, render=render, identity=user)
-    async with _joined(websocket, user, room, client) as (guard, room_id):
+    client = _client(websocket, user)
+    render = functools.partial(protocol.message_frame, room)
+    async with _joined(websocket, user, room, client, render=render) as (guard, sub):
         session = RoomSession(
             settings=state.settings,
             engine=state.engine,
             hub=state.hub,
             identity=user,
-            room_id=room_id,
+            room_id=sub.room_id,
             room=room,
-            client=client,
+            client=sub,
             guard=guard,
         )
-        online = await state.presence.enter(room_id, user)
+        online = await state.presence.enter(sub.room_id, user)
         try:
             await websocket.accept()
-            await session.replay(after=after, online=online)
-            await client.serve(session.handle)
+            await client.serve(session.handle, start=lambda: session.replay(after=after, online=online))
         except WebSocketDisconnect:
             pass
         finally:
-            await state.presence.leave(room_id, user)
+            await state.presence.leave(sub.room_id, user)
 
 
 # --- the FastAPI chapter's examples -----------------------------------------------------------
@@ -141,14 +168,10 @@ async def items(websocket: WebSocket, item_id: str, token: SocketToken, user: So
 async def clients(websocket: WebSocket, client_id: int, user: SocketUser) -> None:
     """Example 3: broadcast to every client in every process; persisted in the `_chapter` room."""
     state = websocket.app.state
-
-    def render(item: Item) -> str | None:
-        if isinstance(item, MessageRecord):
-            return item.body
-        return None if isinstance(item, RoomEvent) else item
-
-    client = Client(websocket, queue_size=state.settings.socket_queue, render=render, identity=user, live_only=True)
-    async with _joined(websocket, user, CHAPTER_ROOM, client) as (guard, room_id):
+    client = _client(websocket, user)
+    joined = _joined(websocket, user, CHAPTER_ROOM, client, render=chapter_render, live_only=True, events=False)
+    async with joined as (guard, sub):
+        room_id = sub.room_id
 
         async def post(body: str, kind: str) -> None:
             async with state.engine.connect() as conn:

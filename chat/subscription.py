@@ -1,0 +1,109 @@
+"""One socket's place in one room: what a room's feed delivers to.
+
+It keeps the room's cursor (the highest seq queued for this socket), turns a room's items into
+frames (each message encoded once per process and the same str queued for every socket), and
+holds live messages back while its replay catches up: replay reads the table until it reaches
+what the feed has dispatched, then goes live in one step, so nothing is sent twice or skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from chat.client import Client, RoomEvent
+from chat.store import Identity, MessageRecord
+
+Item = MessageRecord | RoomEvent | str  # str: a frame for this socket alone (ack, error, ...)
+Render = Callable[[MessageRecord], str | None]  # None: this socket does not show messages
+HELD_EVENTS_MAX = 64  # ephemeral events kept while replaying; later ones are dropped
+
+
+class Subscription:
+    __slots__ = ("_held", "client", "cursor", "events", "live_only", "render", "replaying", "room", "room_id", "tag")
+
+    def __init__(
+        self,
+        client: Client,
+        room_id: int,
+        room: str,
+        *,
+        render: Render,
+        live_only: bool = False,
+        events: bool = True,
+        tag: bool = False,
+    ) -> None:
+        self.client = client
+        self.room_id = room_id
+        self.room = room
+        self.render = render
+        self.live_only = live_only  # no history: start at the room's head when joining
+        self.events = events  # room events (join, leave, typing) are shown
+        self.cursor = 0
+        self.replaying = not live_only  # until replay() calls go_live()
+        # Name the room in this socket's own frames (acks, errors) too: for a socket of many rooms.
+        self.tag = tag
+        self._held: list[str] | None = None
+
+    @property
+    def identity(self) -> Identity | None:
+        return self.client.identity
+
+    @property
+    def sent(self) -> int:
+        return self.client.sent
+
+    def offer(self, item: Item) -> None:
+        """Queue an item for this socket (never blocks)."""
+        if type(item) is MessageRecord:
+            if self.replaying or item.seq <= self.cursor:
+                return  # replay sends it (or already did)
+            self.cursor = item.seq
+            text = self.render(item)
+            if text is not None and self.client.offer(text):
+                self.client.sent += 1
+        elif type(item) is RoomEvent:
+            if self.events:
+                if self.replaying:
+                    held = self._held = self._held or []
+                    if len(held) < HELD_EVENTS_MAX:
+                        held.append(item.frame)
+                else:
+                    self.client.offer(item.frame)
+        elif isinstance(item, str):
+            self.client.offer(tagged(item, self.room) if self.tag else item)
+
+    async def replay_row(self, row: MessageRecord, *, timeout: float) -> None:
+        """Queue one replayed message, waiting (bounded) for the reader: TimeoutError."""
+        if row.seq <= self.cursor:
+            return
+        self.cursor = row.seq
+        text = self.render(row)
+        if text is not None:
+            await self.client.put(text, timeout=timeout)
+            self.client.sent += 1
+
+    def go_live(self) -> None:
+        """Replay has caught up with the feed: from now on the feed's messages are queued."""
+        self.replaying = False
+        held, self._held = self._held, None
+        for frame in held or ():
+            self.client.offer(frame)
+
+    def kick(self, code: int, reason: str, *, flush: bool = False) -> None:
+        self.client.kick(code, reason, flush=flush)
+
+    def go_away(self) -> None:
+        self.client.go_away()
+
+
+def chapter_render(message: MessageRecord) -> str | None:
+    """The chapter's /ws/{client_id}: plain text, the body alone, and no room events."""
+    return message.body
+
+
+def tagged(frame: str, room: str) -> str:
+    """`frame` (a JSON object) naming `room`, if it does not already."""
+    if '"room":' in frame or not frame.startswith("{") or len(frame) < 3:
+        return frame
+    return '{"room":' + json.dumps(room, ensure_ascii=False) + "," + frame[1:]
