@@ -144,6 +144,8 @@ class Client:
             self._broken = True
         finally:
             self._writer = None
+            if not out and self._out is out:
+                self._out = None  # an idle socket keeps no queue
             if self.sent != self._counted:
                 metrics.MESSAGES_OUT.inc(self.sent - self._counted)
                 self._counted = self.sent

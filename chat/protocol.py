@@ -104,11 +104,12 @@ def message_frame(room: str, message: MessageRecord) -> str:
     return message._frame
 
 
-def fit_newest(frames: list[str], *, max_bytes: int) -> int:
-    """How many of `frames` (oldest first), counted from the newest, fit in `max_bytes`; at
-    least one, so that a single large message can always be read."""
+def fit(frames: list[str], *, max_bytes: int, newest: bool = True) -> int:
+    """How many of `frames` (oldest first), counted from the newest (or the oldest), fit in
+    `max_bytes` of JSON (counted in characters); at least one, so that a single large message
+    can always be read."""
     total = 0
-    for kept, frame in enumerate(reversed(frames)):
+    for kept, frame in enumerate(reversed(frames) if newest else frames):
         total += len(frame) + 1
         if total > max_bytes and kept > 0:
             return kept

@@ -211,7 +211,7 @@ class RoomSession:
         async with self.engine.connect() as conn:
             rows = await store.messages_before(conn, room_id=self.room_id, before=frame.before, limit=limit + 1)
         frames = [protocol.message_frame(self.room, r) for r in rows[-limit:]]
-        kept = protocol.fit_newest(frames, max_bytes=self.settings.history_reply_bytes)
+        kept = protocol.fit(frames, max_bytes=self.settings.history_reply_bytes)
         head = protocol.dumps({"type": "history", "room": self.room, "before": frame.before})
         more = "true" if kept < len(frames) or len(rows) > limit else "false"
         # The message frames are the same JSON as message_dict's: joined, not encoded again.

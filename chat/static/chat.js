@@ -610,7 +610,9 @@ function onHistory(state, f) {
   const fromBottom = s.scrollHeight - s.scrollTop; // keep the view where it was
   for (const m of list) addMessage(state, m, true);
   s.scrollTop = s.scrollHeight - fromBottom;
-  if (list.length < HISTORY_LIMIT) state.exhausted = true; // the beginning: never ask again
+  // The beginning: never ask again. has_more is false there (a page capped in bytes is short
+  // but has_more); servers without it send a short page only at the beginning.
+  if (f.has_more === false || (f.has_more === undefined && list.length < HISTORY_LIMIT)) state.exhausted = true;
   updateLoadOlder();
 }
 
