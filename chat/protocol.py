@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -21,6 +21,9 @@ CLOSE_TRY_AGAIN = 1013  # too many of this user's joins replaying at once: recon
 CLOSE_SLOW_CONSUMER = 4000  # this socket's outgoing queue overflowed: reconnect with "after"
 CLOSE_TOKEN_REFUSED = 4001  # the token was revoked or expired while the socket was open
 CLOSE_FLOOD = 4029  # kept sending while rate limited
+
+
+T = TypeVar("T")
 
 
 class _Frame(BaseModel):
@@ -62,8 +65,13 @@ class BadFrame(Exception):
 
 
 def parse(text: str) -> Incoming:
+    return validate(_incoming, text, 'the frame needs a "type": send, history, typing or ping')
+
+
+def validate(adapter: TypeAdapter[T], text: str, unknown_type: str) -> T:
+    """`text` as one of `adapter`'s frames, or BadFrame saying what is wrong with it."""
     try:
-        return _incoming.validate_json(text)
+        return adapter.validate_json(text)
     except ValidationError as exc:
         first = exc.errors()[0]
         kind = first["type"]
@@ -72,7 +80,7 @@ def parse(text: str) -> Incoming:
         if kind in ("dict_type", "model_type"):
             raise BadFrame("invalid_frame", "a frame must be a JSON object") from None
         if kind in ("union_tag_invalid", "union_tag_not_found"):
-            raise BadFrame("unknown_type", 'the frame needs a "type": send, history, typing or ping') from None
+            raise BadFrame("unknown_type", unknown_type) from None
         where = ".".join(str(p) for p in first["loc"][1:]) or "frame"
         raise BadFrame("invalid_frame", f"{where}: {first['msg']}") from None
 

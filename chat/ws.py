@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import functools
-import re
 import time
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
@@ -12,9 +11,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 
-from chat import logs, metrics, protocol, store
+from chat import logs, metrics, protocol, socket_frames, store
 from chat.auth import Refused, SocketToken, SocketUser
 from chat.client import Client
+from chat.connection import Connection
 from chat.db import engine_of
 from chat.limits import FrameGuard, TooManyConnections
 from chat.service import RoomSession, admit, check_body
@@ -23,7 +23,7 @@ from chat.subscription import Render, Subscription, chapter_render
 
 router = APIRouter()
 
-ROOM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+ROOM_NAME = socket_frames.ROOM_NAME  # the same rule in both socket protocols and the API
 CHAPTER_ROOM = "_chapter"  # where /ws/{client_id} keeps its messages; no user room starts with "_"
 
 
@@ -130,6 +130,29 @@ async def room_socket(
             pass
         finally:
             await state.presence.leave(sub.room_id, user)
+
+
+@router.websocket("/socket")
+async def socket(websocket: WebSocket, user: SocketUser) -> None:
+    """One socket for many rooms: subscribe, unsubscribe, and room frames naming their room."""
+    state = websocket.app.state
+    client = _client(websocket, user)
+    async with _connected(websocket, user, client) as guard:
+        connection = Connection(
+            settings=state.settings,
+            hub=state.hub,
+            presence=state.presence,
+            identity=user,
+            client=client,
+            guard=guard,
+        )
+        try:
+            await websocket.accept()
+            await client.serve(connection.handle)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            await connection.close()
 
 
 # --- the FastAPI chapter's examples -----------------------------------------------------------

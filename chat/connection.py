@@ -1,0 +1,156 @@
+"""One socket for many rooms (`/socket`): routes each frame by its room to that room's session.
+
+A subscribe is authorised like a room socket's join (token room scopes, the rooms-per-socket
+limit); a refusal is an error frame naming the room, and the socket stays open. Each room has
+its own Subscription (cursor, replay) and RoomSession (sends, history, typing); the socket
+shares one outgoing queue, one connection slot and one rate-limit guard across its rooms.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any
+
+from chat import logs, metrics, protocol, socket_frames, store
+from chat.client import Client
+from chat.config import Settings
+from chat.hub import Hub
+from chat.limits import FrameGuard
+from chat.presence import Presence
+from chat.protocol import BadFrame, PingFrame
+from chat.service import RoomSession, admit
+from chat.socket_frames import RoomHistoryFrame, RoomSendFrame, RoomTypingFrame, SubscribeFrame, UnsubscribeFrame
+from chat.store import Identity
+from chat.subscription import Subscription
+
+log = logging.getLogger("chat.connection")
+
+
+class Connection:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        hub: Hub,
+        presence: Presence,
+        identity: Identity,
+        client: Client,
+        guard: FrameGuard,
+    ) -> None:
+        self.settings = settings
+        self.hub = hub
+        self.presence = presence
+        self.identity = identity
+        self.client = client
+        self.guard = guard
+        self.rooms: dict[str, tuple[RoomSession, float]] = {}  # by name: its session, since when
+
+    def error(self, code: str, detail: str, **extra: Any) -> None:
+        self.client.offer(protocol.error_frame(code, detail, **extra))
+
+    async def handle(self, text: str | None) -> None:
+        if refused := admit(self.guard, self.client):
+            detail = f"slow down: retry in {refused.retry_after:.1f}s"
+            self.error("rate_limited", detail, retry_after=round(refused.retry_after, 2))
+            return
+        if text is None:
+            self.error("binary_not_supported", "send JSON text frames")
+            return
+        self.guard.charge_bytes(len(text))
+        try:
+            frame = socket_frames.parse(text)
+        except BadFrame as exc:
+            metrics.REFUSALS.labels(exc.code).inc()
+            self.error(exc.code, exc.detail)
+            return
+        if isinstance(frame, PingFrame):
+            self.client.offer(protocol.dumps({"type": "pong"}))
+        elif isinstance(frame, SubscribeFrame):
+            await self.subscribe(frame)
+        elif isinstance(frame, UnsubscribeFrame):
+            await self.unsubscribe(frame.room)
+        else:
+            await self.in_room(frame)
+
+    async def in_room(self, frame: RoomSendFrame | RoomHistoryFrame | RoomTypingFrame) -> None:
+        entry = self.rooms.get(frame.room)
+        extra = {"client_id": frame.client_id} if isinstance(frame, RoomSendFrame) else {}
+        if entry is None:
+            self.error("not_subscribed", "subscribe to the room first", room=frame.room, **extra)
+            return
+        session = entry[0]
+        try:
+            if isinstance(frame, RoomSendFrame):
+                await session.send(frame)
+            elif isinstance(frame, RoomHistoryFrame):
+                await session.history(frame)
+            else:
+                await session.typing()
+        except BadFrame as exc:
+            metrics.REFUSALS.labels(exc.code).inc()
+            self.error(exc.code, exc.detail, room=frame.room, **extra)
+
+    async def subscribe(self, frame: SubscribeFrame) -> None:
+        room, user = frame.room, self.identity
+        if room in self.rooms:
+            self.error("already_subscribed", "already subscribed to this room", room=room)
+            return
+        if not socket_frames.ROOM_NAME.fullmatch(room):
+            detail = "invalid room name: 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit"
+            self.error("invalid_room", detail, room=room)
+            return
+        if not user.may_join(room):
+            metrics.REFUSALS.labels("room not allowed for this token").inc()
+            self.error("forbidden", "room not allowed for this token", room=room)
+            return
+        if len(self.rooms) >= self.settings.socket_rooms_max:
+            detail = f"at most {self.settings.socket_rooms_max} rooms per socket: unsubscribe from one first"
+            self.error("too_many_rooms", detail, room=room)
+            return
+        try:
+            async with self.hub.engine.connect() as conn:
+                room_id = await store.room_id(conn, name=room)
+            assert room_id is not None
+            render = functools.partial(protocol.message_frame, room)
+            sub = Subscription(self.client, room_id, room, render=render, tag=True)
+            await self.hub.join(sub)
+        except Exception as exc:
+            log.warning("subscribing to %r failed: %r", room, exc)
+            self.error("unavailable", "could not subscribe: try again", room=room)
+            return
+        session = RoomSession(
+            settings=self.settings,
+            engine=self.hub.engine,
+            hub=self.hub,
+            identity=user,
+            room_id=room_id,
+            room=room,
+            client=sub,
+            guard=self.guard,
+        )
+        self.rooms[room] = (session, time.monotonic())
+        logs.event("open", room=room, user=user.name, token_id=user.token_id)
+        online = await self.presence.enter(room_id, user)
+        await session.replay(after=frame.after, online=online)
+
+    async def unsubscribe(self, room: str) -> None:
+        if room not in self.rooms:
+            self.error("not_subscribed", "not subscribed to this room", room=room)
+            return
+        await self._leave(room)
+        self.client.offer(protocol.dumps({"type": "unsubscribed", "room": room}))
+
+    async def _leave(self, room: str) -> None:
+        session, since = self.rooms.pop(room)
+        assert isinstance(session.client, Subscription)
+        self.hub.leave(session.client)
+        seconds = f"{time.monotonic() - since:.1f}"
+        logs.event("close", room=room, user=self.identity.name, code=self.client.close_code, seconds=seconds)
+        await self.presence.leave(session.room_id, self.identity)
+
+    async def close(self) -> None:
+        """The socket ended: leave every room."""
+        for room in list(self.rooms):
+            await self._leave(room)
