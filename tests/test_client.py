@@ -72,11 +72,12 @@ async def test_overflow_during_replay_closes_4000_or_serves_everything(
     are inserted. It got `ready`, then nothing, forever. Now it is either served every message
     in order, or closed with 4000 (then it resumes)."""
     room = unique("replay")
-    replayed, live = 3000, 400
-    await fill_room(engine, room, count=replayed, body="x" * 1000)
+    replayed, live, later = 10_000, 400, 20  # 20 MB: more than the socket buffers hold
+    await fill_room(engine, room, count=replayed, body="x" * 2000)
     ws = await open_raw(small_queue_server.ws(f"/rooms/{room}/ws?after=0"), await make_token())
     seqs: list[int] = []
     frames: list[str] = []
+    inserted, ready = asyncio.Event(), asyncio.Event()
 
     async def read() -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -85,9 +86,11 @@ async def test_overflow_during_replay_closes_4000_or_serves_everything(
                 frames.append(frame["type"])
                 if frame["type"] == "message":
                     seqs.append(frame["seq"])
-                    if len(seqs) < replayed // 2:
-                        await asyncio.sleep(0.002)  # slow at first, while the rows go in
-                if seqs and seqs[-1] == replayed + live and "ready" in frames:
+                    if not inserted.is_set():
+                        await asyncio.sleep(0.002)  # slow while the rows go in
+                if frame["type"] == "ready":
+                    ready.set()
+                if seqs and seqs[-1] == replayed + live + later:
                     await ws.close()
 
     reader = asyncio.create_task(read())
@@ -95,16 +98,19 @@ async def test_overflow_during_replay_closes_4000_or_serves_everything(
         await asyncio.wait([reader], timeout=0.05)
         assert not reader.done(), f"closed before any message: {ws.close_code}"
     await insert_live(engine, room, count=live)
-    await asyncio.wait_for(reader, 120)  # never silent: either served to the end, or closed
+    inserted.set()
+    await asyncio.wait([reader, asyncio.create_task(ready.wait())], timeout=120, return_when=asyncio.FIRST_COMPLETED)
+    await insert_live(engine, room, count=later)  # after ready: live, through the queue
+    await asyncio.wait_for(reader, 60)  # never silent: either served to the end, or closed
     if ws.close_code == CLOSE_SLOW_CONSUMER:
         assert seqs == list(range(1, len(seqs) + 1))  # what came before the close had no gap
         async with await RoomClient.open(
             small_queue_server.ws(f"/rooms/{room}/ws"), await make_token(), after=seqs[-1] if seqs else 0
         ) as resumed:
-            await resumed.until_seq(replayed + live, timeout=60)
-            assert seqs + resumed.seqs() == list(range(1, replayed + live + 1))
+            await resumed.until_seq(replayed + live + later, timeout=60)
+            assert seqs + resumed.seqs() == list(range(1, replayed + live + later + 1))
     else:
-        assert seqs == list(range(1, replayed + live + 1))
+        assert seqs == list(range(1, replayed + live + later + 1))
         assert "ready" in frames
 
 
