@@ -130,9 +130,15 @@ class Connection:
             client=sub,
             guard=self.guard,
         )
+        try:
+            online = await self.presence.enter(room_id, user)
+        except Exception as exc:
+            log.warning("presence of %r failed: %r", room, exc)
+            self.hub.leave(sub)
+            self.error("unavailable", "could not subscribe: try again", room=room)
+            return
         self.rooms[room] = (session, time.monotonic())
         logs.event("open", room=room, user=user.name, token_id=user.token_id)
-        online = await self.presence.enter(room_id, user)
         await session.replay(after=frame.after, online=online)
 
     async def unsubscribe(self, room: str) -> None:

@@ -99,6 +99,10 @@ class RoomSession:
         except TimeoutError:
             sub.kick(CLOSE_SLOW_CONSUMER, SLOW_CONSUMER)
             return
+        except Exception as exc:  # the database failed mid-replay: the client resumes elsewhere or later
+            log.warning("replay of %r failed: %r", self.room, exc)
+            sub.kick(CLOSE_TRY_AGAIN, "database unavailable: reconnect and resume")
+            return
 
     async def _replay(self, after: int | None, timeout: float, online: list[str]) -> None:
         sub = self.client
