@@ -45,7 +45,7 @@ class Connection:
         self.identity = identity
         self.client = client
         self.guard = guard
-        self.rooms: dict[str, tuple[RoomSession, float]] = {}  # by name: its session, since when
+        self.rooms: dict[str, RoomSession] = {}  # by name
 
     def error(self, code: str, detail: str, **extra: Any) -> None:
         self.client.offer(protocol.error_frame(code, detail, **extra))
@@ -75,12 +75,11 @@ class Connection:
             await self.in_room(frame)
 
     async def in_room(self, frame: RoomSendFrame | RoomHistoryFrame | RoomTypingFrame) -> None:
-        entry = self.rooms.get(frame.room)
+        session = self.rooms.get(frame.room)
         extra = {"client_id": frame.client_id} if isinstance(frame, RoomSendFrame) else {}
-        if entry is None:
+        if session is None:
             self.error("not_subscribed", "subscribe to the room first", room=frame.room, **extra)
             return
-        session = entry[0]
         try:
             if isinstance(frame, RoomSendFrame):
                 await session.send(frame)
@@ -137,7 +136,7 @@ class Connection:
             self.hub.leave(sub)
             self.error("unavailable", "could not subscribe: try again", room=room)
             return
-        self.rooms[room] = (session, time.monotonic())
+        self.rooms[room] = session
         logs.event("open", room=room, user=user.name, token_id=user.token_id)
         await session.replay(after=frame.after, online=online)
 
@@ -149,10 +148,10 @@ class Connection:
         self.client.offer(protocol.dumps({"type": "unsubscribed", "room": room}))
 
     async def _leave(self, room: str) -> None:
-        session, since = self.rooms.pop(room)
-        assert isinstance(session.client, Subscription)
-        self.hub.leave(session.client)
-        seconds = f"{time.monotonic() - since:.1f}"
+        session = self.rooms.pop(room)
+        sub = session.client
+        self.hub.leave(sub)
+        seconds = f"{time.monotonic() - sub.since:.1f}"
         logs.event("close", room=room, user=self.identity.name, code=self.client.close_code, seconds=seconds)
         await self.presence.leave(session.room_id, self.identity)
 

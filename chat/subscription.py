@@ -9,6 +9,7 @@ what the feed has dispatched, then goes live in one step, so nothing is sent twi
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 
 from chat.client import Client, RoomEvent
@@ -20,7 +21,19 @@ HELD_EVENTS_MAX = 64  # ephemeral events kept while replaying; later ones are dr
 
 
 class Subscription:
-    __slots__ = ("_held", "client", "cursor", "events", "live_only", "render", "replaying", "room", "room_id", "tag")
+    __slots__ = (
+        "_held",
+        "client",
+        "cursor",
+        "events",
+        "live_only",
+        "render",
+        "replaying",
+        "room",
+        "room_id",
+        "since",
+        "tag",
+    )
 
     def __init__(
         self,
@@ -44,6 +57,7 @@ class Subscription:
         # Name the room in this socket's own frames (acks, errors) too: for a socket of many rooms.
         self.tag = tag
         self._held: list[str] | None = None
+        self.since = time.monotonic()
 
     @property
     def identity(self) -> Identity | None:

@@ -44,25 +44,61 @@ async def _room_id(websocket: WebSocket, user: Identity, room: str) -> int:
     return room_id
 
 
-@asynccontextmanager
-async def _connected(websocket: WebSocket, user: Identity, client: Client) -> AsyncIterator[FrameGuard]:
+def _connect(websocket: WebSocket, user: Identity, client: Client) -> FrameGuard:
     """What any socket holds while it is open: a connection slot of its user, and its place
-    among the process's sockets (revocation, shutdown). Taken before accept."""
+    among the process's sockets (revocation, shutdown). Taken before accept; give it back with
+    _disconnect. (Plain functions, not context managers: an idle socket keeps no extra frames.)"""
     state = websocket.app.state
     if state.hub.closing:
         raise Refused(503, "server shutting down: try again")  # the client reconnects elsewhere
     try:
-        guard = state.limits.open(user.user_id)
+        guard: FrameGuard = state.limits.open(user.user_id)
     except TooManyConnections:
         raise Refused(429, "too many connections for this user") from None
     state.hub.attach(client)
     metrics.SOCKETS.inc()
+    return guard
+
+
+def _disconnect(websocket: WebSocket, user: Identity, client: Client) -> None:
+    state = websocket.app.state
+    state.hub.detach(client)
+    metrics.SOCKETS.dec()
+    state.limits.close(user.user_id)
+
+
+async def _join(
+    websocket: WebSocket,
+    user: Identity,
+    room: str,
+    client: Client,
+    *,
+    render: Render,
+    live_only: bool = False,
+    events: bool = True,
+) -> tuple[FrameGuard, Subscription]:
+    """A socket of one room: its connection, and its place in the room's feed. Taken before
+    accept, so that a connected client hears every message; give it back with _leave."""
+    if websocket.app.state.hub.closing:
+        raise Refused(503, "server shutting down: try again")
+    room_id = await _room_id(websocket, user, room)
+    guard = _connect(websocket, user, client)
+    sub = Subscription(client, room_id, room, render=render, live_only=live_only, events=events)
     try:
-        yield guard
-    finally:
-        state.hub.detach(client)
-        metrics.SOCKETS.dec()
-        state.limits.close(user.user_id)
+        await websocket.app.state.hub.join(sub)
+    except BaseException:
+        _disconnect(websocket, user, client)
+        raise
+    logs.event("open", room=room, user=user.name, token_id=user.token_id)
+    return guard, sub
+
+
+def _leave(websocket: WebSocket, user: Identity, sub: Subscription) -> None:
+    client = sub.client
+    websocket.app.state.hub.leave(sub)
+    seconds = f"{time.monotonic() - sub.since:.1f}"
+    logs.event("close", room=sub.room, user=user.name, code=client.close_code, seconds=seconds, sent=client.sent)
+    _disconnect(websocket, user, client)
 
 
 @asynccontextmanager
@@ -76,22 +112,11 @@ async def _joined(
     live_only: bool = False,
     events: bool = True,
 ) -> AsyncIterator[tuple[FrameGuard, Subscription]]:
-    """A socket of one room: its connection, and its place in the room's feed. Taken before
-    accept, so that a connected client hears every message."""
-    if websocket.app.state.hub.closing:
-        raise Refused(503, "server shutting down: try again")
-    room_id = await _room_id(websocket, user, room)
-    async with _connected(websocket, user, client) as guard:
-        sub = Subscription(client, room_id, room, render=render, live_only=live_only, events=events)
-        opened = time.monotonic()
-        await websocket.app.state.hub.join(sub)
-        logs.event("open", room=room, user=user.name, token_id=user.token_id)
-        try:
-            yield guard, sub
-        finally:
-            websocket.app.state.hub.leave(sub)
-            seconds = f"{time.monotonic() - opened:.1f}"
-            logs.event("close", room=room, user=user.name, code=client.close_code, seconds=seconds, sent=client.sent)
+    guard, sub = await _join(websocket, user, room, client, render=render, live_only=live_only, events=events)
+    try:
+        yield guard, sub
+    finally:
+        _leave(websocket, user, sub)
 
 
 def _client(websocket: WebSocket, user: Identity) -> Client:
@@ -111,7 +136,8 @@ async def room_socket(
     state = websocket.app.state
     client = _client(websocket, user)
     render = functools.partial(protocol.message_frame, room)
-    async with _joined(websocket, user, room, client, render=render) as (guard, sub):
+    guard, sub = await _join(websocket, user, room, client, render=render)
+    try:
         session = RoomSession(
             settings=state.settings,
             engine=state.engine,
@@ -125,11 +151,13 @@ async def room_socket(
         online = await state.presence.enter(sub.room_id, user)
         try:
             await websocket.accept()
-            await client.serve(session.handle, start=lambda: session.replay(after=after, online=online))
+            await client.serve(session.handle, start=functools.partial(session.replay, after=after, online=online))
         except WebSocketDisconnect:
             pass
         finally:
             await state.presence.leave(sub.room_id, user)
+    finally:
+        _leave(websocket, user, sub)
 
 
 @router.websocket("/socket")
@@ -137,7 +165,8 @@ async def socket(websocket: WebSocket, user: SocketUser) -> None:
     """One socket for many rooms: subscribe, unsubscribe, and room frames naming their room."""
     state = websocket.app.state
     client = _client(websocket, user)
-    async with _connected(websocket, user, client) as guard:
+    guard = _connect(websocket, user, client)
+    try:
         connection = Connection(
             settings=state.settings,
             hub=state.hub,
@@ -153,6 +182,8 @@ async def socket(websocket: WebSocket, user: SocketUser) -> None:
             pass
         finally:
             await connection.close()
+    finally:
+        _disconnect(websocket, user, client)
 
 
 # --- the FastAPI chapter's examples -----------------------------------------------------------
