@@ -113,7 +113,7 @@ class Connection:
                 room_id = await store.room_id(conn, name=room)
             assert room_id is not None
             render = functools.partial(protocol.message_frame, room)
-            sub = Subscription(self.client, room_id, room, render=render, tag=True)
+            sub = Subscription(self.client, room_id, room, render=render, tag=True, batch=True)
             await self.hub.join(sub)
         except Exception as exc:
             log.warning("subscribing to %r failed: %r", room, exc)

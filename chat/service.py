@@ -122,10 +122,9 @@ class RoomSession:
             sub.cursor = min(after, head)  # a cursor from the future: resume from now
             complete = len(rows) < REPLAY_PAGE
         while True:
-            for row in rows:
-                await sub.replay_row(row, timeout=timeout)
-                if sub.client.closing:
-                    return
+            await sub.replay_rows(rows, timeout=timeout)
+            if sub.client.closing:
+                return
             if complete and self.hub.last_seq(self.room_id) == seen:
                 # Nothing dispatched since the read: whatever comes next is live. No await
                 # between this check and going live.

@@ -18,11 +18,13 @@ from chat.store import Identity, MessageRecord
 Item = MessageRecord | RoomEvent | str  # str: a frame for this socket alone (ack, error, ...)
 Render = Callable[[MessageRecord], str | None]  # None: this socket does not show messages
 HELD_EVENTS_MAX = 64  # ephemeral events kept while replaying; later ones are dropped
+REPLAY_BATCH_BYTES = 64 * 1024  # a `messages` frame of a replay holds up to this much
 
 
 class Subscription:
     __slots__ = (
         "_held",
+        "batch",
         "client",
         "cursor",
         "events",
@@ -45,6 +47,7 @@ class Subscription:
         live_only: bool = False,
         events: bool = True,
         tag: bool = False,
+        batch: bool = False,
     ) -> None:
         self.client = client
         self.room_id = room_id
@@ -56,6 +59,7 @@ class Subscription:
         self.replaying = not live_only  # until replay() calls go_live()
         # Name the room in this socket's own frames (acks, errors) too: for a socket of many rooms.
         self.tag = tag
+        self.batch = batch  # replay in `messages` frames (the multiplexed socket)
         self._held: list[str] | None = None
         self.since = time.monotonic()
 
@@ -87,15 +91,38 @@ class Subscription:
         elif isinstance(item, str):
             self.client.offer(tagged(item, self.room) if self.tag else item)
 
-    async def replay_row(self, row: MessageRecord, *, timeout: float) -> None:
-        """Queue one replayed message, waiting (bounded) for the reader: TimeoutError."""
-        if row.seq <= self.cursor:
-            return
-        self.cursor = row.seq
-        text = self.render(row)
-        if text is not None:
-            await self.client.put(text, timeout=timeout)
-            self.client.sent += 1
+    async def replay_rows(self, rows: list[MessageRecord], *, timeout: float) -> None:
+        """Queue replayed messages, waiting (bounded) for the reader: TimeoutError. One frame
+        per message, or (`batch`) `messages` frames of up to REPLAY_BATCH_BYTES each."""
+        client = self.client
+        frames: list[str] = []
+        size = 0
+        for row in rows:
+            if client.closing:
+                return
+            if row.seq <= self.cursor:
+                continue
+            self.cursor = row.seq
+            text = self.render(row)
+            if text is None:
+                continue
+            if not self.batch:
+                await client.put(text, timeout=timeout)
+                client.sent += 1
+                continue
+            if frames and size + len(text) > REPLAY_BATCH_BYTES:
+                await self._put_batch(frames, timeout)
+                frames, size = [], 0
+            frames.append(text)
+            size += len(text) + 1
+        if frames:
+            await self._put_batch(frames, timeout)
+
+    async def _put_batch(self, frames: list[str], timeout: float) -> None:
+        # Each message is its own frame's JSON, so the batch is joined, not encoded again.
+        room = json.dumps(self.room, ensure_ascii=False)
+        await self.client.put(f'{{"type":"messages","room":{room},"messages":[{",".join(frames)}]}}', timeout=timeout)
+        self.client.sent += len(frames)
 
     def go_live(self) -> None:
         """Replay has caught up with the feed: from now on the feed's messages are queued."""

@@ -23,7 +23,15 @@ async def send(client: RoomClient, **frame: Any) -> None:
 
 
 def messages(client: RoomClient, room: str) -> list[tuple[int, str]]:
-    return [(f["seq"], f["body"]) for f in client.frames if f["type"] == "message" and f["room"] == room]
+    """Live `message` frames and replayed `messages` batches, in order."""
+    found: list[tuple[int, str]] = []
+    for f in client.frames:
+        if f["type"] == "messages" and f["room"] == room:
+            assert all(m["type"] == "message" and m["room"] == room for m in f["messages"])
+            found += [(m["seq"], m["body"]) for m in f["messages"]]
+        elif f["type"] == "message" and f["room"] == room:
+            found.append((f["seq"], f["body"]))
+    return found
 
 
 async def test_subscribe_unsubscribe_and_resume_per_room_across_processes(
@@ -72,6 +80,8 @@ async def test_subscribe_unsubscribe_and_resume_per_room_across_processes(
             assert ready["last_seq"] == 6
         assert messages(resumed, r1) == [(5, "missed 0"), (6, "missed 1")]
         assert messages(resumed, r2) == [(4, "after unsubscribe"), (5, "missed 0"), (6, "missed 1")]
+        replays = [f for f in resumed.frames if f["type"] == "messages"]
+        assert [f["room"] for f in replays] == [r1, r2]  # one batch each: the replay's frame
 
 
 async def test_a_refused_subscribe_leaves_the_other_rooms_working(
