@@ -208,8 +208,8 @@ class RoomSession:
         await self.hub.publish(self.room_id, {"type": "typing", "user": self.identity.name})
 
     async def history(self, frame: HistoryFrame) -> None:
-        """A page of older messages, newest ones first to go if the page would be over
-        CHAT_HISTORY_REPLY_BYTES (has_more says so); its size is charged to the rate limits."""
+        """A page of older messages. If it would be over CHAT_HISTORY_REPLY_BYTES, its oldest
+        messages are left out (has_more says so); its size is charged to the rate limits."""
         limit = min(frame.limit, self.settings.history_page_max)
         async with self.engine.connect() as conn:
             rows = await store.messages_before(conn, room_id=self.room_id, before=frame.before, limit=limit + 1)
