@@ -128,7 +128,9 @@ class Client:
     async def drained(self) -> None:
         """Until the queue is empty (or the socket is closing)."""
         while self._out and not self.closing:
-            event = self._drained = asyncio.Event()
+            event = self._drained
+            if event is None or event.is_set():  # one event for every waiter (replays of several rooms)
+                event = self._drained = asyncio.Event()
             await event.wait()
 
     async def _drain(self) -> None:

@@ -8,6 +8,7 @@ shares one outgoing queue, one connection slot and one rate-limit guard across i
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -26,6 +27,8 @@ from chat.store import Identity
 from chat.subscription import Subscription
 
 log = logging.getLogger("chat.connection")
+
+SUBSCRIBES_AT_ONCE = 4  # per socket
 
 
 class Connection:
@@ -46,6 +49,8 @@ class Connection:
         self.client = client
         self.guard = guard
         self.rooms: dict[str, RoomSession] = {}  # by name
+        self._pending: dict[str, asyncio.Task[None]] = {}  # subscribes under way, by room
+        self._slots: asyncio.Semaphore | None = None  # made on the first subscribe
 
     def error(self, code: str, detail: str, **extra: Any) -> None:
         self.client.offer(protocol.error_frame(code, detail, **extra))
@@ -68,11 +73,19 @@ class Connection:
         if isinstance(frame, PingFrame):
             self.client.offer(protocol.dumps({"type": "pong"}))
         elif isinstance(frame, SubscribeFrame):
-            await self.subscribe(frame)
+            self.subscribe(frame)
         elif isinstance(frame, UnsubscribeFrame):
+            await self._settled(frame.room)
             await self.unsubscribe(frame.room)
         else:
+            await self._settled(frame.room)
             await self.in_room(frame)
+
+    async def _settled(self, room: str) -> None:
+        """Until a subscribe of `room` under way is done (answered with ready or an error)."""
+        task = self._pending.get(room)
+        if task is not None:
+            await asyncio.wait((task,))
 
     async def in_room(self, frame: RoomSendFrame | RoomHistoryFrame | RoomTypingFrame) -> None:
         session = self.rooms.get(frame.room)
@@ -91,9 +104,11 @@ class Connection:
             metrics.REFUSALS.labels(exc.code).inc()
             self.error(exc.code, exc.detail, room=frame.room, **extra)
 
-    async def subscribe(self, frame: SubscribeFrame) -> None:
+    def subscribe(self, frame: SubscribeFrame) -> None:
+        """Check a subscribe, then run it beside the socket's other frames (a few at a time per
+        socket, so that one socket's burst of subscribes cannot take the pool)."""
         room, user = frame.room, self.identity
-        if room in self.rooms:
+        if room in self.rooms or room in self._pending:
             self.error("already_subscribed", "already subscribed to this room", room=room)
             return
         if not socket_frames.ROOM_NAME.fullmatch(room):
@@ -104,10 +119,25 @@ class Connection:
             metrics.REFUSALS.labels("room not allowed for this token").inc()
             self.error("forbidden", "room not allowed for this token", room=room)
             return
-        if len(self.rooms) >= self.settings.socket_rooms_max:
+        if len(self.rooms) + len(self._pending) >= self.settings.socket_rooms_max:
             detail = f"at most {self.settings.socket_rooms_max} rooms per socket: unsubscribe from one first"
             self.error("too_many_rooms", detail, room=room)
             return
+        task = self._pending[room] = asyncio.create_task(self._subscribe(frame))
+        task.add_done_callback(lambda _: self._pending.pop(room, None))
+
+    async def _subscribe(self, frame: SubscribeFrame) -> None:
+        slots = self._slots = self._slots or asyncio.Semaphore(SUBSCRIBES_AT_ONCE)
+        try:
+            async with slots:
+                if not self.client.closing:
+                    await self._join(frame)
+        except Exception:  # a bug: say so in the log, and answer the client
+            log.exception("subscribe to %r failed", frame.room)
+            self.error("unavailable", "could not subscribe: try again", room=frame.room)
+
+    async def _join(self, frame: SubscribeFrame) -> None:
+        room, user = frame.room, self.identity
         try:
             async with self.hub.engine.connect() as conn:
                 room_id = await store.room_id(conn, name=room)
@@ -156,6 +186,10 @@ class Connection:
         await self.presence.leave(session.room_id, self.identity)
 
     async def close(self) -> None:
-        """The socket ended: leave every room."""
+        """The socket ended: stop the subscribes under way, and leave every room."""
+        pending = list(self._pending.values())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         for room in list(self.rooms):
             await self._leave(room)

@@ -151,3 +151,18 @@ async def test_bad_frames_get_error_frames_and_the_socket_stays_open(server_a: S
         await client.until("pong")
         await send(client, type="send", room=room, body="still open", client_id="z")
         await client.until("ack", client_id="z")
+
+
+async def test_a_burst_of_subscribes_then_a_send_right_away(server_a: Server, make_token: MakeToken) -> None:
+    """Subscribes run beside each other (a few at a time per socket); a frame for a room whose
+    subscribe is under way waits for it instead of being refused."""
+    rooms = [unique("burst") for _ in range(10)]
+    async with await RoomClient.open(server_a.ws("/socket"), await make_token()) as client:
+        for room in rooms:
+            await send(client, type="subscribe", room=room)
+        await send(client, type="send", room=rooms[-1], body="right away", client_id="now")
+        assert (await client.until("ack", client_id="now"))["room"] == rooms[-1]
+        for room in rooms:
+            await client.until("ready", room=room)
+        await client.until("message", room=rooms[-1], body="right away")
+        assert not [f for f in client.frames if f["type"] == "error"]
