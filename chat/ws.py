@@ -124,6 +124,14 @@ def _client(websocket: WebSocket, user: Identity) -> Client:
     return Client(websocket, max_items=settings.socket_queue, max_bytes=settings.socket_queue_bytes, identity=user)
 
 
+async def _weighed(session: RoomSession, guard: FrameGuard, text: str | None) -> None:
+    """A room socket's frame, then its size charged: big frames cost more (the debt delays the
+    next ones)."""
+    await session.handle(text)
+    if text is not None:
+        guard.charge_bytes(len(text))
+
+
 @router.websocket("/rooms/{room}/ws")
 async def room_socket(
     websocket: WebSocket,
@@ -148,10 +156,11 @@ async def room_socket(
             client=sub,
             guard=guard,
         )
+        handle = functools.partial(_weighed, session, guard)
         online = await state.presence.enter(sub.room_id, user)
         try:
             await websocket.accept()
-            await client.serve(session.handle, start=functools.partial(session.replay, after=after, online=online))
+            await client.serve(handle, start=functools.partial(session.replay, after=after, online=online))
         except WebSocketDisconnect:
             pass
         finally:
