@@ -17,6 +17,8 @@ SERVER_ENV = {
     "CHAT_RATE_BURST": "1000000",
     "CHAT_USER_RATE_PER_SECOND": "1000000",
     "CHAT_USER_RATE_BURST": "1000000",
+    "CHAT_API_RATE_PER_SECOND": "1000000",
+    "CHAT_API_RATE_BURST": "1000000",
     "CHAT_MAX_CONNECTIONS_PER_USER": "1000000",
     "CHAT_MAX_ROOMS_PER_USER": "1000000",  # the join scenario makes a room per "first" join
     "CHAT_ECHO_CONNECTIONS_PER_ADDRESS": "1000000",  # every load generator socket comes from 127.0.0.1

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -32,12 +32,25 @@ def _error(description: str) -> dict[str, Any]:
     return {"model": Detail, "description": description}
 
 
+async def api_identity(request: Request, user: HttpUser) -> Identity:
+    """The caller, within its per-user rate limit (CHAT_API_RATE_PER_SECOND, byte-weighed)."""
+    wait = request.app.state.limits.api_check(user.user_id)
+    if wait > 0:
+        raise Refused(429, f"slow down: retry in {wait:.1f}s")
+    return user
+
+
+ApiUser = Annotated[Identity, Depends(api_identity)]
 UNAUTHORIZED = _error("`missing token`, `invalid token`, `token expired` or `token revoked`")
 NO_ROOM = _error("`no such room`: it does not exist, or this token may not use it")
 router = APIRouter(
     prefix="/api",
     tags=["history"],
-    responses={401: UNAUTHORIZED, 403: _error("`origin not allowed` (cookie sent from another site)")},
+    responses={
+        401: UNAUTHORIZED,
+        403: _error("`origin not allowed` (cookie sent from another site)"),
+        429: _error("`slow down: retry in …s`: this user's requests (weighed by reply size) are over the limit"),
+    },
 )
 
 
@@ -91,7 +104,7 @@ async def _room_id(conn: AsyncConnection, user: Identity, room: str) -> int:
 @router.get("/rooms")
 async def rooms(
     request: Request,
-    user: HttpUser,
+    user: ApiUser,
     after: Annotated[str | None, Query(max_length=64, pattern=r"^[^\x00]*$", description="the last name seen")] = None,
     limit: Annotated[int, Query(ge=1, le=ROOMS_MAX)] = 100,
 ) -> list[RoomOut]:
@@ -105,13 +118,15 @@ async def rooms(
 async def messages(
     request: Request,
     room: str,
-    user: HttpUser,
+    user: ApiUser,
     before: Annotated[int | None, Query(ge=1, le=MAX_SEQ, description="messages with seq < this")] = None,
     after: Annotated[int | None, Query(ge=0, le=MAX_SEQ, description="messages with seq > this")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_SEQ, description="clamped to CHAT_HISTORY_PAGE_MAX (200)")] = 50,
 ) -> Page:
     """A page of history, oldest first: the latest messages, those before a seq (paging back),
-    or those after one (catching up). Each page is one primary-key range scan of `limit` rows."""
+    or those after one (catching up). Each page is one primary-key range scan of `limit` rows.
+    A page stops short of CHAT_HISTORY_REPLY_BYTES of messages (has_more is then true); its
+    size counts against the caller's rate limit."""
     if before is not None and after is not None:
         raise Refused(400, "give before or after, not both")
     # Clamped, not refused, like the socket's history frame; has_more says whether to go on.
@@ -125,7 +140,16 @@ async def messages(
         else:
             rows = await store.messages_before(conn, room_id=room_id, before=before, limit=limit + 1)
             page = rows[-limit:]
-    return Page(room=room, messages=[_message(room, r) for r in page], has_more=len(rows) > limit)
+    settings = request.app.state.settings
+    frames = [protocol.message_frame(room, r) for r in page]
+    kept = protocol.fit(frames, max_bytes=settings.history_reply_bytes, newest=after is None)
+    more = len(rows) > limit or kept < len(page)
+    if after is None:
+        page, frames = page[len(page) - kept :], frames[len(frames) - kept :]
+    else:
+        page, frames = page[:kept], frames[:kept]
+    request.app.state.limits.api_check(user.user_id, size=sum(map(len, frames)))
+    return Page(room=room, messages=[_message(room, r) for r in page], has_more=more)
 
 
 @router.get(
@@ -140,7 +164,7 @@ async def messages(
 async def search(
     request: Request,
     room: str,
-    user: HttpUser,
+    user: ApiUser,
     q: Annotated[str, Query(max_length=256, description='words, "a phrase", -excluded, or')],
     limit: Annotated[int, Query(ge=1, le=SEARCH_MAX)] = 20,
     offset: Annotated[int, Query(ge=0, le=SEARCH_OFFSET_MAX)] = 0,

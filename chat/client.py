@@ -1,8 +1,13 @@
-"""One socket's outgoing side: a bounded queue drained by a single writer task.
+"""One socket's outgoing side: a queue of encoded frames, bounded in frames and in bytes.
 
-Feeds and the receive loop only ever `offer()` (never block); the sender task is the only writer
-to the socket. A socket whose queue overflows is cut off with CLOSE_SLOW_CONSUMER, so one slow
-reader never stalls a room; it reconnects and resumes by seq.
+Feeds and handlers only ever `offer()` a frame (never block); one writer task, started when
+there is something to send and gone when the queue is empty, is the only writer to the socket.
+The receive loop runs in the socket's own task, so an idle socket costs one task and no queue.
+
+A socket is always either served or closed: a queue over either bound closes the socket with
+CLOSE_SLOW_CONSUMER at once (whether or not the writer has started), dropping what was queued;
+the client reconnects and resumes by seq. Replay fills the queue through `put()`, which waits
+(bounded) for the reader instead of overflowing.
 """
 
 from __future__ import annotations
@@ -10,109 +15,147 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from chat import metrics
 from chat.protocol import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER
-from chat.store import Identity, MessageRecord
+from chat.store import Identity
 
 log = logging.getLogger("chat.client")
 
-# A slow consumer's close frame waits behind what it has not read yet: give it this long to
+# A kicked socket's close frame waits behind what it has not read yet: give it this long to
 # drain and see the close code, then drop the connection (the client then sees 1006).
 CLOSE_GRACE_SECONDS = 10.0
+SLOW_CONSUMER = "slow consumer: reconnect and resume"
 
 
 @dataclass(slots=True, frozen=True)
 class RoomEvent:
-    """An ephemeral room event (join, leave): fanned out, never stored, carries no seq."""
+    """An ephemeral room event (join, leave, typing): fanned out, never stored, carries no seq."""
 
     frame: str
 
 
-Item = MessageRecord | RoomEvent | str  # str: a frame for this socket alone (ack, error, ...)
-Render = Callable[[Item], str | None]  # None: this socket does not show that item
 Handler = Callable[[str | None], Coroutine[Any, Any, None]]  # one received frame; None if binary
+Start = Callable[[], Coroutine[Any, Any, None]]
 
 
 class Client:
-    def __init__(
-        self,
-        ws: WebSocket,
-        *,
-        queue_size: int,
-        render: Render,
-        identity: Identity | None = None,
-        live_only: bool = False,
-    ) -> None:
+    __slots__ = (
+        "_broken",
+        "_bytes",
+        "_counted",
+        "_drained",
+        "_flush",
+        "_kicked",
+        "_out",
+        "_receiving",
+        "_self_cancel",
+        "_serving",
+        "_task",
+        "_writer",
+        "close_code",
+        "identity",
+        "max_bytes",
+        "max_items",
+        "overflowed",
+        "sent",
+        "settle",
+        "ws",
+    )
+
+    def __init__(self, ws: WebSocket, *, max_items: int, max_bytes: int, identity: Identity | None = None) -> None:
         self.ws = ws
         self.identity = identity
-        self.live_only = live_only  # no history: start at the room's head when joining
-        self.render = render
-        self.queue: asyncio.Queue[Item] = asyncio.Queue(queue_size)
-        self.cursor = 0  # the highest seq this socket has been sent
-        self.overflowed = False
-        self._busy = False  # a frame is being handled
-        self._kicked: tuple[int, str] | None = None  # close code and reason, once cut off
-        self.sent = 0  # messages sent to this socket
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.sent = 0  # message frames queued for this socket
         self.close_code: int | None = None  # how the socket ended
+        self.overflowed = False
+        self._out: deque[str] | None = None  # made on first use: most idle sockets never need one
+        self._bytes = 0
+        self._counted = 0  # of `sent`, how many the metrics have
+        self._kicked: tuple[int, str] | None = None  # close code and reason, once cut off
         self._flush = False  # send what is queued before closing
-        self._sender: asyncio.Task[None] | None = None
-        self._receiver: asyncio.Task[None] | None = None
+        self._serving = False  # accepted: the writer may run
+        self._receiving = False  # waiting in ws.receive(): the one place a kick may interrupt
+        self._self_cancel = False
+        self._writer: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[Any] | None = None  # the socket's own task, running serve()
+        self._drained: asyncio.Event | None = None
+        self._broken = False  # a send failed: the socket is gone
         # Work to finish before a graceful close, beyond the queue: the acks of sends in flight.
         self.settle: Callable[[], Awaitable[None]] | None = None
 
-    def offer(self, item: Item) -> None:
-        if self.overflowed:
-            return
-        try:
-            self.queue.put_nowait(item)
-        except asyncio.QueueFull:
-            self.overflowed = True
-            if self._sender is not None:
-                self._sender.cancel()
+    @property
+    def closing(self) -> bool:
+        return self._kicked is not None or self._broken
 
-    async def emit(self, item: Item) -> None:
-        """Send one item now, skipping messages at or below the cursor (already sent)."""
-        if isinstance(item, MessageRecord):
-            if item.seq <= self.cursor:
-                return
-            self.cursor = item.seq
-        text = self.render(item)
-        if text is not None:
-            await self.ws.send_text(text)
-            if isinstance(item, MessageRecord):
-                self.sent += 1
-                metrics.MESSAGES_OUT.inc()
+    @property
+    def queued_bytes(self) -> int:
+        return self._bytes
+
+    def offer(self, text: str) -> bool:
+        """Queue one frame; False if it was dropped (the socket is closing, or just overflowed)."""
+        if self._broken or (self._kicked is not None and not self._flush):
+            return False
+        out = self._out
+        if out is None:
+            out = self._out = deque()
+        size = len(text)
+        if len(out) >= self.max_items or self._bytes + size > self.max_bytes:
+            log.info("closing a slow consumer (%d frames, %d bytes queued)", len(out), self._bytes)
+            self.overflowed = True
+            self.kick(CLOSE_SLOW_CONSUMER, SLOW_CONSUMER)
+            return False
+        out.append(text)
+        self._bytes += size
+        if self._serving and self._writer is None:
+            self._writer = asyncio.create_task(self._drain())
+        return True
+
+    async def put(self, text: str, *, timeout: float) -> None:
+        """Queue one frame of a replay: wait (up to `timeout`: TimeoutError) while the queue is
+        half full, so that a replay never overflows a client that reads."""
+        out = self._out
+        if out and (self._bytes + len(text) > self.max_bytes // 2 or len(out) >= self.max_items // 2):
+            async with asyncio.timeout(timeout):
+                await self.drained()
+        self.offer(text)
+
+    async def drained(self) -> None:
+        """Until the queue is empty (or the socket is closing)."""
+        while self._out and not self.closing:
+            event = self._drained
+            if event is None or event.is_set():  # one event for every waiter (replays of several rooms)
+                event = self._drained = asyncio.Event()
+            await event.wait()
 
     async def _drain(self) -> None:
-        while True:
-            item = await self.queue.get()
-            try:
-                await self.emit(item)
-                if isinstance(item, MessageRecord):  # live, not replayed: its delay means something
-                    metrics.FANOUT_DELAY.observe((datetime.now(UTC) - item.sent_at).total_seconds())
-            finally:
-                self.queue.task_done()
-
-    async def _receive(self, handle: Handler) -> None:
-        """Hand each frame to `handle` (None for a binary frame) until the client leaves, or the
-        server is going away: then stop between frames, never in the middle of one."""
-        while self._kicked is None:
-            message = await self.ws.receive()
-            if message["type"] == "websocket.disconnect":
-                self.close_code = message.get("code", 1005)
-                return
-            self._busy = True
-            try:
-                await handle(message.get("text"))
-            finally:
-                self._busy = False
+        out = self._out
+        try:
+            while out:
+                text = out[0]
+                await self.ws.send_text(text)
+                out.popleft()
+                self._bytes -= len(text)
+        except Exception as exc:  # the socket is gone; the receive loop hears of it
+            log.debug("send failed: %r", exc)
+            self._broken = True
+        finally:
+            self._writer = None
+            if not out and self._out is out:
+                self._out = None  # an idle socket keeps no queue
+            if self.sent != self._counted:
+                metrics.MESSAGES_OUT.inc(self.sent - self._counted)
+                self._counted = self.sent
+            if self._drained is not None and not (out and not self._broken):
+                self._drained.set()
 
     def kick(self, code: int, reason: str, *, flush: bool = False) -> None:
         """Close this socket with `code`: stop reading (after the frame in hand), then either
@@ -122,45 +165,79 @@ class Client:
         self._kicked = (code, reason)
         metrics.REFUSALS.labels(metrics.reason_label(reason)).inc()
         self._flush = flush
-        if not flush and self._sender is not None:
-            self._sender.cancel()
-        if self._receiver is not None and not self._busy:
-            self._receiver.cancel()
+        if not flush:
+            self._out, self._bytes = None, 0  # free it now, not when the socket's task ends
+            if self._writer is not None:
+                self._writer.cancel()
+        if self._drained is not None:
+            self._drained.set()
+        if self._receiving and self._task is not None and not self._self_cancel:
+            # Only ever while it waits for a frame: never in the middle of handling one.
+            self._self_cancel = True
+            self._task.cancel()
 
     def go_away(self) -> None:
         """The server is shutting down: finish the frame in hand, flush, then close with 1001."""
         self.kick(CLOSE_GOING_AWAY, "server shutting down: reconnect and resume", flush=True)
 
-    async def serve(self, handle: Handler) -> None:
-        """Run the writer beside the reader until either ends, then close as needed."""
-        self._sender = asyncio.create_task(self._drain())
-        self._receiver = asyncio.create_task(self._receive(handle))
-        tasks = (self._sender, self._receiver)
-        if self._kicked is not None and not self._flush:  # cut off before it even started
-            self._sender.cancel()
+    async def serve(self, handle: Handler, start: Start | None = None) -> None:
+        """Run `start` (a replay), then hand every received frame to `handle` until the client
+        leaves or the socket is kicked; then flush or drop what is queued, and close as needed."""
+        task = self._task = asyncio.current_task()
+        self._serving = True
+        if self._out and self._writer is None and (self._kicked is None or self._flush):
+            self._writer = asyncio.create_task(self._drain())
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            if self._kicked is not None and self._flush and not self._sender.done():
-                # What is queued (acks of in-flight sends, the errors of a flood) goes out first.
+            if start is not None and self._kicked is None:
+                await start()
+            while self._kicked is None and not self._broken:
+                self._receiving = True
+                try:
+                    message = await self.ws.receive()
+                finally:
+                    self._receiving = False
+                if message["type"] == "websocket.disconnect":
+                    self.close_code = message.get("code", 1005)
+                    break
+                await handle(message.get("text"))
+        except asyncio.CancelledError:
+            # Ours (a kick while waiting for a frame) ends the loop; anyone else's goes on up.
+            if not self._self_cancel or task is None or task.uncancel() > 0:
+                self._stop_writer()
+                raise
+        except WebSocketDisconnect as exc:
+            self.close_code = exc.code
+        except Exception:
+            # A bug in handling a frame: log it with the traceback, and let the client retry.
+            log.error("receive loop failed", exc_info=True)
+        try:
+            if self._kicked is not None and self._flush and self.close_code is None:
+                # What is queued (acks of in-flight sends, the errors of a flood) goes out first,
+                # within one grace period: sends in flight are answered, then the queue drains.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(CLOSE_GRACE_SECONDS):
                         if self.settle is not None:
                             await self.settle()
-                        await self.queue.join()
+                        if (writer := self._writer) is not None:
+                            await asyncio.wait((writer,))
         finally:
-            for task in tasks:
-                task.cancel()
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-        error = results[1]
-        if isinstance(error, Exception) and not isinstance(error, WebSocketDisconnect):
-            # A bug in handling a frame: log it with the traceback, and let the client retry.
-            log.error("receive loop failed", exc_info=error)
-        if self.overflowed:
-            log.info("closing a slow consumer (queue of %d full)", self.queue.maxsize)
-            metrics.REFUSALS.labels("slow consumer").inc()
-            await self.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and resume")
-        elif self._kicked is not None:
+            self._serving = False
+            await self._stop_writer_and_wait()
+        if self._kicked is not None and self.close_code is None:
             await self.close(*self._kicked)
+
+    def _stop_writer(self) -> None:
+        self._serving = False
+        if self._writer is not None:
+            self._writer.cancel()
+
+    async def _stop_writer_and_wait(self) -> None:
+        writer = self._writer
+        if writer is not None:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+        self._out, self._bytes = None, 0
 
     async def close(self, code: int, reason: str, grace: float = CLOSE_GRACE_SECONDS) -> None:
         self.close_code = code

@@ -64,7 +64,15 @@ class Settings(BaseSettings):
     history_on_join: int = Field(default=50, ge=0, le=1000)
     history_page_max: int = Field(default=200, ge=1, le=5000)
     max_message_bytes: int = Field(default=16 * 1024, ge=16, le=1024 * 1024)
+    # Each socket's outgoing queue, bounded in frames and in bytes (characters of JSON); a socket
+    # over either bound is closed with 4000 (slow consumer). README: "Limits".
     socket_queue: int = Field(default=1024, ge=1)
+    socket_queue_bytes: int = Field(default=1024 * 1024, ge=64 * 1024)
+    # A history reply (socket frame or HTTP page) stops short of this many bytes, with has_more.
+    history_reply_bytes: int = Field(default=256 * 1024, ge=1024)
+    replay_send_timeout_seconds: float = Field(default=10.0, gt=0)  # replay waits this long for a reader
+    replays_per_user: int = Field(default=4, ge=1)  # concurrent replays per user, per process
+    socket_rooms_max: int = Field(default=50, ge=1)  # rooms one /socket connection may subscribe to
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     pool_size: int = Field(default=10, ge=1)
     # Group commit and pipelining (README: "Delivery guarantees").
@@ -79,6 +87,9 @@ class Settings(BaseSettings):
     rate_burst: float = Field(default=30.0, ge=1)
     user_rate_per_second: float = Field(default=20.0, gt=0)  # frames per second, per user
     user_rate_burst: float = Field(default=60.0, ge=1)
+    rate_token_bytes: int = Field(default=8192, ge=256)  # a frame or reply costs one token more per this many bytes
+    api_rate_per_second: float = Field(default=20.0, gt=0)  # HTTP API requests per second, per user
+    api_rate_burst: float = Field(default=60.0, ge=1)
     flood_close_after: int = Field(default=50, ge=1)  # refused frames in a row before close 4029
     max_connections_per_user: int = Field(default=32, ge=1)
     token_check_seconds: float = Field(default=2.0, gt=0)  # revoked/expired tokens close live sockets

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 from broadcaster import Broadcast
@@ -22,6 +23,7 @@ from chat.client import Client, RoomEvent
 from chat.notify import room_channel as channel_of
 from chat.protocol import dumps
 from chat.store import MessageRecord
+from chat.subscription import Subscription
 
 log = logging.getLogger("chat.hub")
 
@@ -33,7 +35,7 @@ class RoomFeed:
         self.hub = hub
         self.room_id = room_id
         self.name = name
-        self.clients: set[Client] = set()
+        self.clients: set[Subscription] = set()
         self.last_seq = 0
         self.ready = asyncio.Event()
         self.task = asyncio.create_task(self._run(), name=f"feed-{name}")
@@ -67,6 +69,8 @@ class RoomFeed:
         elif isinstance(notice, MessageRecord | notify.Ref) and notice.seq <= self.last_seq:
             return  # already dispatched (a backfill got there first)
         elif isinstance(notice, MessageRecord) and notice.seq == self.last_seq + 1:
+            # Once per message per process: from its transaction to its queueing on every socket.
+            metrics.FANOUT_DELAY.observe((datetime.now(UTC) - notice.sent_at).total_seconds())
             self._dispatch(notice)
         elif not isinstance(notice, notify.Ignored):
             await self._backfill()  # a payload too big for NOTIFY, a gap, a resync, or unreadable
@@ -95,8 +99,8 @@ class RoomFeed:
     def _dispatch(self, item: MessageRecord | RoomEvent) -> None:
         if isinstance(item, MessageRecord):
             self.last_seq = item.seq
-        for client in list(self.clients):
-            client.offer(item)
+        for subscription in list(self.clients):
+            subscription.offer(item)
 
 
 class Hub:
@@ -104,34 +108,47 @@ class Hub:
         self.broadcast = broadcast
         self.engine = engine
         self.feeds: dict[int, RoomFeed] = {}
+        self.sockets: set[Client] = set()  # every open socket, in rooms or not
         self.closing = False  # shutting down: no new sockets
         self._idle = asyncio.Event()  # set while no socket is joined
         self._idle.set()
 
-    async def join(self, room_id: int, name: str, client: Client, *, timeout: float = 10.0) -> None:
+    def attach(self, client: Client) -> None:
+        self.sockets.add(client)
+        self._idle.clear()
+
+    def detach(self, client: Client) -> None:
+        self.sockets.discard(client)
+        if not self.sockets:
+            self._idle.set()
+
+    async def join(self, subscription: Subscription, *, timeout: float = 10.0) -> None:
+        room_id = subscription.room_id
         feed = self.feeds.get(room_id)
         if feed is None:
-            feed = self.feeds[room_id] = RoomFeed(self, room_id, name)
-        if client.live_only and feed.ready.is_set():
-            client.cursor = feed.last_seq  # before any further dispatch can reach it
-        feed.clients.add(client)
-        self._idle.clear()
+            feed = self.feeds[room_id] = RoomFeed(self, room_id, subscription.room)
+        if subscription.live_only and feed.ready.is_set():
+            subscription.cursor = feed.last_seq  # before any further dispatch can reach it
+        feed.clients.add(subscription)
         try:
             await asyncio.wait_for(feed.ready.wait(), timeout)
         except BaseException:
-            self.leave(room_id, client)
+            self.leave(subscription)
             raise
 
-    def leave(self, room_id: int, client: Client) -> None:
-        feed = self.feeds.get(room_id)
+    def leave(self, subscription: Subscription) -> None:
+        feed = self.feeds.get(subscription.room_id)
         if feed is None:
             return
-        feed.clients.discard(client)
+        feed.clients.discard(subscription)
         if not feed.clients:
-            del self.feeds[room_id]
+            del self.feeds[subscription.room_id]
             feed.task.cancel()  # leaves the channel; the backend UNLISTENs
-        if not self.feeds:
-            self._idle.set()
+
+    def last_seq(self, room_id: int) -> int:
+        """The last seq this process dispatched in the room (0 if it has no feed)."""
+        feed = self.feeds.get(room_id)
+        return feed.last_seq if feed is not None else 0
 
     async def publish(self, room_id: int, event: dict[str, Any]) -> None:
         """Fan out an ephemeral event to the room in every process (best effort)."""
@@ -141,7 +158,7 @@ class Hub:
             log.warning("could not publish %s: %r", event.get("type"), exc)
 
     def clients(self) -> list[Client]:
-        return [client for feed in self.feeds.values() for client in feed.clients]
+        return list(self.sockets)
 
     async def going_away(self, timeout: float) -> None:
         """Shutting down: refuse new sockets, ask every socket to finish and close with 1001,

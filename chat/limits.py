@@ -2,13 +2,19 @@
 
 Every frame a client sends costs one token from two buckets: its connection's and its user's
 (shared by all of that user's sockets in this process). An empty bucket refuses the frame with
-an error frame; a client that keeps going while refused is closed as a flood.
+an error frame; a client that keeps going while refused is closed as a flood. Big frames, and big
+replies (history), cost more: one token more per `rate_token_bytes`, charged as a debt that later
+frames wait out, so a small request cannot buy a large answer again and again. The HTTP API has
+a bucket per user of its own. Replays (a join's history) run a few at a time per user.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from chat.config import Settings
@@ -20,21 +26,36 @@ class TokenBucket:
     burst: float  # capacity
     tokens: float = -1.0
     stamp: float = field(default_factory=time.monotonic)
+    fresh: bool = True  # full until first used
 
-    def wait(self, now: float) -> float:
-        """Refill; 0.0 if a token is there, else the seconds until there will be one (takes none)."""
-        if self.tokens < 0:
-            self.tokens = self.burst
+    def _refill(self, now: float) -> None:
+        if self.fresh:
+            self.tokens, self.fresh = self.burst, False
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.rate
 
-    def take(self, now: float) -> float:
-        """Take one token; 0.0 if there was one, else the seconds until there will be."""
-        wait = self.wait(now)
+    def wait(self, now: float, cost: float = 1.0) -> float:
+        """0.0 if `cost` tokens are there (nothing is taken), else the seconds until they will be."""
+        self._refill(now)
+        return 0.0 if self.tokens >= cost else (cost - self.tokens) / self.rate
+
+    def take(self, now: float, cost: float = 1.0) -> float:
+        """Take `cost` tokens; 0.0 if there were enough, else the seconds until there will be
+        (and nothing is taken)."""
+        wait = self.wait(now, cost)
         if wait == 0.0:
-            self.tokens -= 1.0
+            self.tokens -= cost
         return wait
+
+    def charge(self, now: float, cost: float) -> None:
+        """Take `cost` tokens even if they are not there: the debt delays what comes next."""
+        self._refill(now)
+        self.tokens -= cost
+
+
+def byte_cost(size: int, token_bytes: int) -> float:
+    """Tokens a frame or reply of `size` bytes costs beyond its first one."""
+    return size / token_bytes
 
 
 class RateLimited(Exception):
@@ -67,9 +88,21 @@ class FrameGuard:
         self.refused_in_a_row += 1
         raise RateLimited(wait, flood=self.refused_in_a_row > self.limits.settings.flood_close_after)
 
+    def charge_bytes(self, size: int) -> None:
+        """Charge a frame's or reply's size to both buckets (see byte_cost)."""
+        cost = byte_cost(size, self.limits.settings.rate_token_bytes)
+        if cost > 0:
+            now = time.monotonic()
+            self.bucket.charge(now, cost)
+            self.limits.user_bucket(self.user_id).charge(now, cost)
+
 
 class TooManyConnections(Exception):
     pass
+
+
+class ReplayBusy(Exception):
+    """The user's replay slots stayed taken."""
 
 
 class Limits:
@@ -79,6 +112,46 @@ class Limits:
         self._user_buckets: dict[int, TokenBucket] = {}
         self.addresses = Slots(settings.echo_connections_per_address)  # the chapter's echo socket
         self.searches = Slots(settings.searches_per_user)  # running searches per user id
+        self._api_buckets: dict[int, TokenBucket] = {}
+        self._replays: dict[int, tuple[asyncio.Semaphore, int]] = {}  # per user: slots, users of it
+
+    def api_check(self, user_id: int, *, size: int = 0) -> float:
+        """One HTTP API request of `user_id` (plus `size` bytes it answered with, charged after
+        the fact): 0.0 if allowed, else the seconds to wait."""
+        bucket = self._api_buckets.get(user_id)
+        if bucket is None:
+            bucket = self._api_buckets[user_id] = TokenBucket(
+                self.settings.api_rate_per_second, self.settings.api_rate_burst
+            )
+            if len(self._api_buckets) > 10_000:  # forget the oldest (dicts keep insertion order)
+                del self._api_buckets[next(iter(self._api_buckets))]
+        now = time.monotonic()
+        if size:
+            bucket.charge(now, byte_cost(size, self.settings.rate_token_bytes))
+            return 0.0
+        return bucket.take(now)
+
+    @asynccontextmanager
+    async def replay_slot(self, user_id: int, timeout: float) -> AsyncIterator[None]:
+        """Hold one of the user's replay slots (waiting up to `timeout`, then ReplayBusy)."""
+        slots, users = self._replays.get(user_id) or (asyncio.Semaphore(self.settings.replays_per_user), 0)
+        self._replays[user_id] = (slots, users + 1)
+        try:
+            try:
+                async with asyncio.timeout(timeout):
+                    await slots.acquire()
+            except TimeoutError:
+                raise ReplayBusy from None
+            try:
+                yield
+            finally:
+                slots.release()
+        finally:
+            slots, users = self._replays[user_id]
+            if users <= 1:
+                del self._replays[user_id]
+            else:
+                self._replays[user_id] = (slots, users - 1)
 
     def user_bucket(self, user_id: int) -> TokenBucket:
         bucket = self._user_buckets.get(user_id)

@@ -23,11 +23,11 @@ from prometheus_client import (
 
 SOCKETS = Gauge("chat_open_sockets", "Open sockets", multiprocess_mode="livesum")
 MESSAGES_IN = Counter("chat_messages_in", "Messages stored from sockets (a resend of a stored one is not counted)")
-MESSAGES_OUT = Counter("chat_messages_out", "Message frames sent to sockets (live and replayed)")
+MESSAGES_OUT = Counter("chat_messages_out", "Message frames queued for sockets (live and replayed)")
 REFUSALS = Counter("chat_refusals", "Refused sockets and frames, by reason", ["reason"])
 FANOUT_DELAY = Histogram(
     "chat_fanout_delay_seconds",
-    "From a message's transaction to its send on a socket, for live messages",
+    "From a message's transaction to its fan-out to this process's sockets, for live messages",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 LISTENER_RECONNECTS = Counter("chat_listener_reconnects", "Reconnects of the LISTEN connection")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -17,6 +17,7 @@ from chat.store import MessageRecord
 CLOSE_GOING_AWAY = 1001  # the server is shutting down: reconnect (to another process) and resume
 CLOSE_POLICY = 1008  # a policy violation
 CLOSE_TOO_BIG = 1009  # a frame over the hard frame limit (closed by uvicorn)
+CLOSE_TRY_AGAIN = 1013  # too many of this user's joins replaying at once: reconnect a little later
 CLOSE_SLOW_CONSUMER = 4000  # this socket's outgoing queue overflowed: reconnect with "after"
 CLOSE_TOKEN_REFUSED = 4001  # the token was revoked or expired while the socket was open
 CLOSE_IDLE = 4002  # the chapter's echo socket: nothing received for CHAT_ECHO_IDLE_SECONDS
@@ -25,6 +26,9 @@ CLOSE_FLOOD = 4029  # kept sending while rate limited
 # Every integer a client sends must fit Postgres's bigint (seqs are bigint): larger ones get a
 # clear error here instead of an overflow in the database.
 MAX_BIGINT = 2**63 - 1
+
+
+T = TypeVar("T")
 
 
 class _Frame(BaseModel):
@@ -66,8 +70,13 @@ class BadFrame(Exception):
 
 
 def parse(text: str) -> Incoming:
+    return validate(_incoming, text, 'the frame needs a "type": send, history, typing or ping')
+
+
+def validate(adapter: TypeAdapter[T], text: str, unknown_type: str) -> T:
+    """`text` as one of `adapter`'s frames, or BadFrame saying what is wrong with it."""
     try:
-        return _incoming.validate_json(text)
+        return adapter.validate_json(text)
     except ValidationError as exc:
         first = exc.errors()[0]
         kind = first["type"]
@@ -76,7 +85,7 @@ def parse(text: str) -> Incoming:
         if kind in ("dict_type", "model_type"):
             raise BadFrame("invalid_frame", "a frame must be a JSON object") from None
         if kind in ("union_tag_invalid", "union_tag_not_found"):
-            raise BadFrame("unknown_type", 'the frame needs a "type": send, history, typing or ping') from None
+            raise BadFrame("unknown_type", unknown_type) from None
         where = ".".join(str(p) for p in first["loc"][1:]) or "frame"
         raise BadFrame("invalid_frame", f"{where}: {first['msg']}") from None
 
@@ -106,6 +115,18 @@ def message_frame(room: str, message: MessageRecord) -> str:
     if message._frame is None:
         message._frame = dumps(message_dict(room, message))
     return message._frame
+
+
+def fit(frames: list[str], *, max_bytes: int, newest: bool = True) -> int:
+    """How many of `frames` (oldest first), counted from the newest (or the oldest), fit in
+    `max_bytes` of JSON (counted in characters); at least one, so that a single large message
+    can always be read."""
+    total = 0
+    for kept, frame in enumerate(reversed(frames) if newest else frames):
+        total += len(frame) + 1
+        if total > max_bytes and kept > 0:
+            return kept
+    return len(frames)
 
 
 def error_frame(code: str, detail: str, **extra: Any) -> str:

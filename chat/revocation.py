@@ -8,15 +8,10 @@ import logging
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chat import store
-from chat.client import Client
 from chat.hub import Hub
 from chat.protocol import CLOSE_TOKEN_REFUSED
 
 log = logging.getLogger("chat.revocation")
-
-# Sockets outside any room (the chapter's /items socket), checked like the hub's. One app per
-# process, so one set per process.
-OUTSIDE_ROOMS: set[Client] = set()
 
 
 async def watch_tokens(hub: Hub, engine: AsyncEngine, *, interval: float) -> None:
@@ -24,7 +19,7 @@ async def watch_tokens(hub: Hub, engine: AsyncEngine, *, interval: float) -> Non
     socket whose token was revoked or has expired is closed with CLOSE_TOKEN_REFUSED."""
     while True:
         await asyncio.sleep(interval)
-        clients = [c for c in (*hub.clients(), *OUTSIDE_ROOMS) if c.identity is not None]
+        clients = [c for c in hub.clients() if c.identity is not None]
         if not clients:
             continue
         try:

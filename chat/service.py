@@ -12,12 +12,22 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chat import metrics, protocol, store
-from chat.client import Client
+from chat.client import SLOW_CONSUMER, Client
 from chat.config import Settings
 from chat.hub import Hub
-from chat.limits import FrameGuard, RateLimited
-from chat.protocol import CLOSE_FLOOD, BadFrame, HistoryFrame, PingFrame, SendFrame, TypingFrame
+from chat.limits import FrameGuard, RateLimited, ReplayBusy
+from chat.protocol import (
+    CLOSE_FLOOD,
+    CLOSE_SLOW_CONSUMER,
+    CLOSE_TRY_AGAIN,
+    BadFrame,
+    HistoryFrame,
+    PingFrame,
+    SendFrame,
+    TypingFrame,
+)
 from chat.store import Identity
+from chat.subscription import Subscription, tagged
 from chat.writer import InFlight, NotStored, Stored, Writer
 
 log = logging.getLogger("chat.service")
@@ -49,7 +59,18 @@ def inflight_bound(settings: Settings) -> int:
     return max(1, min(settings.socket_inflight, settings.socket_queue // 4))
 
 
-def admit(guard: FrameGuard, client: Client) -> RateLimited | None:
+async def open_room(engine: AsyncEngine, *, user: Identity, room: str, max_per_user: int) -> int | None:
+    """The room's id, made now if it is new; None when the user has made `max_per_user` rooms
+    already. Callers check everything else first, so that a refused join makes no room."""
+    async with engine.connect() as conn:
+        room_id = await store.room_id(conn, name=room, create=False)
+        if room_id is None:
+            creator = None if room.startswith("_") else user.user_id  # "_…": the server's own rooms
+            room_id = await store.create_room(conn, name=room, creator_id=creator, max_per_user=max_per_user)
+    return room_id
+
+
+def admit(guard: FrameGuard, client: Client | Subscription) -> RateLimited | None:
     """Charge one frame to the rate limits: None if it may be handled; else why not (and a
     client that keeps sending while refused is cut off as a flood)."""
     try:
@@ -72,16 +93,17 @@ class RoomSession:
         identity: Identity,
         room_id: int,
         room: str,
-        client: Client,
+        client: Subscription,
         guard: FrameGuard,
         writer: Writer,
+        inflight: InFlight | None = None,
     ) -> None:
         self.settings = settings
         self.writer = writer
         # Sends awaiting their commit: the receive loop goes on reading meanwhile, up to the
-        # bound, and their answers go out in the order the sends came in.
-        self.inflight = InFlight(inflight_bound(settings), client.offer)
-        client.settle = self.inflight.settle  # a graceful close flushes their acks first
+        # bound, and their answers go out in the order the sends came in. A socket of many rooms
+        # shares one among its rooms; its owner has a graceful close flush their acks first.
+        self.inflight = inflight or InFlight(inflight_bound(settings), client.offer)
         self.engine = engine
         self.hub = hub
         self.identity = identity
@@ -92,36 +114,66 @@ class RoomSession:
         self._typed_at = -1e9  # when this socket's last typing event went out
 
     async def replay(self, *, after: int | None, online: list[str]) -> None:
-        """Send history straight to the socket; the live queue fills meanwhile and the cursor
-        drops what replay already sent. With `after`: every message after it, page by page."""
-        client = self.client
+        """Queue the room's history, then `ready`, then go live. Each page is read on a pooled
+        connection that is given back before the page is sent; sending waits for the reader
+        (bounded by CHAT_REPLAY_SEND_TIMEOUT_SECONDS, then close 4000), and each user replays
+        at most CHAT_REPLAYS_PER_USER at a time. Live messages are held back (not queued) until
+        replay has read up to what the room's feed has dispatched. With `after`: every message
+        after it; without: the last CHAT_HISTORY_ON_JOIN."""
+        sub = self.client
+        timeout = self.settings.replay_send_timeout_seconds
+        try:
+            async with self.guard.limits.replay_slot(self.identity.user_id, timeout):
+                await self._replay(after, timeout, online)
+        except ReplayBusy:
+            sub.kick(CLOSE_TRY_AGAIN, "too many joins at once: try again")
+            return
+        except TimeoutError:
+            sub.kick(CLOSE_SLOW_CONSUMER, SLOW_CONSUMER)
+            return
+        except Exception as exc:  # the database failed mid-replay: the client resumes elsewhere or later
+            log.warning("replay of %r failed: %r", self.room, exc)
+            sub.kick(CLOSE_TRY_AGAIN, "database unavailable: reconnect and resume")
+            return
+
+    async def _replay(self, after: int | None, timeout: float, online: list[str]) -> None:
+        sub = self.client
+        seen = self.hub.last_seq(self.room_id)  # read before the page: the page includes it
         async with self.engine.connect() as conn:
             head = await store.room_head(conn, room_id=self.room_id)
             if after is None:
                 rows = await store.messages_before(
                     conn, room_id=self.room_id, before=None, limit=self.settings.history_on_join
                 )
-                client.cursor = rows[0].seq - 1 if rows else head
-                for row in rows:
-                    await client.emit(row)
             else:
-                client.cursor = min(after, head)  # a cursor from the future: resume from now
-                while rows := await store.messages_after(
-                    conn, room_id=self.room_id, after=client.cursor, limit=REPLAY_PAGE
-                ):
-                    for row in rows:
-                        await client.emit(row)
-        await client.emit(
-            protocol.dumps(
-                {
+                rows = await store.messages_after(conn, room_id=self.room_id, after=min(after, head), limit=REPLAY_PAGE)
+        if after is None:
+            sub.cursor = rows[0].seq - 1 if rows else head
+            complete = True  # the newest rows: nothing newer was committed when they were read
+        else:
+            sub.cursor = min(after, head)  # a cursor from the future: resume from now
+            complete = len(rows) < REPLAY_PAGE
+        while True:
+            await sub.replay_rows(rows, timeout=timeout)
+            if sub.client.closing:
+                return
+            if complete and self.hub.last_seq(self.room_id) == seen:
+                # Nothing dispatched since the read: whatever comes next is live. No await
+                # between this check and going live.
+                ready = {
                     "type": "ready",
                     "room": self.room,
                     "user": self.identity.name,
-                    "last_seq": client.cursor,
+                    "last_seq": sub.cursor,
                     "online": online,
                 }
-            )
-        )
+                sub.offer(protocol.dumps(ready))
+                sub.go_live()
+                return
+            seen = self.hub.last_seq(self.room_id)
+            async with self.engine.connect() as conn:
+                rows = await store.messages_after(conn, room_id=self.room_id, after=sub.cursor, limit=REPLAY_PAGE)
+            complete = len(rows) < REPLAY_PAGE
 
     async def handle(self, text: str | None) -> None:
         # Errors answer frames that may be sends: in order behind the sends in flight.
@@ -172,17 +224,22 @@ class RoomSession:
             client_id=frame.client_id,
         )
         client_id = frame.client_id
+        room = self.room if self.client.tag else None  # a socket of many rooms: name it
 
         def answer(done: asyncio.Future[Stored]) -> str:
             error = done.exception()
             if error is None:
                 stored = done.result()
-                return protocol.dumps(
+                text = protocol.dumps(
                     {"type": "ack", "client_id": client_id, "seq": stored.seq, "duplicate": stored.duplicate}
                 )
-            code, detail = (error.code, error.detail) if isinstance(error, NotStored) else ("unavailable", str(error))
-            metrics.REFUSALS.labels(code).inc()
-            return protocol.error_frame(code, detail, client_id=client_id)
+            else:
+                code, detail = (
+                    (error.code, error.detail) if isinstance(error, NotStored) else ("unavailable", str(error))
+                )
+                metrics.REFUSALS.labels(code).inc()
+                text = protocol.error_frame(code, detail, client_id=client_id)
+            return text if room is None else tagged(text, room)
 
         self.inflight.add(future, answer)
 
@@ -197,14 +254,16 @@ class RoomSession:
         await self.hub.publish(self.room_id, {"type": "typing", "user": self.identity.name})
 
     async def history(self, frame: HistoryFrame) -> None:
+        """A page of older messages. If it would be over CHAT_HISTORY_REPLY_BYTES, its oldest
+        messages are left out (has_more says so); its size is charged to the rate limits."""
         limit = min(frame.limit, self.settings.history_page_max)
         async with self.engine.connect() as conn:
-            rows = await store.messages_before(conn, room_id=self.room_id, before=frame.before, limit=limit)
-        self.reply(
-            {
-                "type": "history",
-                "room": self.room,
-                "before": frame.before,
-                "messages": [protocol.message_dict(self.room, r) for r in rows],
-            }
-        )
+            rows = await store.messages_before(conn, room_id=self.room_id, before=frame.before, limit=limit + 1)
+        frames = [protocol.message_frame(self.room, r) for r in rows[-limit:]]
+        kept = protocol.fit(frames, max_bytes=self.settings.history_reply_bytes)
+        head = protocol.dumps({"type": "history", "room": self.room, "before": frame.before})
+        more = "true" if kept < len(frames) or len(rows) > limit else "false"
+        # The message frames are the same JSON as message_dict's: joined, not encoded again.
+        reply = f'{head[:-1]},"has_more":{more},"messages":[{",".join(frames[len(frames) - kept :])}]}}'
+        self.guard.charge_bytes(len(reply))
+        self.client.offer(reply)

@@ -433,7 +433,7 @@ class InFlight:
     pushes back on the client. `settle()` waits until every answer has gone out (a graceful close
     flushes the acks of sends still in flight)."""
 
-    def __init__(self, limit: int, deliver: Callable[[str], None]) -> None:
+    def __init__(self, limit: int, deliver: Callable[[str], object]) -> None:
         self._slots = asyncio.Semaphore(limit)
         self._deliver = deliver
         self._queue: deque[tuple[asyncio.Future[Stored] | None, Render | str | None]] = deque()

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
@@ -15,15 +15,15 @@ from fastapi import APIRouter, Path, Query, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import WebSocketRequestValidationError
 from starlette.requests import HTTPConnection
 
-from chat import logs, metrics, protocol, store
+from chat import logs, metrics, protocol, socket_frames
 from chat.auth import Refused, SocketToken, SocketUser, check_origin, refuse
-from chat.client import Client, Item, RoomEvent
-from chat.db import engine_of
+from chat.client import Client
+from chat.connection import Connection
 from chat.limits import FrameGuard, TokenBucket, TooManyConnections
 from chat.protocol import CLOSE_FLOOD, CLOSE_IDLE, MAX_BIGINT
-from chat.revocation import OUTSIDE_ROOMS
-from chat.service import RoomSession, admit, check_body, inflight_bound
-from chat.store import TOKEN_PREFIX, Identity, MessageRecord
+from chat.service import RoomSession, admit, check_body, inflight_bound, open_room
+from chat.store import TOKEN_PREFIX, Identity
+from chat.subscription import Render, Subscription, chapter_render
 from chat.writer import UNAVAILABLE, InFlight, NotStored, Stored, writer_of
 
 log = logging.getLogger("chat.ws")
@@ -32,7 +32,7 @@ router = APIRouter()
 chapter = APIRouter()  # the FastAPI chapter's examples: off with CHAT_CHAPTER_ROUTES=false
 Bigint = Annotated[int, Path(ge=-MAX_BIGINT, le=MAX_BIGINT)]
 
-ROOM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+ROOM_NAME = socket_frames.ROOM_NAME  # the same rule in both socket protocols and the API
 CHAPTER_ROOM = "_chapter"  # where /ws/{client_id} keeps its messages; no user room starts with "_"
 
 
@@ -52,48 +52,103 @@ async def refuse_invalid(conn: HTTPConnection, exc: Exception) -> None:
     await refuse(conn, Refused(400, f"invalid {where}: {first.get('msg', 'not valid')}"))
 
 
-@asynccontextmanager
-async def _joined(
-    websocket: WebSocket, user: Identity, room: str, client: Client
-) -> AsyncIterator[tuple[FrameGuard, int]]:
-    """What a socket holds while it is open: a connection slot of its user, and its place in
-    the room's feed. Taken before accept, so that a connected client hears every message."""
+def _connect(websocket: WebSocket, user: Identity, client: Client) -> FrameGuard:
+    """What any socket holds while it is open: a connection slot of its user, and its place
+    among the process's sockets (revocation, shutdown). Taken before accept; give it back with
+    _disconnect. (Plain functions, not context managers: an idle socket keeps no extra frames.)"""
     state = websocket.app.state
     if state.hub.closing:
         raise Refused(503, "server shutting down: try again")  # the client reconnects elsewhere
-    if not user.may_join(room):
-        raise Refused(403, "room not allowed for this token")
     try:
-        guard = state.limits.open(user.user_id)
+        guard: FrameGuard = state.limits.open(user.user_id)
     except TooManyConnections:
         raise Refused(429, "too many connections for this user") from None
-    opened = time.monotonic()
+    state.hub.attach(client)
+    metrics.SOCKETS.inc()
+    return guard
+
+
+def _disconnect(websocket: WebSocket, user: Identity, client: Client) -> None:
+    state = websocket.app.state
+    state.hub.detach(client)
+    metrics.SOCKETS.dec()
+    state.limits.close(user.user_id)
+
+
+async def _join(
+    websocket: WebSocket,
+    user: Identity,
+    room: str,
+    client: Client,
+    *,
+    render: Render,
+    live_only: bool = False,
+    events: bool = True,
+) -> tuple[FrameGuard, Subscription]:
+    """A socket of one room: its connection, and its place in the room's feed. Taken before
+    accept, so that a connected client hears every message; give it back with _leave. The room
+    is made last, once every other check has passed: a refused join leaves nothing behind."""
+    state = websocket.app.state
+    if not user.may_join(room):
+        raise Refused(403, "room not allowed for this token")
+    guard = _connect(websocket, user, client)
     try:
-        # The room is made last, once every check has passed: a refused join leaves nothing behind.
-        async with engine_of(websocket).connect() as conn:
-            room_id = await store.room_id(conn, name=room, create=False)
-            if room_id is None:
-                creator = None if room.startswith("_") else user.user_id  # "_…": the server's own
-                room_id = await store.create_room(
-                    conn, name=room, creator_id=creator, max_per_user=state.settings.max_rooms_per_user
-                )
+        room_id = await open_room(state.engine, user=user, room=room, max_per_user=state.settings.max_rooms_per_user)
         if room_id is None:
             raise Refused(429, "too many rooms created by this user")
-        try:
-            await state.hub.join(room_id, room, client, timeout=state.settings.join_timeout_seconds)
-        except TimeoutError:
-            raise Refused(503, "room not ready: try again") from None
-        metrics.SOCKETS.inc()
-        logs.event("open", room=room, user=user.name, token_id=user.token_id)
-        try:
-            yield guard, room_id
-        finally:
-            state.hub.leave(room_id, client)
-            metrics.SOCKETS.dec()
-            seconds = f"{time.monotonic() - opened:.1f}"
-            logs.event("close", room=room, user=user.name, code=client.close_code, seconds=seconds, sent=client.sent)
+        sub = Subscription(client, room_id, room, render=render, live_only=live_only, events=events)
+        await _enter(websocket, sub)
+    except BaseException:
+        _disconnect(websocket, user, client)
+        raise
+    logs.event("open", room=room, user=user.name, token_id=user.token_id)
+    return guard, sub
+
+
+async def _enter(websocket: WebSocket, sub: Subscription) -> None:
+    try:
+        await websocket.app.state.hub.join(sub, timeout=websocket.app.state.settings.join_timeout_seconds)
+    except TimeoutError:
+        raise Refused(503, "room not ready: try again") from None
+
+
+def _leave(websocket: WebSocket, user: Identity, sub: Subscription) -> None:
+    client = sub.client
+    websocket.app.state.hub.leave(sub)
+    seconds = f"{time.monotonic() - sub.since:.1f}"
+    logs.event("close", room=sub.room, user=user.name, code=client.close_code, seconds=seconds, sent=client.sent)
+    _disconnect(websocket, user, client)
+
+
+@asynccontextmanager
+async def _joined(
+    websocket: WebSocket,
+    user: Identity,
+    room: str,
+    client: Client,
+    *,
+    render: Render,
+    live_only: bool = False,
+    events: bool = True,
+) -> AsyncIterator[tuple[FrameGuard, Subscription]]:
+    guard, sub = await _join(websocket, user, room, client, render=render, live_only=live_only, events=events)
+    try:
+        yield guard, sub
     finally:
-        state.limits.close(user.user_id)
+        _leave(websocket, user, sub)
+
+
+def _client(websocket: WebSocket, user: Identity) -> Client:
+    settings = websocket.app.state.settings
+    return Client(websocket, max_items=settings.socket_queue, max_bytes=settings.socket_queue_bytes, identity=user)
+
+
+async def _weighed(session: RoomSession, guard: FrameGuard, text: str | None) -> None:
+    """A room socket's frame, then its size charged: big frames cost more (the debt delays the
+    next ones)."""
+    await session.handle(text)
+    if text is not None:
+        guard.charge_bytes(len(text))
 
 
 @router.websocket("/rooms/{room}/ws")
@@ -106,34 +161,60 @@ async def room_socket(
     if not ROOM_NAME.fullmatch(room):
         raise Refused(400, "invalid room name: 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
     state = websocket.app.state
-
-    def render(item: Item) -> str:
-        if isinstance(item, MessageRecord):
-            return protocol.message_frame(room, item)
-        return item.frame if isinstance(item, RoomEvent) else item
-
-    client = Client(websocket, queue_size=state.settings.socket_queue, render=render, identity=user)
-    async with _joined(websocket, user, room, client) as (guard, room_id):
+    client = _client(websocket, user)
+    render = functools.partial(protocol.message_frame, room)
+    guard, sub = await _join(websocket, user, room, client, render=render)
+    try:
         session = RoomSession(
             settings=state.settings,
             engine=state.engine,
             hub=state.hub,
             identity=user,
-            room_id=room_id,
+            room_id=sub.room_id,
             room=room,
-            client=client,
+            client=sub,
             guard=guard,
             writer=writer_of(websocket),
         )
-        online = await state.presence.enter(room_id, user)
+        client.settle = session.inflight.settle  # a graceful close flushes the acks of sends in flight
+        handle = functools.partial(_weighed, session, guard)
+        online = await state.presence.enter(sub.room_id, user)
         try:
             await websocket.accept()
-            await session.replay(after=after, online=online)
-            await client.serve(session.handle)
+            await client.serve(handle, start=functools.partial(session.replay, after=after, online=online))
         except WebSocketDisconnect:
             pass
         finally:
-            await state.presence.leave(room_id, user)
+            await state.presence.leave(sub.room_id, user)
+    finally:
+        _leave(websocket, user, sub)
+
+
+@router.websocket("/socket")
+async def socket(websocket: WebSocket, user: SocketUser) -> None:
+    """One socket for many rooms: subscribe, unsubscribe, and room frames naming their room."""
+    state = websocket.app.state
+    client = _client(websocket, user)
+    guard = _connect(websocket, user, client)
+    try:
+        connection = Connection(
+            settings=state.settings,
+            hub=state.hub,
+            presence=state.presence,
+            writer=writer_of(websocket),
+            identity=user,
+            client=client,
+            guard=guard,
+        )
+        try:
+            await websocket.accept()
+            await client.serve(connection.handle)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            await connection.close()
+    finally:
+        _disconnect(websocket, user, client)
 
 
 # --- the FastAPI chapter's examples -----------------------------------------------------------
@@ -198,19 +279,8 @@ async def items(
 ) -> None:
     """Example 2: dependencies; the token must be a live one from the tokens table. Under the
     room socket's controls: the user's connection cap, the rate limit, and revocation (4001)."""
-    state = websocket.app.state
-    if state.hub.closing:
-        raise Refused(503, "server shutting down: try again")
-    try:
-        guard = state.limits.open(user.user_id)
-    except TooManyConnections:
-        raise Refused(429, "too many connections for this user") from None
-    client = Client(
-        websocket,
-        queue_size=state.settings.socket_queue,
-        render=lambda i: i if isinstance(i, str) else None,
-        identity=user,
-    )
+    client = _client(websocket, user)
+    guard = _connect(websocket, user, client)  # the token watcher closes it with 4001 once revoked
 
     async def handle(data: str | None) -> None:
         if refused := admit(guard, client):
@@ -221,30 +291,24 @@ async def items(
             client.offer(f"Query parameter q is: {q}")
         client.offer(f"Message text was: {data}, for item ID: {item_id}")
 
-    OUTSIDE_ROOMS.add(client)  # the token watcher closes it with 4001 once revoked or expired
     try:
         await websocket.accept()
         await client.serve(handle)
     except WebSocketDisconnect:
         pass
     finally:
-        OUTSIDE_ROOMS.discard(client)
-        state.limits.close(user.user_id)
+        _disconnect(websocket, user, client)
 
 
 @chapter.websocket("/ws/{client_id}")
 async def clients(websocket: WebSocket, client_id: Bigint, user: SocketUser) -> None:
     """Example 3: broadcast to every client in every process; persisted in the `_chapter` room."""
     state = websocket.app.state
-
-    def render(item: Item) -> str | None:
-        if isinstance(item, MessageRecord):
-            return item.body
-        return None if isinstance(item, RoomEvent) else item
-
-    client = Client(websocket, queue_size=state.settings.socket_queue, render=render, identity=user, live_only=True)
+    client = _client(websocket, user)
     writer = writer_of(websocket)
-    async with _joined(websocket, user, CHAPTER_ROOM, client) as (guard, room_id):
+    joined = _joined(websocket, user, CHAPTER_ROOM, client, render=chapter_render, live_only=True, events=False)
+    async with joined as (guard, sub):
+        room_id = sub.room_id
         # Pipelined like the room socket: each message goes to the writer and the loop reads on;
         # a message the database did not take gets a line saying so (in the order sent).
         inflight = InFlight(inflight_bound(state.settings), client.offer)

@@ -1,0 +1,212 @@
+"""One socket for many rooms (`/socket`): routes each frame by its room to that room's session.
+
+A subscribe is authorised like a room socket's join (token room scopes, the rooms-per-socket
+limit); a refusal is an error frame naming the room, and the socket stays open. Each room has
+its own Subscription (cursor, replay) and RoomSession (sends, history, typing); the socket
+shares one outgoing queue, one connection slot and one rate-limit guard across its rooms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from typing import Any
+
+from chat import logs, metrics, protocol, socket_frames
+from chat.client import Client
+from chat.config import Settings
+from chat.hub import Hub
+from chat.limits import FrameGuard
+from chat.presence import Presence
+from chat.protocol import BadFrame, PingFrame
+from chat.service import RoomSession, admit, inflight_bound, open_room
+from chat.socket_frames import RoomHistoryFrame, RoomSendFrame, RoomTypingFrame, SubscribeFrame, UnsubscribeFrame
+from chat.store import Identity
+from chat.subscription import Subscription
+from chat.writer import InFlight, Writer
+
+log = logging.getLogger("chat.connection")
+
+SUBSCRIBES_AT_ONCE = 4  # per socket
+
+
+class Connection:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        hub: Hub,
+        presence: Presence,
+        writer: Writer,
+        identity: Identity,
+        client: Client,
+        guard: FrameGuard,
+    ) -> None:
+        self.settings = settings
+        self.hub = hub
+        self.presence = presence
+        self.writer = writer
+        # One bound on sends in flight for the whole socket, whatever the room; their answers,
+        # and the errors that answer frames, go out in the order the frames came in.
+        self.inflight = InFlight(inflight_bound(settings), client.offer)
+        client.settle = self.inflight.settle  # a graceful close flushes their acks first
+        self.identity = identity
+        self.client = client
+        self.guard = guard
+        self.rooms: dict[str, RoomSession] = {}  # by name
+        self._pending: dict[str, asyncio.Task[None]] = {}  # subscribes under way, by room
+        self._slots: asyncio.Semaphore | None = None  # made on the first subscribe
+
+    def error(self, code: str, detail: str, **extra: Any) -> None:
+        self.inflight.answer(protocol.error_frame(code, detail, **extra))
+
+    async def handle(self, text: str | None) -> None:
+        if refused := admit(self.guard, self.client):
+            detail = f"slow down: retry in {refused.retry_after:.1f}s"
+            self.error("rate_limited", detail, retry_after=round(refused.retry_after, 2))
+            return
+        if text is None:
+            self.error("binary_not_supported", "send JSON text frames")
+            return
+        self.guard.charge_bytes(len(text))
+        try:
+            frame = socket_frames.parse(text)
+        except BadFrame as exc:
+            metrics.REFUSALS.labels(exc.code).inc()
+            self.error(exc.code, exc.detail)
+            return
+        if isinstance(frame, PingFrame):
+            self.client.offer(protocol.dumps({"type": "pong"}))
+        elif isinstance(frame, SubscribeFrame):
+            self.subscribe(frame)
+        elif isinstance(frame, UnsubscribeFrame):
+            await self._settled(frame.room)
+            await self.unsubscribe(frame.room)
+        else:
+            await self._settled(frame.room)
+            await self.in_room(frame)
+
+    async def _settled(self, room: str) -> None:
+        """Until a subscribe of `room` under way is done (answered with ready or an error)."""
+        task = self._pending.get(room)
+        if task is not None:
+            await asyncio.wait((task,))
+
+    async def in_room(self, frame: RoomSendFrame | RoomHistoryFrame | RoomTypingFrame) -> None:
+        session = self.rooms.get(frame.room)
+        extra = {"client_id": frame.client_id} if isinstance(frame, RoomSendFrame) else {}
+        if session is None:
+            self.error("not_subscribed", "subscribe to the room first", room=frame.room, **extra)
+            return
+        try:
+            if isinstance(frame, RoomSendFrame):
+                await session.send(frame)
+            elif isinstance(frame, RoomHistoryFrame):
+                await session.history(frame)
+            else:
+                await session.typing()
+        except BadFrame as exc:
+            metrics.REFUSALS.labels(exc.code).inc()
+            self.error(exc.code, exc.detail, room=frame.room, **extra)
+
+    def subscribe(self, frame: SubscribeFrame) -> None:
+        """Check a subscribe, then run it beside the socket's other frames (a few at a time per
+        socket, so that one socket's burst of subscribes cannot take the pool)."""
+        room, user = frame.room, self.identity
+        if room in self.rooms or room in self._pending:
+            self.error("already_subscribed", "already subscribed to this room", room=room)
+            return
+        if not socket_frames.ROOM_NAME.fullmatch(room):
+            detail = "invalid room name: 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit"
+            self.error("invalid_room", detail, room=room)
+            return
+        if not user.may_join(room):
+            metrics.REFUSALS.labels("room not allowed for this token").inc()
+            self.error("forbidden", "room not allowed for this token", room=room)
+            return
+        if len(self.rooms) + len(self._pending) >= self.settings.socket_rooms_max:
+            detail = f"at most {self.settings.socket_rooms_max} rooms per socket: unsubscribe from one first"
+            self.error("too_many_rooms", detail, room=room)
+            return
+        task = self._pending[room] = asyncio.create_task(self._subscribe(frame))
+        task.add_done_callback(lambda _: self._pending.pop(room, None))
+
+    async def _subscribe(self, frame: SubscribeFrame) -> None:
+        slots = self._slots = self._slots or asyncio.Semaphore(SUBSCRIBES_AT_ONCE)
+        try:
+            async with slots:
+                if not self.client.closing:
+                    await self._join(frame)
+        except Exception:  # a bug: say so in the log, and answer the client
+            log.exception("subscribe to %r failed", frame.room)
+            self.error("unavailable", "could not subscribe: try again", room=frame.room)
+
+    async def _join(self, frame: SubscribeFrame) -> None:
+        room, user = frame.room, self.identity
+        try:
+            room_id = await open_room(
+                self.hub.engine, user=user, room=room, max_per_user=self.settings.max_rooms_per_user
+            )
+            if room_id is None:
+                metrics.REFUSALS.labels("too many rooms created by this user").inc()
+                self.error("too_many_rooms_created", "too many rooms created by this user", room=room)
+                return
+            render = functools.partial(protocol.message_frame, room)
+            sub = Subscription(self.client, room_id, room, render=render, tag=True, batch=True)
+            await self.hub.join(sub, timeout=self.settings.join_timeout_seconds)
+        except TimeoutError:
+            metrics.REFUSALS.labels("room not ready").inc()
+            self.error("unavailable", "room not ready: try again", room=room)
+            return
+        except Exception as exc:
+            log.warning("subscribing to %r failed: %r", room, exc)
+            self.error("unavailable", "could not subscribe: try again", room=room)
+            return
+        session = RoomSession(
+            settings=self.settings,
+            engine=self.hub.engine,
+            hub=self.hub,
+            identity=user,
+            room_id=room_id,
+            room=room,
+            client=sub,
+            guard=self.guard,
+            writer=self.writer,
+            inflight=self.inflight,
+        )
+        try:
+            online = await self.presence.enter(room_id, user)
+        except Exception as exc:
+            log.warning("presence of %r failed: %r", room, exc)
+            self.hub.leave(sub)
+            self.error("unavailable", "could not subscribe: try again", room=room)
+            return
+        self.rooms[room] = session
+        logs.event("open", room=room, user=user.name, token_id=user.token_id)
+        await session.replay(after=frame.after, online=online)
+
+    async def unsubscribe(self, room: str) -> None:
+        if room not in self.rooms:
+            self.error("not_subscribed", "not subscribed to this room", room=room)
+            return
+        await self._leave(room)
+        self.client.offer(protocol.dumps({"type": "unsubscribed", "room": room}))
+
+    async def _leave(self, room: str) -> None:
+        session = self.rooms.pop(room)
+        sub = session.client
+        self.hub.leave(sub)
+        seconds = f"{time.monotonic() - sub.since:.1f}"
+        logs.event("close", room=room, user=self.identity.name, code=self.client.close_code, seconds=seconds)
+        await self.presence.leave(session.room_id, self.identity)
+
+    async def close(self) -> None:
+        """The socket ended: stop the subscribes under way, and leave every room."""
+        pending = list(self._pending.values())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for room in list(self.rooms):
+            await self._leave(room)

@@ -1,0 +1,150 @@
+"""One socket's place in one room: what a room's feed delivers to.
+
+It keeps the room's cursor (the highest seq queued for this socket), turns a room's items into
+frames (each message encoded once per process and the same str queued for every socket), and
+holds live messages back while its replay catches up: replay reads the table until it reaches
+what the feed has dispatched, then goes live in one step, so nothing is sent twice or skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+from chat.client import Client, RoomEvent
+from chat.store import Identity, MessageRecord
+
+Item = MessageRecord | RoomEvent | str  # str: a frame for this socket alone (ack, error, ...)
+Render = Callable[[MessageRecord], str | None]  # None: this socket does not show messages
+HELD_EVENTS_MAX = 64  # ephemeral events kept while replaying; later ones are dropped
+REPLAY_BATCH_BYTES = 64 * 1024  # a `messages` frame of a replay holds up to this much
+
+
+class Subscription:
+    __slots__ = (
+        "_held",
+        "batch",
+        "client",
+        "cursor",
+        "events",
+        "live_only",
+        "render",
+        "replaying",
+        "room",
+        "room_id",
+        "since",
+        "tag",
+    )
+
+    def __init__(
+        self,
+        client: Client,
+        room_id: int,
+        room: str,
+        *,
+        render: Render,
+        live_only: bool = False,
+        events: bool = True,
+        tag: bool = False,
+        batch: bool = False,
+    ) -> None:
+        self.client = client
+        self.room_id = room_id
+        self.room = room
+        self.render = render
+        self.live_only = live_only  # no history: start at the room's head when joining
+        self.events = events  # room events (join, leave, typing) are shown
+        self.cursor = 0
+        self.replaying = not live_only  # until replay() calls go_live()
+        # Name the room in this socket's own frames (acks, errors) too: for a socket of many rooms.
+        self.tag = tag
+        self.batch = batch  # replay in `messages` frames (the multiplexed socket)
+        self._held: list[str] | None = None
+        self.since = time.monotonic()
+
+    @property
+    def identity(self) -> Identity | None:
+        return self.client.identity
+
+    @property
+    def sent(self) -> int:
+        return self.client.sent
+
+    def offer(self, item: Item) -> None:
+        """Queue an item for this socket (never blocks)."""
+        if type(item) is MessageRecord:
+            if self.replaying or item.seq <= self.cursor:
+                return  # replay sends it (or already did)
+            self.cursor = item.seq
+            text = self.render(item)
+            if text is not None and self.client.offer(text):
+                self.client.sent += 1
+        elif type(item) is RoomEvent:
+            if self.events:
+                if self.replaying:
+                    held = self._held = self._held or []
+                    if len(held) < HELD_EVENTS_MAX:
+                        held.append(item.frame)
+                else:
+                    self.client.offer(item.frame)
+        elif isinstance(item, str):
+            self.client.offer(tagged(item, self.room) if self.tag else item)
+
+    async def replay_rows(self, rows: list[MessageRecord], *, timeout: float) -> None:
+        """Queue replayed messages, waiting (bounded) for the reader: TimeoutError. One frame
+        per message, or (`batch`) `messages` frames of up to REPLAY_BATCH_BYTES each."""
+        client = self.client
+        frames: list[str] = []
+        size = 0
+        for row in rows:
+            if client.closing:
+                return
+            if row.seq <= self.cursor:
+                continue
+            self.cursor = row.seq
+            text = self.render(row)
+            if text is None:
+                continue
+            if not self.batch:
+                await client.put(text, timeout=timeout)
+                client.sent += 1
+                continue
+            if frames and size + len(text) > REPLAY_BATCH_BYTES:
+                await self._put_batch(frames, timeout)
+                frames, size = [], 0
+            frames.append(text)
+            size += len(text) + 1
+        if frames:
+            await self._put_batch(frames, timeout)
+
+    async def _put_batch(self, frames: list[str], timeout: float) -> None:
+        # Each message is its own frame's JSON, so the batch is joined, not encoded again.
+        room = json.dumps(self.room, ensure_ascii=False)
+        await self.client.put(f'{{"type":"messages","room":{room},"messages":[{",".join(frames)}]}}', timeout=timeout)
+        self.client.sent += len(frames)
+
+    def go_live(self) -> None:
+        """Replay has caught up with the feed: from now on the feed's messages are queued."""
+        self.replaying = False
+        held, self._held = self._held, None
+        for frame in held or ():
+            self.client.offer(frame)
+
+    def kick(self, code: int, reason: str, *, flush: bool = False) -> None:
+        self.client.kick(code, reason, flush=flush)
+
+    def go_away(self) -> None:
+        self.client.go_away()
+
+
+def chapter_render(message: MessageRecord) -> str | None:
+    """The chapter's /ws/{client_id}: plain text, the body alone, and no room events."""
+    return message.body
+
+
+def tagged(frame: str, room: str) -> str:
+    """`frame` (a JSON object) naming `room`, if it does not already."""
+    if '"room":' in frame or not frame.startswith("{") or len(frame) < 3:
+        return frame
+    return '{"room":' + json.dumps(room, ensure_ascii=False) + "," + frame[1:]

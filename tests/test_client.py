@@ -1,0 +1,220 @@
+"""The outgoing side (chat/client.py, replay and history in chat/service.py), against real
+servers and Postgres: issue 14 items 1-3, each as it was reproduced.
+
+- A socket whose queue overflows during replay is closed with 4000, never left silent.
+- Replay holds no pooled connection while it waits on a socket: 30 sockets that do not read
+  leave the pool to everyone else.
+- History replies are capped in bytes and charged to the rate limits: a process under the
+  amplification attack stays small and keeps serving a calm user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from chat.protocol import CLOSE_SLOW_CONSUMER
+from tests.conftest import MakeToken, unique
+from tests.roomclient import RoomClient
+from tests.servers import DEFAULT_LIMITS, Server
+
+
+async def fill_room(engine: AsyncEngine, room: str, *, count: int, body: str) -> None:
+    """`count` messages of `body` in a new room, written in SQL like any client."""
+    async with engine.begin() as conn:
+        room_id = await conn.scalar(text("INSERT INTO rooms (name) VALUES (:n) RETURNING id"), {"n": room})
+        await conn.execute(
+            text("INSERT INTO messages (room_id, author, body) SELECT :r, 'bot', :b FROM generate_series(1, :n)"),
+            {"r": room_id, "b": body, "n": count},
+        )
+
+
+async def insert_live(engine: AsyncEngine, room: str, *, count: int, batch: int = 10) -> None:
+    """`count` more messages, a few per transaction: each is NOTIFYed to the listening servers."""
+    for start in range(0, count, batch):
+        async with engine.begin() as conn:
+            room_id = await conn.scalar(text("SELECT id FROM rooms WHERE name = :n"), {"n": room})
+            await conn.execute(
+                text("INSERT INTO messages (room_id, author, body) VALUES (:r, 'live', :b)"),
+                [{"r": room_id, "b": f"live {i}"} for i in range(start, min(start + batch, count))],
+            )
+
+
+async def open_raw(url: str, token: str, **kwargs: object) -> ClientConnection:
+    # max_queue=1: the client library buffers almost nothing, so a client that does not read
+    # really does not read (TCP pushes back on the server).
+    return await connect(url, additional_headers={"Cookie": f"session={token}"}, max_queue=1, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def small_queue_server(database_url: str, tmp_root: Path) -> Iterator[Server]:
+    server = Server(database_url, tmp_root, env={"CHAT_SOCKET_QUEUE": "64"})
+    yield server
+    server.stop()
+
+
+async def test_overflow_during_replay_closes_4000_or_serves_everything(
+    small_queue_server: Server, engine: AsyncEngine, make_token: MakeToken
+) -> None:
+    """Issue 14 item 3: a big room, a client joining with after=0 that reads slowly while rows
+    are inserted. It got `ready`, then nothing, forever. Now it is either served every message
+    in order, or closed with 4000 (then it resumes)."""
+    room = unique("replay")
+    replayed, live, later = 10_000, 400, 20  # 20 MB: more than the socket buffers hold
+    await fill_room(engine, room, count=replayed, body="x" * 2000)
+    ws = await open_raw(small_queue_server.ws(f"/rooms/{room}/ws?after=0"), await make_token())
+    seqs: list[int] = []
+    frames: list[str] = []
+    inserted, ready = asyncio.Event(), asyncio.Event()
+
+    async def read() -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for raw in ws:
+                frame = json.loads(raw)
+                frames.append(frame["type"])
+                if frame["type"] == "message":
+                    seqs.append(frame["seq"])
+                    if not inserted.is_set():
+                        await asyncio.sleep(0.002)  # slow while the rows go in
+                if frame["type"] == "ready":
+                    ready.set()
+                if seqs and seqs[-1] == replayed + live + later:
+                    await ws.close()
+
+    reader = asyncio.create_task(read())
+    while not seqs:  # the replay is under way
+        await asyncio.wait([reader], timeout=0.05)
+        assert not reader.done(), f"closed before any message: {ws.close_code}"
+    await insert_live(engine, room, count=live)
+    inserted.set()
+    await asyncio.wait([reader, asyncio.create_task(ready.wait())], timeout=120, return_when=asyncio.FIRST_COMPLETED)
+    await insert_live(engine, room, count=later)  # after ready: live, through the queue
+    await asyncio.wait_for(reader, 60)  # never silent: either served to the end, or closed
+    if ws.close_code == CLOSE_SLOW_CONSUMER:
+        assert seqs == list(range(1, len(seqs) + 1))  # what came before the close had no gap
+        async with await RoomClient.open(
+            small_queue_server.ws(f"/rooms/{room}/ws"), await make_token(), after=seqs[-1] if seqs else 0
+        ) as resumed:
+            await resumed.until_seq(replayed + live + later, timeout=60)
+            assert seqs + resumed.seqs() == list(range(1, replayed + live + later + 1))
+    else:
+        assert seqs == list(range(1, replayed + live + later + 1))
+        assert "ready" in frames
+
+
+async def test_replays_that_wait_on_sockets_hold_no_pooled_connection(
+    server_a: Server, engine: AsyncEngine, make_token: MakeToken
+) -> None:
+    """Issue 14 item 2: 30 sockets of one user join a big room with after=0 and do not read.
+    They once took the whole pool: another user's join timed out and /api/me answered 500."""
+    room = unique("pool")
+    await fill_room(engine, room, count=20_000, body="y" * 1000)
+    hog = await make_token()
+    sockets = [await open_raw(server_a.ws(f"/rooms/{room}/ws?after=0"), hog) for _ in range(30)]
+    try:
+        for ws in sockets[:4]:  # replays are under way (the others wait for a slot of their user)
+            await asyncio.wait_for(ws.recv(), 30)
+        calm = await make_token()
+        started = time.monotonic()
+        async with await RoomClient.open(server_a.ws(f"/rooms/{room}/ws"), calm) as other:
+            await other.ready()
+            assert time.monotonic() - started < 2.0, "another user's join waited on the hog's replays"
+            async with httpx.AsyncClient(timeout=10, cookies={"session": calm}) as http:
+                started = time.monotonic()
+                me = await http.get(f"{server_a.http}/api/me")
+                assert me.status_code == 200, me.text
+                assert time.monotonic() - started < 2.0
+            await other.send("still served")
+            await other.until("ack")
+    finally:
+        for ws in sockets:
+            await ws.close()
+
+
+@pytest.fixture(scope="module")
+def limited_server(database_url: str, tmp_root: Path) -> Iterator[Server]:
+    server = Server(database_url, tmp_root, limits=DEFAULT_LIMITS)
+    yield server
+    server.stop()
+
+
+def rss(pid: int) -> int:
+    proc = psutil.Process(pid)
+    return proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
+
+
+async def test_history_amplification_stays_bounded(
+    limited_server: Server, engine: AsyncEngine, make_token: MakeToken
+) -> None:
+    """Issue 14 item 1: 200 messages of 16,000 control characters make a 19.7 MB history
+    reply. A socket asking for it 25 times without reading took a process from 128 MB to
+    597 MB, and the HTTP API served the same pages with no limit. Now both are capped in bytes
+    (has_more), charged to the rate limits by size, and the process grows by < 128 MB while a
+    calm user is served."""
+    server = limited_server
+    room = unique("amp")
+    await fill_room(engine, room, count=200, body="\x01" * 16000)
+    attacker, calm = await make_token(), await make_token()
+    baseline = rss(server.proc.pid)
+    peak = baseline
+    stop = asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, rss(server.proc.pid))
+            await asyncio.sleep(0.05)
+
+    async def socket_attack() -> None:
+        for _ in range(4):  # each socket: 25 history requests, never reading
+            ws = await open_raw(server.ws(f"/rooms/{room}/ws"), attacker)
+            try:
+                for _ in range(25):
+                    await ws.send(json.dumps({"type": "history", "before": 201, "limit": 200}))
+            except ConnectionClosed:
+                pass
+            finally:
+                ws.transport.abort()
+
+    async def http_attack() -> list[int]:
+        statuses: list[int] = []
+        headers = {"Authorization": f"Bearer {attacker}"}
+        async with httpx.AsyncClient(base_url=server.http, headers=headers, timeout=30) as http:
+            for _ in range(100):
+                response = await http.get(f"/api/rooms/{room}/messages", params={"limit": 200})
+                statuses.append(response.status_code)
+                if response.status_code == 200:
+                    page = response.json()
+                    assert len(response.content) < 600_000
+                    assert page["has_more"] is True and 0 < len(page["messages"]) < 200
+        return statuses
+
+    watcher = asyncio.create_task(watch())
+    attacks = asyncio.gather(socket_attack(), http_attack())
+    async with await RoomClient.open(server.ws(f"/rooms/{room}/ws"), calm) as user:
+        await user.ready()
+        for i in range(5):
+            await user.send(f"calm {i}", client_id=f"c{i}")
+            await user.until("ack", client_id=f"c{i}", timeout=10)
+        await user.ws.send(json.dumps({"type": "history", "before": 201, "limit": 200}))
+        page = await user.until("history", timeout=10)
+        assert page["has_more"] is True and 0 < len(page["messages"]) < 200
+        assert page["messages"][-1]["seq"] == 200  # the newest of the page are kept
+    _, statuses = await attacks
+    stop.set()
+    await watcher
+    assert 429 in statuses, "the HTTP API has no per-user limit"
+    growth = (peak - baseline) / 2**20
+    assert growth < 128, f"the server grew by {growth:.0f} MB"
