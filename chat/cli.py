@@ -10,6 +10,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from datetime import UTC, datetime, timedelta
@@ -123,12 +124,34 @@ def main(log_level: str) -> None:
 )
 def serve(host: str | None, port: int | None, workers: int | None, no_link: bool, link_file: Path | None) -> None:
     """Migrate and serve; with no DATABASE_URL, on the embedded Postgres."""
-    import uvicorn
-
     settings = get_settings()
     host = host or settings.host
     port = settings.port if port is None else port
     workers = workers or settings.workers
+    unwinding = threading.Event()
+
+    def on_sigterm(*_: object) -> None:
+        # Unwind through `finally`, so the embedded Postgres is stopped too: during start-up, and
+        # when uvicorn re-raises SIGTERM after its own shutdown. A SystemExit raised while Python
+        # runs a weakref or __del__ callback is swallowed ("Exception ignored"); then the signal
+        # is sent again a moment later, to whichever handler is in place by then (uvicorn's).
+        def resend() -> None:
+            if not unwinding.wait(1.0):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=resend, daemon=True).start()
+        sys.exit(128 + signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        _serve(settings, host, port, workers, no_link, link_file)
+    finally:
+        unwinding.set()
+
+
+def _serve(settings: Settings, host: str, port: int, workers: int, no_link: bool, link_file: Path | None) -> None:
+    import uvicorn
+
     with ExitStack() as stack, database(settings, own=True) as (url, embedded):
         run_migrations(url)
         os.environ["DATABASE_URL"] = url  # for the app, in this process and in the workers
@@ -164,9 +187,6 @@ def serve(host: str | None, port: int | None, workers: int | None, no_link: bool
             metrics_dir = tempfile.mkdtemp(prefix="chat-metrics-")
             stack.callback(shutil.rmtree, metrics_dir, ignore_errors=True)
             os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
-        # uvicorn re-raises SIGTERM after its own shutdown; make that unwind through `finally`
-        # so the embedded Postgres is stopped too.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
         with suppress(KeyboardInterrupt):
             uvicorn.run(
                 "chat.app:create_app",
