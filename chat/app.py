@@ -16,7 +16,7 @@ from broadcaster import Broadcast
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from chat import api, http, ws
+from chat import api, http, store, ws
 from chat.auth import Refused, refuse
 from chat.config import Settings, get_settings
 from chat.db import create_engine
@@ -24,6 +24,8 @@ from chat.hub import Hub
 from chat.limits import Limits
 from chat.presence import Presence
 from chat.pubsub import PostgresBackend
+from chat.redisbus import RedisBackend
+from chat.relay import Relay
 from chat.revocation import watch_tokens
 
 log = logging.getLogger("chat.app")
@@ -85,19 +87,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not url:
             raise RuntimeError("DATABASE_URL is not set: start the server with `chat serve`")
         engine = create_engine(settings, url)
-        backend = PostgresBackend(
-            settings.listen_database_url or url,
-            heartbeat=settings.listen_heartbeat_seconds,
-            timeout=settings.listen_timeout_seconds,
-        )
+        beat, timeout = settings.listen_heartbeat_seconds, settings.listen_timeout_seconds
+        backend: PostgresBackend | RedisBackend
+        relay: Relay | None = None
+        if settings.fanout_url:
+            backend = RedisBackend(settings.fanout_url, heartbeat=beat, timeout=timeout)
+            relay = Relay(
+                settings.listen_database_url or url,
+                backend,
+                heartbeat=beat,
+                timeout=timeout,
+                retry=settings.relay_retry_seconds,
+            )
+        else:
+            backend = PostgresBackend(settings.listen_database_url or url, heartbeat=beat, timeout=timeout)
+        async with engine.connect() as conn:  # where the trigger sends other SQL clients' rows
+            await store.set_relay(conn, on=relay is not None)
         broadcast = Broadcast(backend=backend)
         await broadcast.connect()
-        hub = Hub(broadcast, engine)
+        hub = Hub(
+            broadcast,
+            engine,
+            database_notifies=relay is None,
+            gap_wait=settings.fanout_gap_wait_seconds if relay is not None else 0.0,
+        )
+        if relay is not None:
+            await relay.start()
         app.state.engine, app.state.backend, app.state.hub = engine, backend, hub
         app.state.limits = Limits(settings)
         presence = app.state.presence = Presence(
             engine, beat=settings.presence_beat_seconds, stale=settings.presence_stale_seconds
         )
+        if not hub.database_notifies:
+            presence.publish = hub.publish  # join/leave through Redis, after commit
         await presence.start()
         tokens = asyncio.create_task(watch_tokens(hub, engine, interval=settings.token_check_seconds))
         restore_signals = _drain_before_exit(hub, grace=SHUTDOWN_GRACE_SECONDS)
@@ -112,6 +134,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if watchdog is not None:
                 watchdog.cancel()
             await presence.stop()
+            if relay is not None:
+                await relay.stop()
             await hub.close()
             await broadcast.disconnect()
             await engine.dispose()

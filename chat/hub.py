@@ -23,11 +23,13 @@ from chat import metrics, store
 from chat.client import Client, RoomEvent
 from chat.protocol import dumps
 from chat.pubsub import RESYNC
+from chat.redisbus import batch_payload
 from chat.store import MessageRecord
 
 log = logging.getLogger("chat.hub")
 
 BACKFILL_PAGE = 500
+EARLY_MAX = 1000  # messages held while waiting for a gap to fill; past that, read the table
 
 
 def channel_of(room_id: int) -> str:
@@ -42,6 +44,8 @@ class RoomFeed:
         self.clients: set[Client] = set()
         self.last_seq = 0
         self.ready = asyncio.Event()
+        self._early: dict[int, MessageRecord] = {}  # seq -> message that arrived before a gap filled
+        self._gap_deadline = 0.0
         self.task = asyncio.create_task(self._run(), name=f"feed-{name}")
 
     async def _run(self) -> None:
@@ -59,7 +63,16 @@ class RoomFeed:
                     else:
                         await self._backfill()
                     while True:
-                        await self._handle((await subscriber.get()).message)
+                        if self._early:  # a gap: wait a little for the missing seqs, then read them
+                            try:
+                                timeout = max(0.0, self._gap_deadline - asyncio.get_running_loop().time())
+                                event = await asyncio.wait_for(subscriber.get(), timeout)
+                            except TimeoutError:
+                                await self._backfill()
+                                continue
+                        else:
+                            event = await subscriber.get()
+                        await self._handle(event.message)
             except Unsubscribed:
                 return
             except Exception:
@@ -71,11 +84,16 @@ class RoomFeed:
             await self._backfill()
             return
         try:
-            data: dict[str, Any] = json.loads(payload)
+            data: dict[str, Any] | list[dict[str, Any]] = json.loads(payload)
         except ValueError:
             log.warning("room %r: unreadable notification; reading the table instead", self.name)
             await self._backfill()
             return
+        # A list is a batch of messages committed together (Redis fan-out publishes those).
+        for item in data if isinstance(data, list) else [data]:
+            await self._message(item)
+
+    async def _message(self, data: dict[str, Any]) -> None:
         seq = data.get("seq")
         if seq is None:
             if data.get("type") in ("join", "leave", "typing"):
@@ -83,20 +101,35 @@ class RoomFeed:
             return
         if seq <= self.last_seq:
             return  # already dispatched (a backfill got there first)
-        if seq == self.last_seq + 1 and not data.get("ref"):
-            self._dispatch(
-                MessageRecord(
-                    seq=seq,
-                    author=data["author"],
-                    body=data["body"],
-                    kind=data["kind"],
-                    author_id=data.get("author_id"),
-                    client_id=data.get("client_id"),
-                    sent_at=datetime.fromisoformat(data["sent_at"]),
-                )
-            )
+        if data.get("ref"):
+            await self._backfill()  # a payload too big to carry: read the rows
+            return
+        record = MessageRecord(
+            seq=seq,
+            author=data["author"],
+            body=data["body"],
+            kind=data["kind"],
+            author_id=data.get("author_id"),
+            client_id=data.get("client_id"),
+            sent_at=datetime.fromisoformat(data["sent_at"]),
+        )
+        if seq == self.last_seq + 1:
+            self._dispatch(record)
+            while (following := self._early.pop(self.last_seq + 1, None)) is not None:
+                self._dispatch(following)
+            self._forget_early()
+        elif self.hub.gap_wait <= 0 or len(self._early) >= EARLY_MAX:
+            await self._backfill()  # a gap
         else:
-            await self._backfill()  # a payload too big for NOTIFY, or a gap
+            # Publishers in several processes may publish out of commit order: hold the early
+            # ones briefly rather than read the table for every overtaking.
+            if not self._early:
+                self._gap_deadline = asyncio.get_running_loop().time() + self.hub.gap_wait
+            self._early[seq] = record
+
+    def _forget_early(self) -> None:
+        for seq in [s for s in self._early if s <= self.last_seq]:
+            del self._early[seq]
 
     async def _backfill(self) -> None:
         delay = 0.1
@@ -111,6 +144,7 @@ class RoomFeed:
                         for row in rows:
                             self._dispatch(row)
                         if len(rows) < BACKFILL_PAGE:
+                            self._forget_early()
                             return
             except (OSError, TimeoutError, ConnectionError) as exc:
                 log.warning("room %r: backfill failed (%r); retrying", self.name, exc)
@@ -127,9 +161,15 @@ class RoomFeed:
 
 
 class Hub:
-    def __init__(self, broadcast: Broadcast, engine: AsyncEngine) -> None:
+    def __init__(
+        self, broadcast: Broadcast, engine: AsyncEngine, *, database_notifies: bool = True, gap_wait: float = 0.0
+    ) -> None:
         self.broadcast = broadcast
         self.engine = engine
+        # True: the insert trigger NOTIFYs every message (the default). False: the app publishes
+        # each batch itself after commit (hub.published), through Redis.
+        self.database_notifies = database_notifies
+        self.gap_wait = gap_wait  # seconds a feed waits for a missing seq before reading the table
         self.feeds: dict[int, RoomFeed] = {}
         self.closing = False  # shutting down: no new sockets
         self._idle = asyncio.Event()  # set while no socket is joined
@@ -166,6 +206,19 @@ class Hub:
             await self.broadcast.publish(channel_of(room_id), dumps(event))
         except Exception as exc:
             log.warning("could not publish %s: %r", event.get("type"), exc)
+
+    async def published(self, room_id: int, records: list[MessageRecord]) -> None:
+        """Call after commit with one room's newly stored messages (seq order), as one batch.
+        A no-op when the database's trigger fans out; else one publish. A failed publish is not
+        the sender's problem: the message is stored and acked, and the backend wakes the room
+        (RESYNC) once its fan-out answers again."""
+        if self.database_notifies or not records:
+            return
+        try:
+            await self.broadcast.publish(channel_of(room_id), batch_payload(records))
+        except Exception as exc:
+            metrics.PUBLISH_FAILURES.inc()
+            log.warning("could not publish %d message(s) to room %s: %r", len(records), room_id, exc)
 
     def clients(self) -> list[Client]:
         return [client for feed in self.feeds.values() for client in feed.clients]

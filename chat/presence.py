@@ -17,6 +17,8 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -54,6 +56,9 @@ class Presence:
         self.process_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.local: dict[tuple[int, int], tuple[str, int]] = {}  # (room, user) -> (name, sockets here)
         self._task: asyncio.Task[None] | None = None
+        # With Redis fan-out: how join/leave events go out (after commit); None: NOTIFY in the transaction.
+        self.publish: Callable[[int, dict[str, Any]], Awaitable[None]] | None = None
+        self._unsent: dict[AsyncConnection, list[tuple[int, dict[str, Any]]]] = {}
 
     async def start(self) -> None:
         await self._beat()
@@ -77,7 +82,7 @@ class Presence:
         name, count = self.local.get(key, (who.name, 0))
         self.local[key] = (name, count + 1)
         try:
-            async with self.engine.begin() as conn:
+            async with self._begin() as conn:
                 await self._change(conn, room_id, who.user_id, who.name, +1)
                 rows = await conn.execute(_ONLINE, {"room_id": room_id, "stale": self.stale})
                 return [row[0] for row in rows]
@@ -93,7 +98,7 @@ class Presence:
         else:
             self.local[key] = (name, count - 1)
         try:
-            async with self.engine.begin() as conn:
+            async with self._begin() as conn:
                 await self._change(conn, room_id, who.user_id, who.name, -1)
         except Exception as exc:  # the next heartbeat puts the row right
             log.warning("presence leave failed: %r", exc)
@@ -127,8 +132,26 @@ class Presence:
             await self._announce(conn, room_id, "leave", name)
 
     async def _announce(self, conn: AsyncConnection, room_id: int, kind: str, name: str) -> None:
-        payload = json.dumps({"type": kind, "user": name}, ensure_ascii=False)
+        event = {"type": kind, "user": name}
+        if self.publish is not None:
+            self._unsent.setdefault(conn, []).append((room_id, event))  # published by _begin after commit
+            return
+        payload = json.dumps(event, ensure_ascii=False)
         await conn.execute(_NOTIFY, {"room_id": room_id, "payload": payload})
+
+    @contextlib.asynccontextmanager
+    async def _begin(self) -> AsyncIterator[AsyncConnection]:
+        """engine.begin(), and with `publish` set, the transaction's join/leave events published
+        after it commits (never for a rollback)."""
+        conn: AsyncConnection | None = None
+        try:
+            async with self.engine.begin() as conn:
+                yield conn
+        finally:
+            events = self._unsent.pop(conn, []) if conn is not None else []
+        for room_id, event in events:
+            assert self.publish is not None
+            await self.publish(room_id, event)
 
     # --- heartbeat and reaping ----------------------------------------------------------------
 
@@ -175,12 +198,12 @@ class Presence:
             delta = here - there
             if delta:
                 log.info("presence: correcting room %s user %s by %+d", *key, delta)
-                async with self.engine.begin() as conn:
+                async with self._begin() as conn:
                     await self._change(conn, key[0], key[1], name, delta)
 
     async def _reap(self, processes: list[str]) -> None:
         """Remove dead processes and their rows, then announce who is no longer online anywhere."""
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             gone = (
                 await conn.execute(
                     text("DELETE FROM presence WHERE process_id = ANY(:ids) RETURNING room_id, user_id, user_name"),
@@ -191,7 +214,7 @@ class Presence:
         if processes != [self.process_id]:
             log.info("reaped %d dead process(es): %d presence row(s)", len(processes), len(gone))
         for room_id, user_id, name in {(r.room_id, r.user_id, r.user_name) for r in gone}:
-            async with self.engine.begin() as conn:
+            async with self._begin() as conn:
                 ids = {"room_id": room_id, "user_id": user_id}
                 await conn.execute(_LOCK, ids)
                 if int(await conn.scalar(_LIVE_SOCKETS, {**ids, "stale": self.stale}) or 0) == 0:

@@ -142,6 +142,7 @@ class RoomSession:
                     author=self.identity.name,
                     body=frame.body,
                     client_id=frame.client_id,
+                    notify=self.hub.database_notifies,
                 )
         except Exception as exc:
             log.warning("storing a message failed: %r", exc)
@@ -156,9 +157,11 @@ class RoomSession:
                 "duplicate": appended.duplicate,
             }
         )
+        if not appended.duplicate:  # after the ack: a slow fan-out never holds the sender up
+            await self.hub.published(self.room_id, [appended.message])
 
     async def typing(self) -> None:
-        """Ephemeral: fanned out through NOTIFY, never stored, at most one per interval per
+        """Ephemeral: fanned out (NOTIFY or Redis), never stored, at most one per interval per
         socket (the rest are dropped quietly). Clients clear it when the typist's message or
         leave arrives, or after a few seconds of silence."""
         now = time.monotonic()

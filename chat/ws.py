@@ -152,9 +152,16 @@ async def clients(websocket: WebSocket, client_id: int, user: SocketUser) -> Non
 
         async def post(body: str, kind: str) -> None:
             async with state.engine.connect() as conn:
-                await store.append_message(
-                    conn, room_id=room_id, author_id=user.user_id, author=user.name, body=body, kind=kind
+                appended = await store.append_message(
+                    conn,
+                    room_id=room_id,
+                    author_id=user.user_id,
+                    author=user.name,
+                    body=body,
+                    kind=kind,
+                    notify=state.hub.database_notifies,
                 )
+            await state.hub.published(room_id, [appended.message])
 
         async def handle(data: str | None) -> None:
             if refused := admit(guard, client):
