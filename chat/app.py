@@ -16,7 +16,7 @@ from broadcaster import Broadcast
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from chat import api, http, store, ws
+from chat import api, http, ws
 from chat.auth import Refused, refuse
 from chat.config import Settings, get_settings
 from chat.db import create_engine
@@ -101,8 +101,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         else:
             backend = PostgresBackend(settings.listen_database_url or url, heartbeat=beat, timeout=timeout)
-        async with engine.connect() as conn:  # where the trigger sends other SQL clients' rows
-            await store.set_relay(conn, on=relay is not None)
         broadcast = Broadcast(backend=backend)
         await broadcast.connect()
         hub = Hub(

@@ -109,15 +109,3 @@ class Presence(Base):
     )
     user_name: Mapped[str] = mapped_column(Text)
     sockets: Mapped[int] = mapped_column(Integer)
-
-
-class Fanout(Base):
-    """One row: how messages fan out. With `relay` on (Redis fan-out), the insert trigger sends
-    rows from other SQL clients to the relay channel instead of each room's channel."""
-
-    __tablename__ = "chat_fanout"
-
-    id: Mapped[bool] = mapped_column(primary_key=True, server_default=text("true"))
-    relay: Mapped[bool] = mapped_column(server_default=text("false"))
-
-    __table_args__ = (CheckConstraint("id", name="chat_fanout_one_row"),)

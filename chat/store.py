@@ -16,7 +16,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from chat.models import Fanout, Message, Room, Token, User
+from chat.models import Message, Room, Token, User
 
 TOKEN_PREFIX = "chat_"
 
@@ -82,13 +82,6 @@ async def room_head(conn: AsyncConnection, *, room_id: int) -> int:
     return int(head or 0)
 
 
-async def set_relay(conn: AsyncConnection, *, on: bool) -> None:
-    """Where the insert trigger sends rows from other SQL clients: the relay channel (Redis
-    fan-out) or each room's channel (NOTIFY fan-out). Every server sets it at start-up."""
-    async with _write(conn):
-        await conn.execute(update(Fanout).where(Fanout.relay.is_distinct_from(on)).values(relay=on))
-
-
 # --- messages ----------------------------------------------------------------------------------
 
 
@@ -109,8 +102,9 @@ async def append_message(
     client_id: str | None = None,
     notify: bool = True,
 ) -> Appended:
-    """Store one message; the triggers give it its seq and NOTIFY it at commit. With
-    notify=False (Redis fan-out: the caller publishes it after commit) the trigger skips NOTIFY."""
+    """Store one message; the triggers give it its seq and NOTIFY it at commit on the room's
+    channel. With notify=False (Redis fan-out: the caller publishes it after commit) the trigger
+    sends no NOTIFY at all."""
     values = {
         "room_id": room_id,
         "author_id": author_id,
@@ -119,15 +113,14 @@ async def append_message(
         "kind": kind,
         "client_id": client_id,
     }
-    if notify:
-        stmt = insert(Message).values(**values).returning(*_MESSAGE_COLUMNS)
-    else:
-        # Still one statement: the SELECT sets the transaction-local flag before the row reaches
-        # the triggers (also through a transaction-mode pooler).
-        columns = [Message.__table__.c[name] for name in values]
-        quiet = select(*(literal(value, column.type) for value, column in zip(values.values(), columns, strict=True)))
-        quiet = quiet.where(func.set_config("chat.notify", "off", True) == "off")
-        stmt = insert(Message).from_select(list(values), quiet).returning(*_MESSAGE_COLUMNS)
+    # Still one statement: the SELECT sets the transaction-local flag that tells the trigger this
+    # is the app's own row before the row reaches it (also through a transaction-mode pooler).
+    # Rows from other SQL clients carry no flag and also go to the relay (migration 0007).
+    columns = [Message.__table__.c[name] for name in values]
+    mode = "room" if notify else "off"
+    marked = select(*(literal(value, column.type) for value, column in zip(values.values(), columns, strict=True)))
+    marked = marked.where(func.set_config("chat.notify", mode, True) == mode)
+    stmt = insert(Message).from_select(list(values), marked).returning(*_MESSAGE_COLUMNS)
     try:
         if conn.in_transaction():
             await conn.commit()
