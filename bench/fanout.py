@@ -5,6 +5,7 @@ loopback port, without persistence (the chat stores nothing in it)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import socket
@@ -13,7 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+
 from bench.cluster import _die_with_parent, free_port, start_servers
+from bench.limits import _prepare
 from bench.runner import Run, log
 from bench.scenarios import _f, _step_passes
 
@@ -49,11 +53,60 @@ class RedisProcess:
             self.proc.wait(10)
 
 
+async def insert_ceiling(dsn: str, *, mode: str, writers: int, seconds: float, rooms: int) -> dict[str, Any]:
+    """W writers looping the app's own INSERT (one statement, autocommit) for `seconds`, marked
+    'room' (NOTIFY fan-out: the commit carries a NOTIFY, with a listener on every room) or 'off'
+    (Redis fan-out: no NOTIFY). The write ceiling with and without NOTIFY on the commit."""
+    room_ids, user_id = await _prepare(dsn, rooms)
+    listener = await asyncpg.connect(dsn)
+    conns = [await asyncpg.connect(dsn) for _ in range(writers)]
+    heard = 0
+
+    def on_notify(*_args: Any) -> None:
+        nonlocal heard
+        heard += 1
+
+    if mode == "room":
+        for room_id in room_ids:
+            await listener.add_listener(f"room_{room_id}", on_notify)
+    sql = (
+        "INSERT INTO messages (room_id, author_id, author, body) SELECT $1, $2, 'bench-ceiling', $3"
+        " WHERE set_config('chat.notify', $4, true) = $4 RETURNING seq"
+    )
+    count = 0
+    deadline = time.monotonic() + seconds
+
+    async def writer(w: int) -> None:
+        nonlocal count
+        room_id = room_ids[w % len(room_ids)]
+        while time.monotonic() < deadline:
+            await conns[w].fetchval(sql, room_id, user_id, f"ceiling {w} {count}", mode)
+            count += 1
+
+    start = time.monotonic()
+    try:
+        await asyncio.gather(*(writer(w) for w in range(writers)))
+        elapsed = time.monotonic() - start
+    finally:
+        for conn in conns:
+            await conn.close()
+        await listener.close()
+    return {"mode": mode, "writers": writers, "committed_per_s": round(count / elapsed, 1), "notified": heard}
+
+
 def fanout_engines(run: Run) -> dict[str, Any]:
     knobs = run.knobs
+    result: dict[str, Any] = {"processes": list(knobs.fanout_processes), "configs": [], "ceiling": []}
+    for writers in knobs.limits_writers:
+        for mode in ("room", "off"):
+            row = asyncio.run(
+                insert_ceiling(run.db.dsn, mode=mode, writers=writers, seconds=knobs.limits_seconds, rooms=knobs.rooms)
+            )
+            log(f"  INSERT {'with' if mode == 'room' else 'without'} NOTIFY, {writers} writer(s): "
+                f"{row['committed_per_s']:.0f}/s")  # fmt: skip
+            result["ceiling"].append(row)
     redis = RedisProcess(run.log_dir)
     groups = dict(run.meter.groups)
-    result: dict[str, Any] = {"processes": list(knobs.fanout_processes), "configs": []}
     try:
         for processes in knobs.fanout_processes:
             for engine in ENGINES:
@@ -136,4 +189,16 @@ def report(result: dict[str, Any], p99_limit: Any) -> list[str]:
                 + f" | {'pass' if s['passed'] else 'fail: ' + s['why']} |"
             )
     lines.append("")
+    if result.get("ceiling"):
+        lines += [
+            "The app's INSERT alone (no server), W writers, one autocommit statement each: with NOTIFY on the "
+            "commit (NOTIFY fan-out, a listener on every room) and without (Redis fan-out).",
+            "",
+            "| writers | with NOTIFY msg/s | without NOTIFY msg/s |",
+            "|---|---|---|",
+        ]
+        by = {(r["writers"], r["mode"]): r["committed_per_s"] for r in result["ceiling"]}
+        for writers in sorted({r["writers"] for r in result["ceiling"]}):
+            lines.append(f"| {writers} | {_f(by.get((writers, 'room')))} | {_f(by.get((writers, 'off')))} |")
+        lines.append("")
     return lines
