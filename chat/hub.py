@@ -36,6 +36,44 @@ def channel_of(room_id: int) -> str:
     return f"room_{room_id}"  # room names may be longer than a channel name's 63 bytes
 
 
+class Overtaken:
+    """Messages that arrived ahead of a missing seq, held until the gap fills or `deadline`
+    passes (then the feed reads the table). With Redis fan-out, processes publish after their own
+    commits, so one may overtake another; NOTIFY arrives in commit order and never needs this."""
+
+    def __init__(self, limit: int = EARLY_MAX) -> None:
+        self.limit = limit
+        self.held: dict[int, MessageRecord] = {}
+        self.deadline = 0.0  # when to stop waiting for the gap (loop time); meaningful while held
+
+    def __bool__(self) -> bool:
+        return bool(self.held)
+
+    def hold(self, record: MessageRecord, *, deadline: float) -> bool:
+        """Keep `record` for later; False when full (read the table instead). The first held
+        message of a gap sets the deadline."""
+        if len(self.held) >= self.limit:
+            return False
+        if not self.held:
+            self.deadline = deadline
+        self.held[record.seq] = record
+        return True
+
+    def following(self, last_seq: int) -> list[MessageRecord]:
+        """The held messages that now follow `last_seq` without a gap, in order (removed)."""
+        ready = []
+        while (record := self.held.pop(last_seq + 1, None)) is not None:
+            ready.append(record)
+            last_seq = record.seq
+        self.forget(last_seq)
+        return ready
+
+    def forget(self, last_seq: int) -> None:
+        """Drop what is at or before `last_seq` (dispatched by a backfill)."""
+        for seq in [s for s in self.held if s <= last_seq]:
+            del self.held[seq]
+
+
 class RoomFeed:
     def __init__(self, hub: Hub, room_id: int, name: str) -> None:
         self.hub = hub
@@ -44,8 +82,7 @@ class RoomFeed:
         self.clients: set[Client] = set()
         self.last_seq = 0
         self.ready = asyncio.Event()
-        self._early: dict[int, MessageRecord] = {}  # seq -> message that arrived before a gap filled
-        self._gap_deadline = 0.0
+        self._early = Overtaken()
         self.task = asyncio.create_task(self._run(), name=f"feed-{name}")
 
     async def _run(self) -> None:
@@ -65,10 +102,11 @@ class RoomFeed:
                     while True:
                         if self._early:  # a gap: wait a little for the missing seqs, then read them
                             try:
-                                timeout = max(0.0, self._gap_deadline - asyncio.get_running_loop().time())
+                                timeout = max(0.0, self._early.deadline - asyncio.get_running_loop().time())
                                 event = await asyncio.wait_for(subscriber.get(), timeout)
                             except TimeoutError:
-                                await self._backfill()
+                                await self._backfill()  # reads every held message too: all are committed
+                                self._early.held.clear()  # never wait twice for the same gap
                                 continue
                         else:
                             event = await subscriber.get()
@@ -115,21 +153,12 @@ class RoomFeed:
         )
         if seq == self.last_seq + 1:
             self._dispatch(record)
-            while (following := self._early.pop(self.last_seq + 1, None)) is not None:
+            for following in self._early.following(self.last_seq):
                 self._dispatch(following)
-            self._forget_early()
-        elif self.hub.gap_wait <= 0 or len(self._early) >= EARLY_MAX:
+        elif self.hub.gap_wait <= 0 or not self._early.hold(
+            record, deadline=asyncio.get_running_loop().time() + self.hub.gap_wait
+        ):
             await self._backfill()  # a gap
-        else:
-            # Publishers in several processes may publish out of commit order: hold the early
-            # ones briefly rather than read the table for every overtaking.
-            if not self._early:
-                self._gap_deadline = asyncio.get_running_loop().time() + self.hub.gap_wait
-            self._early[seq] = record
-
-    def _forget_early(self) -> None:
-        for seq in [s for s in self._early if s <= self.last_seq]:
-            del self._early[seq]
 
     async def _backfill(self) -> None:
         delay = 0.1
@@ -144,7 +173,7 @@ class RoomFeed:
                         for row in rows:
                             self._dispatch(row)
                         if len(rows) < BACKFILL_PAGE:
-                            self._forget_early()
+                            self._early.forget(self.last_seq)
                             return
             except (OSError, TimeoutError, ConnectionError) as exc:
                 log.warning("room %r: backfill failed (%r); retrying", self.name, exc)

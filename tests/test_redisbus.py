@@ -268,6 +268,23 @@ async def test_redis_restart_mid_stream_loses_and_doubles_nothing(
     assert all("redis reconnected" in server.log() for server in own_redis_pair)
 
 
+async def test_redis_frozen_mid_stream_is_noticed_by_the_heartbeat(
+    own_redis_pair: list[Server], own_redis: RedisServer, make_token: MakeToken, database_url: str
+) -> None:
+    """SIGSTOP Redis for longer than the heartbeat timeout: nothing is closed, only silent."""
+
+    async def fault(clients: list[ResilientClient]) -> None:
+        assert own_redis.proc is not None
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            await wait_for(lambda: all("redis heartbeat failed" in s.log() for s in own_redis_pair))
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+
+    await run_with_fault(own_redis_pair, make_token, database_url, fault, label="SIGSTOP (redis)")
+    assert all("redis reconnected" in server.log() for server in own_redis_pair)
+
+
 async def test_redis_subscriber_connection_killed(
     redis_pair: list[Server], redis_server: RedisServer, make_token: MakeToken, database_url: str
 ) -> None:
