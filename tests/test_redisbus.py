@@ -143,6 +143,33 @@ async def test_messages_presence_and_typing_cross_processes_without_notify(
     await a.close()
 
 
+async def test_without_redis_the_apps_inserts_notify_their_room_only(
+    server_a: Server, make_token: MakeToken, db: asyncpg.Connection
+) -> None:
+    """NOTIFY fan-out (CHAT_FANOUT_URL unset): one NOTIFY per message on the room's channel, as
+    ever, and none on the relay's channel, which only other SQL clients' rows reach."""
+    room = unique("r")
+    client = await RoomClient.open(server_a.ws(f"/rooms/{room}/ws"), await make_token())
+    await client.ready()
+    room_id = await db.fetchval("SELECT id FROM rooms WHERE name = $1", room)
+    heard: list[tuple[str, str]] = []
+    await db.add_listener(f"room_{room_id}", lambda *args: heard.append((args[2], json.loads(args[3])["body"])))
+    await db.add_listener("chat_relay", lambda *args: heard.append((args[2], json.loads(args[3])["body"])))
+    await client.send("from the app")
+    await client.until_seq(1)
+    await db.execute("INSERT INTO messages (room_id, author, body) VALUES ($1, 'psql', 'from psql')", room_id)
+    await client.until_seq(2)
+    async with asyncio.timeout(10):
+        while len(heard) < 3:
+            await asyncio.sleep(0.02)
+    assert heard == [
+        (f"room_{room_id}", "from the app"),
+        (f"room_{room_id}", "from psql"),
+        ("chat_relay", "from psql"),
+    ]
+    await client.close()
+
+
 async def test_rows_from_other_sql_clients_are_delivered_through_the_relay(
     redis_pair: list[Server], make_token: MakeToken, db: asyncpg.Connection
 ) -> None:
