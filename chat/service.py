@@ -244,7 +244,7 @@ class RoomSession:
         self.inflight.add(future, answer)
 
     async def typing(self) -> None:
-        """Ephemeral: fanned out through NOTIFY, never stored, at most one per interval per
+        """Ephemeral: fanned out (NOTIFY or Redis), never stored, at most one per interval per
         socket (the rest are dropped quietly). Clients clear it when the typist's message or
         leave arrives, or after a few seconds of silence."""
         now = time.monotonic()
