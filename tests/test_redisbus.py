@@ -16,7 +16,9 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
+from redis import asyncio as aioredis
 
+from chat import notify
 from chat.config import libpq_url
 from chat.notify import MAX_BATCH_BYTES, Ref, batch_payload, parse_all, relayed
 from chat.store import MessageRecord
@@ -144,6 +146,55 @@ async def test_messages_presence_and_typing_cross_processes_without_notify(
     await b.close()
     await a.until("leave", user=bob)
     await a.close()
+
+
+async def test_a_burst_from_several_sockets_is_published_once_per_batch_per_room(
+    database_url: str, tmp_root: Path, redis_server: RedisServer, make_token: MakeToken, db: asyncpg.Connection
+) -> None:
+    """The writer publishes each committed batch as one message per room: a raw Redis subscriber
+    on the room's channel sees fewer publishes than messages, and every seq exactly once."""
+    server = Server(database_url, tmp_root, env=redis_env(redis_server))
+    subscriber = aioredis.Redis.from_url(redis_server.url)
+    pubsub = subscriber.pubsub()
+    try:
+        path = f"/rooms/{unique('r')}/ws"
+        senders = [await RoomClient.open(server.ws(path), await make_token()) for _ in range(5)]
+        for client in senders:
+            await client.ready()
+        room_id = await db.fetchval("SELECT id FROM rooms WHERE name = $1", path.split("/")[2])
+        await pubsub.subscribe(f"room_{room_id}")
+        per_socket = 40
+        total = per_socket * len(senders)
+
+        async def burst(n: int, client: RoomClient) -> None:
+            for i in range(per_socket):  # without waiting for acks: sends pile up while a batch commits
+                await client.send(f"s{n}-{i}", client_id=f"s{n}-{i}")
+
+        await asyncio.gather(*(burst(n, client) for n, client in enumerate(senders)))
+        publishes: list[list[int]] = []  # the seqs of each publish
+        async with asyncio.timeout(60):
+            while sum(map(len, publishes)) < total:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is None or message["type"] != "message":
+                    continue
+                notices = notify.parse_all(message["data"].decode())
+                if all(isinstance(notice, notify.Event) for notice in notices):
+                    continue  # presence
+                publishes.append([notice.seq for notice in notices if isinstance(notice, MessageRecord)])
+                assert len(publishes[-1]) == len(notices), notices  # messages only, whole
+        assert sorted(seq for batch in publishes for seq in batch) == list(range(1, total + 1))  # each once
+        assert all(batch == sorted(batch) for batch in publishes)
+        assert len(publishes) < total, "each batch should be one publish, not one per message"
+        for client in senders:
+            await client.until_seq(total)
+            assert client.seqs() == list(range(1, total + 1))  # every seq delivered once, in order
+        print(f"burst: {total} messages from {len(senders)} sockets in {len(publishes)} publishes")
+        for client in senders:
+            await client.close()
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await subscriber.aclose()
+        server.stop()
 
 
 async def test_without_redis_the_apps_inserts_notify_their_room_only(
