@@ -19,7 +19,6 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 from broadcaster import Broadcast
 from broadcaster._base import Unsubscribed
@@ -228,12 +227,12 @@ class Hub:
         feed = self.feeds.get(room_id)
         return feed.last_seq if feed is not None else 0
 
-    async def publish(self, room_id: int, event: dict[str, Any]) -> None:
-        """Fan out an ephemeral event to the room in every process (best effort)."""
+    async def publish(self, room_id: int, kind: str, user: str) -> None:
+        """Fan out an ephemeral event (join, leave, typing) to the room in every process (best effort)."""
         try:
-            await self.broadcast.publish(channel_of(room_id), dumps(event))
+            await self.broadcast.publish(channel_of(room_id), notify.event_payload(kind, user))
         except Exception as exc:
-            log.warning("could not publish %s: %r", event.get("type"), exc)
+            log.warning("could not publish %s: %r", kind, exc)
 
     async def published(self, room_id: int, records: Sequence[MessageRecord]) -> None:
         """Call after commit with one room's newly stored messages (seq order): one publish. A

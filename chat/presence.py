@@ -18,7 +18,6 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -65,8 +64,8 @@ class Presence:
         self._in_flight: dict[tuple[int, int], int] = {}
         self._task: asyncio.Task[None] | None = None
         # With Redis fan-out: how join/leave events go out (after commit); None: NOTIFY in the transaction.
-        self.publish: Callable[[int, dict[str, Any]], Awaitable[None]] | None = None
-        self._unsent: dict[AsyncConnection, list[tuple[int, dict[str, Any]]]] = {}
+        self.publish: Callable[[int, str, str], Awaitable[None]] | None = None  # (room_id, kind, user)
+        self._unsent: dict[AsyncConnection, list[tuple[int, str, str]]] = {}
 
     async def start(self) -> None:
         await self._beat()
@@ -153,7 +152,7 @@ class Presence:
 
     async def _announce(self, conn: AsyncConnection, room_id: int, kind: str, name: str) -> None:
         if self.publish is not None:
-            self._unsent.setdefault(conn, []).append((room_id, {"type": kind, "user": name}))  # sent by _begin
+            self._unsent.setdefault(conn, []).append((room_id, kind, name))  # published by _begin
             return
         await conn.execute(
             _NOTIFY, {"channel": notify.room_channel(room_id), "payload": notify.event_payload(kind, name)}
@@ -169,9 +168,9 @@ class Presence:
                 yield conn
         finally:
             events = self._unsent.pop(conn, []) if conn is not None else []
-        for room_id, event in events:
+        for room_id, kind, name in events:
             assert self.publish is not None
-            await self.publish(room_id, event)
+            await self.publish(room_id, kind, name)
 
     # --- heartbeat and reaping ----------------------------------------------------------------
 

@@ -251,7 +251,7 @@ class RoomSession:
         if now - self._typed_at < self.settings.typing_interval_seconds:
             return
         self._typed_at = now
-        await self.hub.publish(self.room_id, {"type": "typing", "user": self.identity.name})
+        await self.hub.publish(self.room_id, "typing", self.identity.name)
 
     async def history(self, frame: HistoryFrame) -> None:
         """A page of older messages. If it would be over CHAT_HISTORY_REPLY_BYTES, its oldest

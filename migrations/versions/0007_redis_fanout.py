@@ -1,10 +1,10 @@
 """Redis fan-out: the app's own inserts can skip NOTIFY; other SQL clients' rows also go to the relay.
 
-The app marks its INSERT's transaction with set_config('chat.notify', mode, true), which is
+The writer marks its batch INSERT's transaction with set_config('chat.notify', mode, true), which is
 transaction-local and so safe through a transaction-mode pooler:
 
 - 'room' (NOTIFY fan-out, the default): NOTIFY the room's channel, as before;
-- 'off' (Redis fan-out): no NOTIFY at all; the app publishes the row to Redis after commit.
+- 'off' (Redis fan-out): no NOTIFY at all; the writer publishes each committed batch to Redis.
 
 A row from any other SQL client (psql, a script, another service) carries no mark: it is
 NOTIFYed on the room's channel as before, and also on `chat_relay`, which the relay of a Redis
