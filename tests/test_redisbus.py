@@ -10,7 +10,6 @@ import signal
 import statistics
 import time
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -20,7 +19,6 @@ from redis import asyncio as aioredis
 
 from chat import notify
 from chat.config import libpq_url
-from chat.notify import MAX_BATCH_BYTES, Ref, batch_payload, parse_all, relayed
 from chat.store import MessageRecord
 from tests.conftest import MakeToken, unique
 from tests.redisserver import RedisServer
@@ -34,40 +32,6 @@ FAST_RELAY = {"CHAT_RELAY_RETRY_SECONDS": "0.2"}
 
 def redis_env(redis: RedisServer) -> dict[str, str]:
     return {"CHAT_FANOUT_URL": redis.url, **FAST_LISTENER, **FAST_RELAY}
-
-
-# --- the payload (pure) ------------------------------------------------------------------------
-
-
-def test_batch_payload_is_a_list_of_messages_or_a_wake_up_when_too_big() -> None:
-    sent = datetime(2026, 12, 2, 3, 4, 5, tzinfo=UTC)
-    records = [
-        MessageRecord(seq=s, author="a", body=f"b{s}", author_id=7, client_id=f"c{s}", sent_at=sent) for s in (4, 5)
-    ]
-    decoded = json.loads(batch_payload(records))
-    assert [m["seq"] for m in decoded] == [4, 5]
-    assert decoded[0] == {
-        "seq": 4,
-        "author": "a",
-        "author_id": 7,
-        "kind": "text",
-        "body": "b4",
-        "client_id": "c4",
-        "sent_at": sent.isoformat(),
-    }
-    assert parse_all(batch_payload(records)) == records
-    big = [MessageRecord(seq=9, author="a", body="x" * MAX_BATCH_BYTES)]
-    assert json.loads(batch_payload(big)) == {"seq": 9, "ref": True}
-    assert parse_all(batch_payload(big)) == [Ref(9)]
-
-
-def test_relay_forwards_a_notification_to_its_room_channel() -> None:
-    assert relayed('{"room_id": 3, "seq": 8, "body": "hi"}') == ("room_3", '[{"seq":8,"body":"hi"}]')
-    assert relayed('{"room_id": 3, "seq": 8, "ref": true}') == ("room_3", '{"seq":8,"ref":true}')
-    assert relayed("not json") is None
-    assert relayed('{"seq": 8}') is None
-    assert relayed('{"room_id": "3", "seq": 8}') is None
-    assert relayed("[1]") is None
 
 
 # --- servers on Redis --------------------------------------------------------------------------
