@@ -46,6 +46,7 @@ def _ints(text: str) -> tuple[int, ...]:
     "--ws", type=click.Choice(["websockets-sansio", "websockets", "wsproto"]), help="uvicorn --ws [websockets-sansio]."
 )
 @click.option("--deflate/--no-deflate", default=None, help="Offer permessage-deflate like a browser [on].")
+@click.option("--fanout-processes", help="Process counts for scenario 6, NOTIFY vs Redis [default 1,2,4].")
 @click.option("--only", help=f"Comma-separated scenarios: {','.join(SCENARIOS)}.")
 @click.option("--profile", is_flag=True, default=None, help="py-spy chat server 0 during the highest-rate latency run.")
 @click.option(
@@ -74,7 +75,7 @@ def main(quick: bool, smoke: bool, server_env: tuple[str, ...], render: Path | N
 
     knobs: Knobs = SMOKE if smoke else QUICK if quick else Knobs()
     changes: dict[str, object] = {k: v for k, v in options.items() if v is not None}
-    for name in ("rates", "idle_levels"):
+    for name in ("rates", "idle_levels", "fanout_processes"):
         if isinstance(changes.get(name), str):
             changes[name] = _ints(str(changes[name]))
     if isinstance(changes.get("only"), str):

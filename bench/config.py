@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SCENARIOS = ("limits", "latency", "throughput", "join", "idle", "history")
+SCENARIOS = ("limits", "latency", "throughput", "join", "idle", "history", "fanout")
 
 # The bench measures capacity, not policy: the per-connection and per-user rate limits and the
 # per-user connection and room caps are lifted (the limiter still runs on every frame). Unknown CHAT_*
@@ -60,6 +60,8 @@ class Knobs:
     history_rows: int = 1_000_000
     history_samples: int = 200
     history_covering_index: bool = False  # also try a covering index (changes the bench database only)
+    # scenario 6: fan-out engines (NOTIFY, Redis) at these process counts, with scenario 2's steps
+    fanout_processes: tuple[int, ...] = (1, 2, 4)
     # machine limits
     limits_seconds: float = 3.0
     limits_writers: tuple[int, ...] = (1, 4, 16)
@@ -121,5 +123,6 @@ SMOKE = Knobs(
     limits_seconds=0.2,
     limits_writers=(2,),
     notify_rate=100.0,
+    fanout_processes=(1,),
     tokens=3,
 )

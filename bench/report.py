@@ -415,6 +415,13 @@ def markdown(results: dict[str, Any]) -> str:
                 ]
         lines.append("")
 
+    fanout = results.get("fanout")
+    if _ok(fanout):
+        assert isinstance(fanout, dict)
+        from bench.fanout import report as fanout_report
+
+        lines += fanout_report(fanout, _n(knobs.get("p99_limit_ms")))
+
     pglog = results.get("postgres_log")
     if isinstance(pglog, dict):
         lines += [

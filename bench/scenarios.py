@@ -22,6 +22,13 @@ def run_all(run: Run) -> None:
     run.scenario("throughput", lambda: throughput(run))
     run.scenario("join", lambda: join_cost(run))
     run.scenario("idle", lambda: idle_connections(run))
+    run.scenario("fanout", lambda: _fanout(run))
+
+
+def _fanout(run: Run) -> dict[str, Any]:
+    from bench.fanout import fanout_engines  # it imports this module
+
+    return fanout_engines(run)
 
 
 # --- the machine's limits ------------------------------------------------------------------------

@@ -26,6 +26,8 @@ from chat.limits import Limits
 from chat.logs import ClientAddress
 from chat.presence import Presence
 from chat.pubsub import PostgresBackend
+from chat.redisbus import RedisBackend
+from chat.relay import Relay
 from chat.revocation import watch_tokens
 from chat.writer import Writer
 
@@ -98,21 +100,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise RuntimeError(
                 "CHAT_DATABASE_POOLER=transaction needs CHAT_LISTEN_DATABASE_URL: LISTEN needs a session of its own"
             )
+        listen_url = settings.listen_database_url or url
+        beat, timeout = settings.listen_heartbeat_seconds, settings.listen_timeout_seconds
         # Each part is closed (in reverse order) as soon as the next fails to start, so a failed
         # start-up leaves no connection open and no task running.
         async with contextlib.AsyncExitStack() as stack:
             engine = create_engine(settings, url)
             stack.push_async_callback(engine.dispose)
-            backend = PostgresBackend(
-                settings.listen_database_url or url,
-                heartbeat=settings.listen_heartbeat_seconds,
-                timeout=settings.listen_timeout_seconds,
-            )
+            backend: PostgresBackend | RedisBackend
+            if settings.fanout_url:
+                backend = RedisBackend(settings.fanout_url, heartbeat=beat, timeout=timeout)
+            else:
+                backend = PostgresBackend(listen_url, heartbeat=beat, timeout=timeout)
             broadcast = Broadcast(backend=backend)
             await broadcast.connect()
             stack.push_async_callback(broadcast.disconnect)
-            hub = Hub(broadcast, engine)
+            redis = isinstance(backend, RedisBackend)
+            hub = Hub(
+                broadcast,
+                engine,
+                database_notifies=not redis,
+                gap_wait=settings.fanout_gap_wait_seconds if redis else 0.0,
+            )
             stack.push_async_callback(hub.close)
+            if isinstance(backend, RedisBackend):
+                # Other SQL clients' rows reach Redis through the one process holding the lock.
+                relay = Relay(listen_url, backend, heartbeat=beat, timeout=timeout, retry=settings.relay_retry_seconds)
+                await relay.start()
+                stack.push_async_callback(relay.stop)
             app.state.engine, app.state.backend, app.state.hub = engine, backend, hub
             app.state.limits = Limits(settings)
             writer = app.state.writer = Writer(
@@ -122,12 +137,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 queue_rows=settings.write_queue_rows,
                 queue_bytes=settings.write_queue_bytes,
                 transactional=settings.database_pooler == "transaction",
+                # Under NOTIFY the trigger fans out at commit and the writer publishes nothing.
+                on_commit=None if hub.database_notifies else hub.published,
+                publish_timeout=timeout,
             )
             writer.start()
             stack.push_async_callback(writer.stop)  # after the sockets' drain: what they sent last is stored
             presence = app.state.presence = Presence(
                 engine, beat=settings.presence_beat_seconds, stale=settings.presence_stale_seconds
             )
+            if not hub.database_notifies:
+                presence.publish = hub.publish  # join/leave through Redis, after commit
             stack.push_async_callback(presence.stop)  # also closes its own engine after a failed start
             await presence.start()
             tokens = asyncio.create_task(watch_tokens(hub, engine, interval=settings.token_check_seconds))

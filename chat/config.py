@@ -108,6 +108,11 @@ class Settings(BaseSettings):
 
     listen_heartbeat_seconds: float = Field(default=2.0, gt=0)
     listen_timeout_seconds: float = Field(default=3.0, gt=0)
+    # Fan-out through Redis pub/sub instead of LISTEN/NOTIFY (README: "Past one Postgres's
+    # fan-out"); unset: NOTIFY. The heartbeat settings above apply to it too.
+    fanout_url: str | None = None
+    fanout_gap_wait_seconds: float = Field(default=0.05, ge=0)  # publishers may overtake each other
+    relay_retry_seconds: float = Field(default=0.5, gt=0)  # how often standby relays try the lock
 
     @field_validator("allowed_origins", mode="before")
     @classmethod
@@ -120,6 +125,13 @@ class Settings(BaseSettings):
     @classmethod
     def _normalise_url(cls, value: str | None) -> str | None:
         return asyncpg_url(value) if value else None
+
+    @field_validator("fanout_url")
+    @classmethod
+    def _check_fanout_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("CHAT_FANOUT_URL must be a redis://, rediss:// or unix:// URL")
+        return value or None
 
     @property
     def frame_limit(self) -> int:

@@ -2,8 +2,14 @@
 
 One feed per room with local sockets: it subscribes to the room's channel (LISTEN happens once
 per process), keeps the last seq it dispatched, and hands every message to every local socket
-in seq order, exactly once. Whatever NOTIFY could not carry (a payload over 8000 bytes, a gap,
-notifications missed while the listener reconnected) is read from the table by seq.
+in seq order, exactly once. Whatever the fan-out could not carry (a payload over 8000 bytes, a
+gap, notifications missed while the listener reconnected) is read from the table by seq.
+
+With Redis fan-out (CHAT_FANOUT_URL) the database sends no NOTIFY for the app's messages: the
+writer hands each committed batch to `Hub.published`, which publishes it as one payload per room.
+Processes publish after their own commits, so one may overtake another: a feed holds messages
+that arrived ahead of a missing seq for up to `gap_wait` seconds (`Overtaken`) before it reads
+the table.
 """
 
 from __future__ import annotations
@@ -11,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 from broadcaster import Broadcast
 from broadcaster._base import Unsubscribed
@@ -28,6 +34,45 @@ from chat.subscription import Subscription
 log = logging.getLogger("chat.hub")
 
 BACKFILL_PAGE = 500
+EARLY_MAX = 1000  # messages held while waiting for a gap to fill; past that, read the table
+
+
+class Overtaken:
+    """Messages that arrived ahead of a missing seq, held until the gap fills or `deadline`
+    passes (then the feed reads the table). With Redis fan-out, processes publish after their own
+    commits, so one may overtake another; NOTIFY arrives in commit order and never needs this."""
+
+    def __init__(self, limit: int = EARLY_MAX) -> None:
+        self.limit = limit
+        self.held: dict[int, MessageRecord] = {}
+        self.deadline = 0.0  # when to stop waiting for the gap (loop time); meaningful while held
+
+    def __bool__(self) -> bool:
+        return bool(self.held)
+
+    def hold(self, record: MessageRecord, *, deadline: float) -> bool:
+        """Keep `record` for later; False when full (read the table instead). The first held
+        message of a gap sets the deadline."""
+        if len(self.held) >= self.limit:
+            return False
+        if not self.held:
+            self.deadline = deadline
+        self.held[record.seq] = record
+        return True
+
+    def following(self, last_seq: int) -> list[MessageRecord]:
+        """The held messages that now follow `last_seq` without a gap, in order (removed)."""
+        ready = []
+        while (record := self.held.pop(last_seq + 1, None)) is not None:
+            ready.append(record)
+            last_seq = record.seq
+        self.forget(last_seq)
+        return ready
+
+    def forget(self, last_seq: int) -> None:
+        """Drop what is at or before `last_seq` (dispatched by a backfill)."""
+        for seq in [s for s in self.held if s <= last_seq]:
+            del self.held[seq]
 
 
 class RoomFeed:
@@ -38,6 +83,7 @@ class RoomFeed:
         self.clients: set[Subscription] = set()
         self.last_seq = 0
         self.ready = asyncio.Event()
+        self._early = Overtaken()
         self.task = asyncio.create_task(self._run(), name=f"feed-{name}")
 
     async def _run(self) -> None:
@@ -55,7 +101,17 @@ class RoomFeed:
                     else:
                         await self._backfill()
                     while True:
-                        await self._handle((await subscriber.get()).message)
+                        if self._early:  # a gap: wait a little for the missing seqs, then read them
+                            try:
+                                timeout = max(0.0, self._early.deadline - asyncio.get_running_loop().time())
+                                event = await asyncio.wait_for(subscriber.get(), timeout)
+                            except TimeoutError:
+                                await self._backfill()  # reads every held message too: all are committed
+                                self._early.held.clear()  # never wait twice for the same gap
+                                continue
+                        else:
+                            event = await subscriber.get()
+                        await self._handle(event.message)
             except Unsubscribed:
                 return
             except Exception:
@@ -63,17 +119,31 @@ class RoomFeed:
                 await asyncio.sleep(1.0)
 
     async def _handle(self, payload: str) -> None:
-        notice = notify.parse(payload)
+        for notice in notify.parse_all(payload):  # a batch (Redis) is several, in seq order
+            await self._notice(notice)
+
+    async def _notice(self, notice: notify.Notice) -> None:
         if isinstance(notice, notify.Event):
             self._dispatch(RoomEvent(dumps({**notice.data, "room": self.name})))
         elif isinstance(notice, MessageRecord | notify.Ref) and notice.seq <= self.last_seq:
             return  # already dispatched (a backfill got there first)
         elif isinstance(notice, MessageRecord) and notice.seq == self.last_seq + 1:
-            # Once per message per process: from its transaction to its queueing on every socket.
-            metrics.FANOUT_DELAY.observe((datetime.now(UTC) - notice.sent_at).total_seconds())
-            self._dispatch(notice)
+            self._live(notice)
+            for following in self._early.following(self.last_seq):
+                self._live(following)
+        elif (
+            isinstance(notice, MessageRecord)
+            and self.hub.gap_wait > 0
+            and self._early.hold(notice, deadline=asyncio.get_running_loop().time() + self.hub.gap_wait)
+        ):
+            return  # ahead of a missing seq that another process has yet to publish
         elif not isinstance(notice, notify.Ignored):
-            await self._backfill()  # a payload too big for NOTIFY, a gap, a resync, or unreadable
+            await self._backfill()  # a payload too big to carry, a gap, a resync, or unreadable
+
+    def _live(self, message: MessageRecord) -> None:
+        # Once per message per process: from its transaction to its queueing on every socket.
+        metrics.FANOUT_DELAY.observe((datetime.now(UTC) - message.sent_at).total_seconds())
+        self._dispatch(message)
 
     async def _backfill(self) -> None:
         delay = 0.1
@@ -88,6 +158,7 @@ class RoomFeed:
                         for row in rows:
                             self._dispatch(row)
                         if len(rows) < BACKFILL_PAGE:
+                            self._early.forget(self.last_seq)
                             return
             except (OSError, TimeoutError, ConnectionError) as exc:
                 log.warning("room %r: backfill failed (%r); retrying", self.name, exc)
@@ -104,9 +175,15 @@ class RoomFeed:
 
 
 class Hub:
-    def __init__(self, broadcast: Broadcast, engine: AsyncEngine) -> None:
+    def __init__(
+        self, broadcast: Broadcast, engine: AsyncEngine, *, database_notifies: bool = True, gap_wait: float = 0.0
+    ) -> None:
         self.broadcast = broadcast
         self.engine = engine
+        # True: the insert trigger NOTIFYs every message (the default). False: the writer hands
+        # each committed batch to `published`, which publishes it through Redis.
+        self.database_notifies = database_notifies
+        self.gap_wait = gap_wait  # seconds a feed waits for a missing seq before reading the table
         self.feeds: dict[int, RoomFeed] = {}
         self.sockets: set[Client] = set()  # every open socket, in rooms or not
         self.closing = False  # shutting down: no new sockets
@@ -150,12 +227,25 @@ class Hub:
         feed = self.feeds.get(room_id)
         return feed.last_seq if feed is not None else 0
 
-    async def publish(self, room_id: int, event: dict[str, Any]) -> None:
-        """Fan out an ephemeral event to the room in every process (best effort)."""
+    async def publish(self, room_id: int, kind: str, user: str) -> None:
+        """Fan out an ephemeral event (join, leave, typing) to the room in every process (best effort)."""
         try:
-            await self.broadcast.publish(channel_of(room_id), dumps(event))
+            await self.broadcast.publish(channel_of(room_id), notify.event_payload(kind, user))
         except Exception as exc:
-            log.warning("could not publish %s: %r", event.get("type"), exc)
+            log.warning("could not publish %s: %r", kind, exc)
+
+    async def published(self, room_id: int, records: Sequence[MessageRecord]) -> None:
+        """Call after commit with one room's newly stored messages (seq order): one publish. A
+        no-op when the database's trigger fans out. A failed publish is not the senders' problem:
+        the messages are stored and acked, and the backend wakes the room (RESYNC) once its
+        fan-out answers again."""
+        if self.database_notifies or not records:
+            return
+        try:
+            await self.broadcast.publish(channel_of(room_id), notify.batch_payload(records))
+        except Exception as exc:
+            metrics.PUBLISH_FAILURES.inc()
+            log.warning("could not publish %d message(s) to room %s: %r", len(records), room_id, exc)
 
     def clients(self) -> list[Client]:
         return list(self.sockets)

@@ -32,6 +32,8 @@ FANOUT_DELAY = Histogram(
 )
 LISTENER_RECONNECTS = Counter("chat_listener_reconnects", "Reconnects of the LISTEN connection")
 BACKFILLED = Counter("chat_backfilled_messages", "Messages read from the table because NOTIFY did not bring them")
+PUBLISH_FAILURES = Counter("chat_publish_failures", "Message batches the Redis fan-out could not publish (woken later)")
+RELAYED = Counter("chat_relayed_messages", "Rows inserted by other SQL clients that the relay brought to Redis")
 NOTIFY_QUEUE = Gauge("chat_notify_queue_usage", "Postgres's NOTIFY queue usage, 0 to 1", multiprocess_mode="max")
 
 

@@ -1,20 +1,28 @@
-"""The NOTIFY wire format: channel names and payloads, built and parsed in one place.
+"""The fan-out wire format: channel names and payloads, built and parsed in one place.
 
-Postgres sends these; the messages triggers (migrations 0001 and 0006) build message payloads in
-SQL with the same keys as `message_payload` below, and presence and typing build theirs here.
-One channel per room, named by the room's id: a room's name may be longer than a channel
-name's 63 bytes.
+Postgres sends these with NOTIFY; the messages trigger (migrations 0001 and 0007) builds message
+payloads in SQL with the same keys as `message_payload` below, and presence and typing build
+theirs here. With Redis fan-out (CHAT_FANOUT_URL) the same payloads travel on the same channel
+names through Redis, plus the batches the writer publishes after each commit. One channel per
+room, named by the room's id: a room's name may be longer than a channel name's 63 bytes.
 
-A payload is one of:
+A payload on a room's channel is one of:
 - a stored message: {"seq", "author", "author_id", "kind", "body", "client_id", "sent_at"};
 - a reference to one too big for NOTIFY's 8000 bytes: {"seq", "ref": true} (read the row);
+- a batch (Redis only): a JSON list of stored messages committed together, in seq order; a batch
+  too big to carry is sent as a reference to its last seq instead;
 - an ephemeral room event without a seq: {"type": "join" | "leave" | "typing", "user"};
 - the empty string (RESYNC): notifications may have been missed, read the table.
+
+The `chat_relay` channel (migration 0007) carries rows that other SQL clients inserted: a
+message payload with its "room_id" added, or {"room_id", "seq", "ref": true}. The relay of a
+Redis deployment forwards each to its room's channel (`relayed`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -22,7 +30,11 @@ from typing import Any
 from chat.store import MessageRecord
 
 ROOM_PREFIX = "room_"
+RELAY_CHANNEL = "chat_relay"
 MAX_PAYLOAD_BYTES = 8000  # Postgres refuses a longer payload; ours send a reference at this size
+# A batch above this is replaced by a reference to its last seq: the subscribers read the rows
+# instead. Redis takes far more, but every subscriber buffers it.
+MAX_BATCH_BYTES = 256 * 1024
 EVENT_TYPES = frozenset({"join", "leave", "typing"})
 # Sent by our listener itself after a reconnect: "you may have missed notifications, read the
 # table". Nothing we NOTIFY is empty, and an empty NOTIFY from anyone else costs a harmless read.
@@ -41,8 +53,11 @@ def room_of_channel(channel: str) -> int | None:
     return int(rest) if rest.isascii() and rest.isdigit() else None
 
 
+_COMPACT: dict[str, Any] = {"ensure_ascii": False, "separators": (",", ":")}
+
+
 def _dumps(value: dict[str, Any]) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(value, **_COMPACT)
 
 
 def event_payload(kind: str, user: str) -> str:
@@ -52,22 +67,47 @@ def event_payload(kind: str, user: str) -> str:
     return _dumps({"type": kind, "user": user})
 
 
+def _message_dict(message: MessageRecord) -> dict[str, Any]:
+    return {
+        "seq": message.seq,
+        "author": message.author,
+        "author_id": message.author_id,
+        "kind": message.kind,
+        "body": message.body,
+        "client_id": message.client_id,
+        "sent_at": message.sent_at.isoformat(),
+    }
+
+
 def message_payload(message: MessageRecord) -> str:
     """What the trigger sends for a stored message: the message itself, or a reference to it."""
-    payload = _dumps(
-        {
-            "seq": message.seq,
-            "author": message.author,
-            "author_id": message.author_id,
-            "kind": message.kind,
-            "body": message.body,
-            "client_id": message.client_id,
-            "sent_at": message.sent_at.isoformat(),
-        }
-    )
+    payload = _dumps(_message_dict(message))
     if len(payload.encode()) >= MAX_PAYLOAD_BYTES:
         return _dumps({"seq": message.seq, "ref": True})
     return payload
+
+
+def batch_payload(messages: Sequence[MessageRecord], *, limit: int = MAX_BATCH_BYTES) -> str:
+    """One room's newly committed messages (seq order) as one payload: a JSON list of messages,
+    or a reference to the last seq when the list would be larger than `limit` bytes."""
+    if not messages:
+        raise ValueError("an empty batch")
+    payload = json.dumps([_message_dict(m) for m in messages], **_COMPACT)
+    if len(payload.encode()) > limit:
+        return _dumps({"seq": messages[-1].seq, "ref": True})
+    return payload
+
+
+def relayed(payload: str) -> tuple[str, str] | None:
+    """The room channel and payload for one `chat_relay` notification (None if unreadable)."""
+    try:
+        data = json.loads(payload)
+        room_id = data.pop("room_id")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not isinstance(room_id, int) or isinstance(room_id, bool):
+        return None
+    return room_channel(room_id), _dumps(data) if data.get("ref") else json.dumps([data], **_COMPACT)
 
 
 # --- parsing -------------------------------------------------------------------------------------
@@ -101,13 +141,32 @@ Notice = MessageRecord | Ref | Event | Resync | Ignored
 
 
 def parse(payload: str) -> Notice:
-    """One payload from a room channel. Never raises: what cannot be read means "read the table"."""
+    """One payload from a room channel. Never raises: what cannot be read means "read the table".
+    A batch is not one notice: see `parse_all`."""
     if payload == RESYNC:
         return Resync()
     try:
         data = json.loads(payload)
     except ValueError:
         return Resync()
+    return _notice(data)
+
+
+def parse_all(payload: str) -> list[Notice]:
+    """Every notice in one payload from a room channel: a batch gives its messages in order,
+    anything else one notice. Never raises."""
+    if payload == RESYNC:
+        return [Resync()]
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return [Resync()]
+    if isinstance(data, list) and data:
+        return [_notice(item) if isinstance(item, dict) else Resync() for item in data]
+    return [_notice(data)]
+
+
+def _notice(data: Any) -> Notice:
     if not isinstance(data, dict):
         return Resync()
     seq = data.get("seq")

@@ -3,9 +3,10 @@
 Each process beats in `chat_processes`; each (room, user) it serves has a `presence` row with
 its socket count. A user goes online in a room with their first socket anywhere and offline with
 their last: that is decided under a per-(room, user) advisory lock, and the join or leave event
-is NOTIFYed in the same transaction, so events follow the state in commit order. A process that
-stops beating (kill -9, a frozen host) is dead after `stale` seconds: the living reap its rows
-and announce the leaves, with no manual clean-up.
+is NOTIFYed in the same transaction, so events follow the state in commit order (with Redis
+fan-out the event is published right after its transaction commits, never for a rollback). A
+process that stops beating (kill -9, a frozen host) is dead after `stale` seconds: the living
+reap its rows and announce the leaves, with no manual clean-up.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -61,6 +63,9 @@ class Presence:
         # enter/leave calls under way per (room, user): counted in `local`, maybe not yet stored.
         self._in_flight: dict[tuple[int, int], int] = {}
         self._task: asyncio.Task[None] | None = None
+        # With Redis fan-out: how join/leave events go out (after commit); None: NOTIFY in the transaction.
+        self.publish: Callable[[int, str, str], Awaitable[None]] | None = None  # (room_id, kind, user)
+        self._unsent: dict[AsyncConnection, list[tuple[int, str, str]]] = {}
 
     async def start(self) -> None:
         await self._beat()
@@ -85,7 +90,7 @@ class Presence:
         self.local[key] = (name, count + 1)
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
         try:
-            async with self.engine.begin() as conn:
+            async with self._begin(self.engine) as conn:
                 await self._change(conn, room_id, who.user_id, who.name, +1)
                 rows = await conn.execute(_ONLINE, {"room_id": room_id, "stale": self.stale})
                 return [row[0] for row in rows]
@@ -104,7 +109,7 @@ class Presence:
             self.local[key] = (name, count - 1)
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
         try:
-            async with self.engine.begin() as conn:
+            async with self._begin(self.engine) as conn:
                 await self._change(conn, room_id, who.user_id, who.name, -1)
         except Exception as exc:  # the next heartbeat puts the row right
             log.warning("presence leave failed: %r", exc)
@@ -146,9 +151,26 @@ class Presence:
             await self._announce(conn, room_id, "leave", name)
 
     async def _announce(self, conn: AsyncConnection, room_id: int, kind: str, name: str) -> None:
+        if self.publish is not None:
+            self._unsent.setdefault(conn, []).append((room_id, kind, name))  # published by _begin
+            return
         await conn.execute(
             _NOTIFY, {"channel": notify.room_channel(room_id), "payload": notify.event_payload(kind, name)}
         )
+
+    @contextlib.asynccontextmanager
+    async def _begin(self, engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+        """engine.begin(), and with `publish` set, the transaction's join/leave events published
+        after it commits (never for a rollback), so that events follow the state as with NOTIFY."""
+        conn: AsyncConnection | None = None
+        try:
+            async with engine.begin() as conn:
+                yield conn
+        finally:
+            events = self._unsent.pop(conn, []) if conn is not None else []
+        for room_id, kind, name in events:
+            assert self.publish is not None
+            await self.publish(room_id, kind, name)
 
     # --- heartbeat and reaping ----------------------------------------------------------------
 
@@ -198,7 +220,7 @@ class Presence:
             name, here = self.local.get(key, (name, 0))
             if here == there or key in self._in_flight:
                 continue
-            async with self._beat_engine.begin() as conn:
+            async with self._begin(self._beat_engine) as conn:
                 await conn.execute(_LOCK, {"room_id": key[0], "user_id": key[1]})
                 there = int(
                     await conn.scalar(
@@ -220,7 +242,7 @@ class Presence:
     async def _reap(self, processes: list[str]) -> None:
         """Remove dead processes and their rows, then announce who is no longer online anywhere.
         On the heartbeat's own connection: a busy shared pool must not hold up the beat."""
-        async with self._beat_engine.begin() as conn:
+        async with self._begin(self._beat_engine) as conn:
             gone = (
                 await conn.execute(
                     text("DELETE FROM presence WHERE process_id = ANY(:ids) RETURNING room_id, user_id, user_name"),
@@ -231,7 +253,7 @@ class Presence:
         if processes != [self.process_id]:
             log.info("reaped %d dead process(es): %d presence row(s)", len(processes), len(gone))
         for room_id, user_id, name in {(r.room_id, r.user_id, r.user_name) for r in gone}:
-            async with self._beat_engine.begin() as conn:
+            async with self._begin(self._beat_engine) as conn:
                 ids = {"room_id": room_id, "user_id": user_id}
                 await conn.execute(_LOCK, ids)
                 if int(await conn.scalar(_LIVE_SOCKETS, {**ids, "stale": self.stale}) or 0) == 0:

@@ -244,14 +244,14 @@ class RoomSession:
         self.inflight.add(future, answer)
 
     async def typing(self) -> None:
-        """Ephemeral: fanned out through NOTIFY, never stored, at most one per interval per
+        """Ephemeral: fanned out (NOTIFY or Redis), never stored, at most one per interval per
         socket (the rest are dropped quietly). Clients clear it when the typist's message or
         leave arrives, or after a few seconds of silence."""
         now = time.monotonic()
         if now - self._typed_at < self.settings.typing_interval_seconds:
             return
         self._typed_at = now
-        await self.hub.publish(self.room_id, {"type": "typing", "user": self.identity.name})
+        await self.hub.publish(self.room_id, "typing", self.identity.name)
 
     async def history(self, frame: HistoryFrame) -> None:
         """A page of older messages. If it would be over CHAT_HISTORY_REPLY_BYTES, its oldest

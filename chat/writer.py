@@ -21,6 +21,12 @@ What the README's "Delivery guarantees" need, and how they hold here:
   stored in order, until the bad row stands alone and only its sender gets an error.
 - a database failure (lost connection, Postgres restarting, a full NOTIFY queue) answers
   `unavailable` to exactly that batch; a resend with the same client_id stores it exactly once.
+
+Fan-out: the statement marks its transaction for the NOTIFY trigger (migration 0007): 'room'
+under NOTIFY fan-out (the trigger NOTIFYs each row on its room's channel at commit), 'off' under
+Redis fan-out. There, once a batch has committed and its sends are answered, the writer hands
+each room's new messages to `on_commit` (one call per room per batch, in seq order), bounded by
+`publish_timeout` so that a slow fan-out holds the loop up only that long.
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -39,6 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import HTTPConnection
 
 from chat import metrics
+from chat.store import MessageRecord
 
 log = logging.getLogger("chat.writer")
 
@@ -189,10 +197,15 @@ def never_sent(exc: BaseException) -> bool:
 
 # One round trip. `existing` finds client_ids stored before; `inserted` stores the rest ordered
 # by (room, arrival) so that seqs follow arrival order and rooms are locked in one global order.
-INSERT_BATCH = """
+# $7 is the fan-out mark ('room' or 'off', migration 0007): set_config(..., true) is local to the
+# statement's transaction (so also safe through a transaction-mode pooler), and runs on every
+# input row before that row can reach the trigger. {created_at}: what publishing needs besides
+# what the writer already holds; left out under NOTIFY.
+_INSERT_BATCH = """
 WITH input AS (
     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[])
         WITH ORDINALITY AS t(room_id, author_id, author, body, kind, client_id, ord)
+    WHERE set_config('chat.notify', $7::text, true) = $7::text
 ), existing AS (
     SELECT i.ord, m.seq FROM input i
     JOIN messages m ON m.room_id = i.room_id AND m.author_id = i.author_id AND m.client_id = i.client_id
@@ -201,12 +214,16 @@ WITH input AS (
     SELECT room_id, author_id, author, body, kind, client_id FROM input
     WHERE ord NOT IN (SELECT ord FROM existing)
     ORDER BY room_id, ord
-    RETURNING room_id, seq
+    RETURNING room_id, seq{created_at}
 )
-SELECT 0 AS existing, room_id, seq, 0::bigint AS ord FROM inserted
+SELECT 0 AS existing, room_id, seq, 0::bigint AS ord{created_at} FROM inserted
 UNION ALL
-SELECT 1, 0, seq, ord FROM existing
+SELECT 1, 0, seq, ord{no_created_at} FROM existing
 """
+INSERT_BATCH = _INSERT_BATCH.format(created_at="", no_created_at="")
+INSERT_BATCH_TIMED = _INSERT_BATCH.format(created_at=", created_at", no_created_at=", NULL::timestamptz")
+NOTIFY_MARK = "room"  # the trigger NOTIFYs the room's channel (and not the relay's)
+PUBLISH_MARK = "off"  # no NOTIFY: on_commit publishes the batch
 
 FIND_STORED = """
 SELECT seq FROM messages WHERE room_id = $1 AND author_id = $2 AND client_id = $3
@@ -224,6 +241,33 @@ def batch_arguments(rows: Sequence[Pending]) -> tuple[list[Any], ...]:
     )
 
 
+def new_messages(
+    rows: Sequence[Pending], results: Sequence[Stored | NotStored], times: dict[tuple[int, int], datetime]
+) -> dict[int, list[MessageRecord]]:
+    """Per room, in seq order, the messages a batch newly stored (no duplicates, no failures);
+    `times`: (room_id, seq) -> created_at, as the statement returned them."""
+    rooms: dict[int, list[MessageRecord]] = defaultdict(list)
+    for row, result in zip(rows, results, strict=True):
+        if isinstance(result, Stored) and not result.duplicate:
+            rooms[row.room_id].append(
+                MessageRecord(
+                    seq=result.seq,
+                    author=row.author,
+                    body=row.body,
+                    kind=row.kind,
+                    author_id=row.author_id,
+                    client_id=row.client_id,
+                    sent_at=times[(row.room_id, result.seq)],
+                )
+            )
+    for records in rooms.values():
+        records.sort(key=lambda record: record.seq)
+    return dict(rooms)
+
+
+OnCommit = Callable[[int, list[MessageRecord]], Awaitable[None]]
+
+
 # --- the writer ----------------------------------------------------------------------------------
 
 
@@ -239,8 +283,15 @@ class Writer:
         queue_rows: int,
         queue_bytes: int,
         transactional: bool = False,
+        on_commit: OnCommit | None = None,
+        publish_timeout: float = 3.0,
     ) -> None:
         self.engine = engine
+        # Called after each committed batch with each room's new messages (Redis fan-out); None
+        # under NOTIFY, where the trigger fans out and the statement returns no more than seqs.
+        self.on_commit = on_commit
+        self.publish_timeout = publish_timeout
+        self._times: dict[tuple[int, int], datetime] = {}  # (room, seq) -> created_at, this batch
         # Behind a transaction-mode pooler, asyncpg's prepare and execute (two round trips) must
         # share one transaction, or the pooler may run them on two server connections.
         self.transactional = transactional
@@ -330,6 +381,7 @@ class Writer:
     async def store(self, batch: Sequence[Pending]) -> None:
         """Store a batch and resolve every future in it."""
         rows, followers = fold_duplicates(batch)
+        self._times.clear()
         results = await self._store_rows(rows)
         for index, (row, result) in enumerate(zip(rows, results, strict=True)):
             _settle(row.future, result)
@@ -339,6 +391,21 @@ class Writer:
                 else:
                     _settle(follower.future, result)
         metrics.MESSAGES_IN.inc(sum(1 for r in results if isinstance(r, Stored) and not r.duplicate))
+        if self.on_commit is not None:
+            await self._publish(new_messages(rows, results, self._times))
+
+    async def _publish(self, rooms: dict[int, list[MessageRecord]]) -> None:
+        """Hand each room's new messages to on_commit, one call per room, all at once and bounded:
+        the senders have their acks already, and a fan-out that does not answer in time is its
+        own to catch up on (the Redis backend wakes the rooms it owes once it answers again)."""
+        if not rooms:
+            return
+        assert self.on_commit is not None
+        calls = [self.on_commit(room_id, records) for room_id, records in rooms.items()]
+        try:
+            await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), self.publish_timeout)
+        except TimeoutError:
+            log.warning("publishing %d room(s) took over %gs; moving on", len(rooms), self.publish_timeout)
 
     async def _store_rows(self, rows: Sequence[Pending]) -> list[Stored | NotStored]:
         """One statement for all `rows`; on a row's error, halves in order, down to the bad row."""
@@ -372,10 +439,16 @@ class Writer:
         return NotStored(REJECTED, f"the database refused the message: {detail}")
 
     async def _insert(self, rows: Sequence[Pending]) -> list[Stored]:
-        records = await self._run_statement(INSERT_BATCH, *batch_arguments(rows), fetch="all")
+        publish = self.on_commit is not None
+        sql, mark = (INSERT_BATCH_TIMED, PUBLISH_MARK) if publish else (INSERT_BATCH, NOTIFY_MARK)
+        records = await self._run_statement(sql, *batch_arguments(rows), mark, fetch="all")
         assert isinstance(records, list)
         existing = {int(r["ord"]) - 1: int(r["seq"]) for r in records if r["existing"]}
         inserted = [(int(r["room_id"]), int(r["seq"])) for r in records if not r["existing"]]
+        if publish:
+            self._times.update(
+                ((int(r["room_id"]), int(r["seq"])), r["created_at"]) for r in records if not r["existing"]
+            )
         self.batches += 1
         return assign_seqs(rows, existing, inserted)
 

@@ -20,6 +20,7 @@ from chat import store
 from chat.cli import run_migrations
 from chat.config import Settings, asyncpg_url, libpq_url
 from chat.embedded import EmbeddedPostgres
+from tests.redisserver import RedisServer
 from tests.servers import Server
 
 # Settings made in this process read no .env either (tests/servers.py does the same for servers):
@@ -118,5 +119,13 @@ def server_a(database_url: str, tmp_root: Path) -> Iterator[Server]:
 @pytest.fixture(scope="session")
 def server_b(database_url: str, tmp_root: Path) -> Iterator[Server]:
     server = Server(database_url, tmp_root)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_root: Path) -> Iterator[RedisServer]:
+    """Debian's redis-server for the whole session (tests that restart Redis start their own)."""
+    server = RedisServer(tmp_root / "redis")
     yield server
     server.stop()

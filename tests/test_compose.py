@@ -14,14 +14,19 @@ from chat.cli import ROOT
 from chat.config import Settings
 
 
-def resolved() -> dict[str, object]:
+def resolved(*profiles: str, env: dict[str, str] | None = None) -> dict[str, object]:
     tool = shutil.which("docker-compose")
     if tool is None:
         if os.environ.get("CI"):
             pytest.fail("docker-compose is missing in CI (.ci/run installs it)")
         pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
+    environment = {**os.environ, "COMPOSE_PROFILES": ",".join(profiles), **(env or {})}
     out = subprocess.run(
-        [tool, "-f", str(ROOT / "docker-compose.yml"), "config"], capture_output=True, text=True, check=True
+        [tool, "-f", str(ROOT / "docker-compose.yml"), "config"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=environment,
     ).stdout
     config: dict[str, object] = yaml.safe_load(out)
     return config
@@ -46,3 +51,18 @@ def test_compose_file_resolves_and_runs_the_multi_process_path() -> None:
         environment = services[name].get("environment", {})
         assert "DATABASE_URL" in environment
         assert set(environment) <= known, set(environment) - known
+
+
+def test_compose_redis_profile_is_optional_and_feeds_the_app() -> None:
+    services = resolved()["services"]
+    assert isinstance(services, dict)
+    assert services["app"]["environment"]["CHAT_FANOUT_URL"] == ""  # default: NOTIFY
+    assert "redis" not in services["app"].get("depends_on", {})  # the app runs without the profile
+    services = resolved("redis", env={"CHAT_FANOUT_URL": "redis://redis:6379/0"})["services"]
+    assert isinstance(services, dict)
+    redis = services["redis"]
+    assert redis["profiles"] == ["redis"]
+    assert redis["command"][0] == "redis-server" and "healthcheck" in redis
+    assert services["app"]["environment"]["CHAT_FANOUT_URL"] == "redis://redis:6379/0"
+    assert Settings(database_url=None, fanout_url="redis://redis:6379/0").fanout_url == "redis://redis:6379/0"
+    assert Settings(database_url=None, fanout_url="").fanout_url is None  # the file's default: NOTIFY

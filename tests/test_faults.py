@@ -86,8 +86,11 @@ async def run_with_fault(
 
 
 @pytest.fixture
-async def pair(database_url: str, tmp_root: Path) -> AsyncIterator[list[Server]]:
-    servers = [Server(database_url, tmp_root, env=FAST_LISTENER) for _ in range(2)]
+async def pair(database_url: str, tmp_root: Path, request: pytest.FixtureRequest) -> AsyncIterator[list[Server]]:
+    env = dict(FAST_LISTENER)
+    if getattr(request, "param", "notify") == "redis":  # fan-out through Redis (tests/test_redisbus.py)
+        env["CHAT_FANOUT_URL"] = request.getfixturevalue("redis_server").url
+    servers = [Server(database_url, tmp_root, env=env) for _ in range(2)]
     yield servers
     for server in servers:
         server.stop()
@@ -176,6 +179,7 @@ async def test_idle_session_timeout(idle_database: str, tmp_root: Path) -> None:
             server.stop()
 
 
+@pytest.mark.parametrize("pair", ["notify", "redis"], indirect=True)
 async def test_server_killed(pair: list[Server], make_token: MakeToken, database_url: str) -> None:
     async def fault(clients: list[ResilientClient]) -> None:
         pair[0].proc.kill()  # kill -9 mid-stream: its clients move to the other process
@@ -193,6 +197,7 @@ async def test_server_terminated(pair: list[Server], make_token: MakeToken, data
     assert sum(c.stats.closes[1001] for c in clients) >= 1  # told "going away", not dropped
 
 
+@pytest.mark.parametrize("pair", ["notify", "redis"], indirect=True)
 async def test_client_network_drops(pair: list[Server], make_token: MakeToken, database_url: str) -> None:
     async def fault(clients: list[ResilientClient]) -> None:
         for _ in range(3):

@@ -1,4 +1,5 @@
-"""The NOTIFY wire format, without a database: channel names, payloads built and parsed."""
+"""The fan-out wire format, without a database: channel names, payloads built and parsed (NOTIFY,
+Redis batches, the relay's)."""
 
 from __future__ import annotations
 
@@ -88,3 +89,47 @@ def test_events() -> None:
 )
 def test_what_cannot_be_read_never_raises(payload: str, expected: notify.Notice) -> None:
     assert notify.parse(payload) == expected
+
+
+def test_batch_payload_is_a_list_of_messages_or_a_wake_up_when_too_big() -> None:
+    sent = datetime(2026, 12, 2, 3, 4, 5, tzinfo=UTC)
+    records = [
+        MessageRecord(seq=s, author="a", body=f"b{s}", author_id=7, client_id=f"c{s}", sent_at=sent) for s in (4, 5)
+    ]
+    decoded = json.loads(notify.batch_payload(records))
+    assert [m["seq"] for m in decoded] == [4, 5]
+    assert decoded[0] == {
+        "seq": 4,
+        "author": "a",
+        "author_id": 7,
+        "kind": "text",
+        "body": "b4",
+        "client_id": "c4",
+        "sent_at": sent.isoformat(),
+    }
+    assert notify.parse_all(notify.batch_payload(records)) == records
+    big = [MessageRecord(seq=9, author="a", body="x" * notify.MAX_BATCH_BYTES)]
+    assert json.loads(notify.batch_payload(big)) == {"seq": 9, "ref": True}
+    assert notify.parse_all(notify.batch_payload(big)) == [notify.Ref(9)]
+
+
+def test_relay_payloads_go_to_their_room_channel() -> None:
+    assert notify.relayed('{"room_id": 3, "seq": 8, "body": "hi"}') == ("room_3", '[{"seq":8,"body":"hi"}]')
+    assert notify.relayed('{"room_id": 3, "seq": 8, "ref": true}') == ("room_3", '{"seq":8,"ref":true}')
+    assert notify.relayed("not json") is None
+    assert notify.relayed('{"seq": 8}') is None
+    assert notify.relayed('{"room_id": "3", "seq": 8}') is None
+    assert notify.relayed("[1]") is None
+
+
+def test_a_batch_parses_item_by_item_and_never_raises() -> None:
+    sent = datetime(2026, 12, 2, tzinfo=UTC)
+    one = MessageRecord(seq=3, author="a", body="x", sent_at=sent)
+    payload = notify.batch_payload([one])
+    item = payload[1:-1]
+    assert notify.parse_all(f'[{item}, 7, {{"seq": 4, "ref": true}}]') == [one, notify.Resync(), notify.Ref(4)]
+    assert notify.parse_all("[]") == [notify.Resync()]
+    assert notify.parse_all("") == [notify.Resync()]
+    assert notify.parse_all(notify.event_payload("join", "b")) == [notify.Event({"type": "join", "user": "b"})]
+    with pytest.raises(ValueError):
+        notify.batch_payload([])

@@ -25,6 +25,7 @@ from chat.cli import run_migrations
 from chat.config import libpq_url
 from chat.db import drop_dead_connections
 from chat.embedded import EmbeddedPostgres
+from chat.store import MessageRecord
 from chat.writer import (
     REJECTED,
     UNAVAILABLE,
@@ -269,6 +270,113 @@ async def test_a_duplicate_racing_in_from_another_process(writer: Writer, databa
     rows = await rows_of(database_url, room)
     assert [r["body"] for r in rows] == ["theirs", "before", "after"]
     assert [r["seq"] for r in rows] == [1, 2, 3]
+
+
+async def test_on_commit_gets_each_rooms_new_messages_once_per_batch_and_nothing_is_notified(
+    database_url: str,
+) -> None:
+    """Redis fan-out: the statement marks its rows 'off' (no NOTIFY, not on the relay's channel
+    either) and returns their created_at; after the commit each room's new messages go to
+    on_commit in one call, in seq order, without duplicates or failed rows."""
+    calls: list[tuple[int, list[MessageRecord]]] = []
+
+    async def on_commit(room_id: int, records: list[MessageRecord]) -> None:
+        calls.append((room_id, records))
+
+    engine = new_engine(database_url)
+    writer = Writer(engine, max_rows=50, max_bytes=1 << 20, queue_rows=1000, queue_bytes=1 << 20, on_commit=on_commit)
+    writer.start()
+    first, second = await new_room(database_url), await new_room(database_url)
+    user = await make_user(database_url)
+    listener = await asyncpg.connect(libpq_url(database_url))
+    heard: list[tuple[str, str]] = []
+    for channel in (f"room_{first}", f"room_{second}", "chat_relay"):
+        await listener.add_listener(channel, lambda _c, _p, channel, payload: heard.append((channel, payload)))
+    try:
+        old = await writer.submit(room_id=first, author_id=user, author="u", body="old", client_id="o")
+        async with asyncio.timeout(10):  # published after its ack went out
+            while not calls:
+                await asyncio.sleep(0.01)
+        assert [(room_id, [r.body for r in records]) for room_id, records in calls] == [(first, ["old"])]
+        calls.clear()
+        before = writer.batches
+        # Submitted without yielding: one batch, two rooms, a duplicate and a bad row in it.
+        futures = [
+            writer.submit(room_id=first, author_id=user, author="u", body="f1", client_id="f1"),
+            writer.submit(room_id=second, author_id=user, author="u", body="s1"),
+            writer.submit(room_id=first, author_id=user, author="u", body="old again", client_id="o"),
+            writer.submit(room_id=-1, author_id=user, author="u", body="nowhere"),
+            writer.submit(room_id=first, author_id=user, author="u", body="f2", client_id="f2"),
+            writer.submit(room_id=second, author_id=user, author="u", body="s2", client_id="s2"),
+        ]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        assert isinstance(results[3], NotStored)
+        assert results[2] == Stored(old.seq, duplicate=True)
+        async with asyncio.timeout(10):
+            while len(calls) < 2:
+                await asyncio.sleep(0.01)
+        assert writer.batches > before
+        by_room = dict(calls)
+        assert sorted(by_room) == sorted([first, second]) and len(calls) == 2  # one call per room
+        assert [(r.seq, r.body, r.client_id) for r in by_room[first]] == [(2, "f1", "f1"), (3, "f2", "f2")]
+        assert [(r.seq, r.body, r.client_id) for r in by_room[second]] == [(1, "s1", None), (2, "s2", "s2")]
+        conn = await asyncpg.connect(libpq_url(database_url))
+        try:
+            stored = {
+                (row["room_id"], row["seq"]): row["created_at"]
+                for row in await conn.fetch(
+                    "SELECT room_id, seq, created_at FROM messages WHERE room_id = ANY($1)", [first, second]
+                )
+            }
+            # Notifications arrive in commit order: once this row's is heard, any of ours would have been.
+            await conn.execute("INSERT INTO messages (room_id, author, body) VALUES ($1, 'psql', 'marker')", first)
+        finally:
+            await conn.close()
+        for room_id, records in calls:
+            assert all(r.sent_at == stored[(room_id, r.seq)] and r.author_id == user for r in records)
+        async with asyncio.timeout(10):
+            while len(heard) < 2:
+                await asyncio.sleep(0.01)
+        assert sorted(channel for channel, _ in heard) == ["chat_relay", f"room_{first}"]
+        assert all(json.loads(payload)["body"] == "marker" for _, payload in heard)
+    finally:
+        await listener.close()
+        await writer.stop()
+        await engine.dispose()
+
+
+async def test_a_fan_out_that_does_not_answer_holds_the_writer_up_only_a_bounded_time(database_url: str) -> None:
+    never = asyncio.Event()
+    calls: list[int] = []
+
+    async def stuck(room_id: int, records: list[MessageRecord]) -> None:
+        calls.append(room_id)
+        await never.wait()  # a fan-out that never answers
+
+    engine = new_engine(database_url)
+    writer = Writer(
+        engine,
+        max_rows=50,
+        max_bytes=1 << 20,
+        queue_rows=1000,
+        queue_bytes=1 << 20,
+        on_commit=stuck,
+        publish_timeout=0.2,
+    )
+    writer.start()
+    try:
+        room = await new_room(database_url)
+        for n in range(1, 4):  # each waits for the stuck publish of the one before
+            stored = await asyncio.wait_for(
+                writer.submit(room_id=room, author_id=None, author="a", body=f"m{n}"), timeout=30
+            )
+            assert stored == Stored(n, duplicate=False)
+        async with asyncio.timeout(30):
+            while len(calls) < 3:
+                await asyncio.sleep(0.01)
+    finally:
+        await writer.stop()
+        await engine.dispose()
 
 
 async def wait_for_lock_wait(database_url: str, timeout: float = 15.0) -> None:
