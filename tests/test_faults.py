@@ -38,6 +38,19 @@ FAST_LISTENER = {"CHAT_LISTEN_HEARTBEAT_SECONDS": "0.5", "CHAT_LISTEN_TIMEOUT_SE
 Fault = Callable[[list[ResilientClient]], Awaitable[None]]
 
 
+MID_STREAM_ACKS = 5  # each client has this many acks (of its 75) when the fault strikes
+
+
+async def mid_stream(clients: Sequence[ResilientClient], runs: Sequence[asyncio.Task[None]]) -> None:
+    """Until every client is connected and sending (a few of its messages acked), however
+    loaded the machine: a fault that strikes before some client has joined tests less."""
+    async with asyncio.timeout(60):
+        while not all(len(c.acked_ids) >= MID_STREAM_ACKS for c in clients):
+            if any(run.done() for run in runs):
+                return  # a client ended early: its result (an exception) is raised below
+            await asyncio.sleep(0.02)
+
+
 async def run_with_fault(
     servers: Sequence[Endpoint],
     make_token: MakeToken,
@@ -63,7 +76,7 @@ async def run_with_fault(
         for i in range(CLIENTS)  # spread over the servers
     ]
     runs = [asyncio.create_task(c.run(TOTAL, timeout=90)) for c in clients]
-    await asyncio.sleep(0.8)  # mid-stream
+    await mid_stream(clients, runs)
     await fault(clients)
     await asyncio.gather(*runs)
 
