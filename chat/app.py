@@ -122,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 queue_rows=settings.write_queue_rows,
                 queue_bytes=settings.write_queue_bytes,
                 transactional=settings.database_pooler == "transaction",
+                edit_window_seconds=settings.edit_window_seconds,
             )
             writer.start()
             stack.push_async_callback(writer.stop)  # after the sockets' drain: what they sent last is stored

@@ -6,7 +6,8 @@ One channel per room, named by the room's id: a room's name may be longer than a
 name's 63 bytes.
 
 A payload is one of:
-- a stored message: {"seq", "author", "author_id", "kind", "body", "client_id", "sent_at"};
+- a stored message: {"seq", "author", "author_id", "kind", "body", "client_id", "sent_at",
+  "target_seq", "reply_to", "quote"} (the last three null unless a change or a reply; 0009);
 - a reference to one too big for NOTIFY's 8000 bytes: {"seq", "ref": true} (read the row);
 - an ephemeral room event without a seq: {"type": "join" | "leave" | "typing", "user"};
 - the empty string (RESYNC): notifications may have been missed, read the table.
@@ -63,6 +64,9 @@ def message_payload(message: MessageRecord) -> str:
             "body": message.body,
             "client_id": message.client_id,
             "sent_at": message.sent_at.isoformat(),
+            "target_seq": message.target_seq,
+            "reply_to": message.reply_to,
+            "quote": message.quote,
         }
     )
     if len(payload.encode()) >= MAX_PAYLOAD_BYTES:
@@ -126,6 +130,25 @@ def parse(payload: str) -> Notice:
             author_id=data.get("author_id"),
             client_id=data.get("client_id"),
             sent_at=datetime.fromisoformat(data["sent_at"]),
+            target_seq=_seq_or_none(data.get("target_seq")),
+            reply_to=_seq_or_none(data.get("reply_to")),
+            quote=_quote_or_none(data.get("quote")),
         )
     except (KeyError, TypeError, ValueError):
         return Ref(seq)  # a message we cannot read whole: read its row
+
+
+def _seq_or_none(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError("not a seq")
+    return value
+
+
+def _quote_or_none(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("not a quote")
+    return {"author": str(value["author"]), "body": str(value["body"]), "deleted": bool(value["deleted"])}
