@@ -182,7 +182,8 @@ def change_refusal(exc: BaseException) -> NotStored | None:
     hint = getattr(exc, "hint", None)
     if not isinstance(hint, str) or not hint.startswith("chat:") or hint[5:] not in CHANGE_CODES:
         return None
-    return NotStored(hint[5:], str(getattr(exc, "message", None) or exc))
+    detail = getattr(exc, "message", None) or str(exc).splitlines()[0]
+    return NotStored(hint[5:], str(detail))
 
 
 def is_row_error(exc: BaseException) -> bool:
