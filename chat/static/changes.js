@@ -37,6 +37,8 @@ window.ChatChanges = (function () {
 
   function decorate(li, m) {
     li.reactions = new Map((Array.isArray(m.reactions) ? m.reactions : []).map((r) => [r.emoji, { count: r.count, mine: r.mine }]));
+    // An older page's messages hold every change up to as_of: those still on their way live are skipped.
+    if (Number.isInteger(m.as_of)) li.dataset.asOf = String(m.as_of);
     if (Number.isInteger(m.reply_to)) {
       li.dataset.replyTo = String(m.reply_to);
       const q = el('blockquote', 'quote');
@@ -112,6 +114,7 @@ window.ChatChanges = (function () {
       }
     }
     if (!li || li.classList.contains('deleted')) return;
+    if (li.dataset.asOf && f.seq <= Number(li.dataset.asOf)) return;
     if (f.kind === 'edit') {
       li.querySelector('.body').textContent = f.body;
       markEdited(li);

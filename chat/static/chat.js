@@ -643,7 +643,7 @@ function onHistory(state, f) {
   const list = Array.isArray(f.messages) ? f.messages : [];
   const s = el.scroller;
   const fromBottom = s.scrollHeight - s.scrollTop; // keep the view where it was
-  for (const m of list) addMessage(state, m, true);
+  for (const m of list) addMessage(state, Number.isInteger(f.as_of) ? { ...m, as_of: f.as_of } : m, true);
   s.scrollTop = s.scrollHeight - fromBottom;
   // The beginning: never ask again. Not "fewer than asked": the server clamps a page to
   // CHAT_HISTORY_PAGE_MAX (and to a byte budget), so a short page may still have more before it.
