@@ -499,4 +499,17 @@ async def test_edit_delete_react_reply_live_and_after_reload(
     await bob.wait_connected()
     await expect(bob.page.locator("#messages .msg")).to_have_count(3)
     await check(bob)
-    assert_clean(alice, bob)
+
+    # At phone width, with touch: a tap on a message shows its actions, within the screen.
+    carol = await open_page(server_a, "carol", viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    await carol.join(room)
+    tapped = carol.page.locator("#messages .msg").filter(has=carol.page.locator(".body", has_text="hello world"))
+    await tapped.locator(".body").tap()
+    party = tapped.locator('.act.emoji[data-emoji="🎉"]')
+    await expect(party).to_be_in_viewport()
+    await party.tap()
+    await expect(mine.locator('.reaction[data-emoji="🎉"]')).to_have_text("🎉 1")
+    overflow = await carol.page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0, f"the page scrolls sideways by {overflow}px"
+    await screenshot(carol.page, "changes-phone")
+    assert_clean(alice, bob, carol)
