@@ -59,15 +59,33 @@ class RoomOut(BaseModel):
     last_seq: int = Field(description="the room's last seq: `after` this, nothing exists yet")
 
 
+class Quote(BaseModel):
+    author: str
+    body: str = Field(description="the start of the original as it is now (empty once deleted)")
+    deleted: bool
+
+
+class Reaction(BaseModel):
+    emoji: str
+    count: int
+    mine: bool = Field(description="whether the caller reacted so")
+
+
 class MessageOut(BaseModel):
     type: Literal["message"] = "message"
     room: str
     seq: int
     author: str
-    kind: Literal["text", "notice"]
-    body: str
+    kind: Literal["text", "notice", "edit", "delete", "react", "unreact"]
+    body: str = Field(description="a reaction's emoji for react/unreact; empty for a deleted message")
     sent_at: str = Field(json_schema_extra={"format": "date-time"})  # as the socket sends it
     client_id: str | None
+    target_seq: int | None = Field(default=None, description="a change's message")
+    reply_to: int | None = None
+    quote: Quote | None = None
+    edited_at: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    deleted: bool = False
+    reactions: list[Reaction] = Field(default_factory=list, description="in pages by `before` (current state)")
 
 
 class Page(BaseModel):
@@ -114,7 +132,12 @@ async def rooms(
     return [RoomOut(name=r.name, last_seq=r.last_seq) for r in found]
 
 
-@router.get("/rooms/{room}/messages", responses={400: _error("both `before` and `after`"), 404: NO_ROOM})
+# exclude_unset: a message is exactly its socket frame, which leaves out empty keys.
+@router.get(
+    "/rooms/{room}/messages",
+    responses={400: _error("both `before` and `after`"), 404: NO_ROOM},
+    response_model_exclude_unset=True,
+)
 async def messages(
     request: Request,
     room: str,
@@ -124,7 +147,10 @@ async def messages(
     limit: Annotated[int, Query(ge=1, le=MAX_SEQ, description="clamped to CHAT_HISTORY_PAGE_MAX (200)")] = 50,
 ) -> Page:
     """A page of history, oldest first: the latest messages, those before a seq (paging back),
-    or those after one (catching up). Each page is one primary-key range scan of `limit` rows.
+    or those after one (catching up). Latest and `before` pages show each message as it is now
+    (edits, tombstones, reactions); `after` pages are the stream itself: messages and the
+    changes of them (edit, delete, react, unreact) in seq order. Each page is one statement and
+    one index range scan of `limit` rows (reactions and quotes read by primary key within it).
     A page stops short of CHAT_HISTORY_REPLY_BYTES of messages (has_more is then true); its
     size counts against the caller's rate limit."""
     if before is not None and after is not None:
@@ -138,7 +164,9 @@ async def messages(
             rows = await store.messages_after(conn, room_id=room_id, after=after, limit=limit + 1)
             page = rows[:limit]
         else:
-            rows = await store.messages_before(conn, room_id=room_id, before=before, limit=limit + 1)
+            rows = await store.messages_before(
+                conn, room_id=room_id, before=before, limit=limit + 1, viewer_id=user.user_id
+            )
             page = rows[-limit:]
     settings = request.app.state.settings
     frames = [protocol.message_frame(room, r) for r in page]
@@ -160,6 +188,7 @@ async def messages(
         429: _error("`too many searches at once` (CHAT_SEARCHES_PER_USER)"),
         503: _error("the search took too long"),
     },
+    response_model_exclude_unset=True,
 )
 async def search(
     request: Request,
@@ -193,5 +222,5 @@ async def search(
                 raise Refused(503, "the search took too long: try rarer words") from None
     finally:
         running.give_back(user.user_id)
-    results = [Hit(**_message(room, f.message).model_dump(), rank=f.rank) for f in found[:limit]]
+    results = [Hit(**_message(room, f.message).model_dump(exclude_unset=True), rank=f.rank) for f in found[:limit]]
     return SearchResults(room=room, q=q, offset=offset, results=results, has_more=len(found) > limit)

@@ -140,6 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 # Under NOTIFY the trigger fans out at commit and the writer publishes nothing.
                 on_commit=None if hub.database_notifies else hub.published,
                 publish_timeout=timeout,
+                edit_window_seconds=settings.edit_window_seconds,
             )
             writer.start()
             stack.push_async_callback(writer.stop)  # after the sockets' drain: what they sent last is stored

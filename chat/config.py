@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     history_on_join: int = Field(default=50, ge=0, le=1000)
     history_page_max: int = Field(default=200, ge=1, le=5000)
     max_message_bytes: int = Field(default=16 * 1024, ge=16, le=1024 * 1024)
+    # How long after sending its author may edit a message; 0: any time (README: "Messages that change").
+    edit_window_seconds: float = Field(default=0.0, ge=0)
     # Each socket's outgoing queue, bounded in frames and in bytes (characters of JSON); a socket
     # over either bound is closed with 4000 (slow consumer). README: "Limits".
     socket_queue: int = Field(default=1024, ge=1)

@@ -22,7 +22,17 @@ from chat.limits import FrameGuard
 from chat.presence import Presence
 from chat.protocol import BadFrame, PingFrame
 from chat.service import RoomSession, admit, inflight_bound, open_room
-from chat.socket_frames import RoomHistoryFrame, RoomSendFrame, RoomTypingFrame, SubscribeFrame, UnsubscribeFrame
+from chat.socket_frames import (
+    RoomDeleteFrame,
+    RoomEditFrame,
+    RoomFrame,
+    RoomHistoryFrame,
+    RoomReactFrame,
+    RoomSendFrame,
+    RoomUnreactFrame,
+    SubscribeFrame,
+    UnsubscribeFrame,
+)
 from chat.store import Identity
 from chat.subscription import Subscription
 from chat.writer import InFlight, Writer
@@ -75,7 +85,7 @@ class Connection:
             frame = socket_frames.parse(text)
         except BadFrame as exc:
             metrics.REFUSALS.labels(exc.code).inc()
-            self.error(exc.code, exc.detail)
+            self.error(exc.code, exc.detail, **protocol.client_id_of(text))
             return
         if isinstance(frame, PingFrame):
             self.client.offer(protocol.dumps({"type": "pong"}))
@@ -94,15 +104,18 @@ class Connection:
         if task is not None:
             await asyncio.wait((task,))
 
-    async def in_room(self, frame: RoomSendFrame | RoomHistoryFrame | RoomTypingFrame) -> None:
+    async def in_room(self, frame: RoomFrame) -> None:
         session = self.rooms.get(frame.room)
-        extra = {"client_id": frame.client_id} if isinstance(frame, RoomSendFrame) else {}
+        changes = (RoomEditFrame, RoomDeleteFrame, RoomReactFrame, RoomUnreactFrame)
+        extra = {"client_id": frame.client_id} if isinstance(frame, (RoomSendFrame, *changes)) else {}
         if session is None:
             self.error("not_subscribed", "subscribe to the room first", room=frame.room, **extra)
             return
         try:
             if isinstance(frame, RoomSendFrame):
                 await session.send(frame)
+            elif isinstance(frame, changes):
+                await session.change(frame)
             elif isinstance(frame, RoomHistoryFrame):
                 await session.history(frame)
             else:

@@ -13,6 +13,7 @@ from sqlalchemy import (
     DateTime,
     FetchedValue,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     LargeBinary,
@@ -64,7 +65,14 @@ class Room(Base):
 class Message(Base):
     __tablename__ = "messages"
     __table_args__ = (
-        CheckConstraint("kind IN ('text', 'notice')", name="messages_kind_check"),
+        # A message ('text', 'notice') or a change of one (migration 0008), naming its target.
+        CheckConstraint(
+            "kind IN ('text', 'notice') AND target_seq IS NULL"
+            " OR kind IN ('edit', 'delete', 'react', 'unreact') AND target_seq IS NOT NULL",
+            name="messages_kind_check",
+        ),
+        Index("messages_history_idx", "room_id", "seq", postgresql_where=text("kind IN ('text', 'notice')")),
+        Index("messages_target_idx", "room_id", "target_seq", postgresql_where=text("target_seq IS NOT NULL")),
         # Idempotent sends: one row per (room, author, client-chosen id).
         Index(
             "messages_client_id_key",
@@ -92,6 +100,30 @@ class Message(Base):
     search: Mapped[str | None] = mapped_column(
         TSVECTOR, Computed("to_tsvector('simple'::regconfig, body)", persisted=True)
     )
+    # migration 0008: a change's target; a reply's original; a message's current state.
+    target_seq: Mapped[int | None] = mapped_column(BigInteger)
+    reply_to: Mapped[int | None] = mapped_column(BigInteger)
+    edited_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class MessageReaction(Base):
+    """One user's reaction to one message: kept by the 'react'/'unreact' trigger (migration 0008)."""
+
+    __tablename__ = "message_reactions"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["room_id", "seq"],
+            ["messages.room_id", "messages.seq"],
+            ondelete="CASCADE",
+            name="message_reactions_message_fkey",
+        ),
+    )
+
+    room_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    emoji: Mapped[str] = mapped_column(Text, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
 
 
 class ChatProcess(Base):

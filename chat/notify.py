@@ -7,7 +7,8 @@ names through Redis, plus the batches the writer publishes after each commit. On
 room, named by the room's id: a room's name may be longer than a channel name's 63 bytes.
 
 A payload on a room's channel is one of:
-- a stored message: {"seq", "author", "author_id", "kind", "body", "client_id", "sent_at"};
+- a stored message: {"seq", "author", "author_id", "kind", "body", "client_id", "sent_at",
+  "target_seq", "reply_to", "quote"} (the last three null unless a change or a reply; 0008);
 - a reference to one too big for NOTIFY's 8000 bytes: {"seq", "ref": true} (read the row);
 - a batch (Redis only): a JSON list of stored messages committed together, in seq order; a batch
   too big to carry is sent as a reference to its last seq instead;
@@ -76,6 +77,9 @@ def _message_dict(message: MessageRecord) -> dict[str, Any]:
         "body": message.body,
         "client_id": message.client_id,
         "sent_at": message.sent_at.isoformat(),
+        "target_seq": message.target_seq,
+        "reply_to": message.reply_to,
+        "quote": message.quote,
     }
 
 
@@ -185,6 +189,25 @@ def _notice(data: Any) -> Notice:
             author_id=data.get("author_id"),
             client_id=data.get("client_id"),
             sent_at=datetime.fromisoformat(data["sent_at"]),
+            target_seq=_seq_or_none(data.get("target_seq")),
+            reply_to=_seq_or_none(data.get("reply_to")),
+            quote=_quote_or_none(data.get("quote")),
         )
     except (KeyError, TypeError, ValueError):
         return Ref(seq)  # a message we cannot read whole: read its row
+
+
+def _seq_or_none(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError("not a seq")
+    return value
+
+
+def _quote_or_none(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("not a quote")
+    return {"author": str(value["author"]), "body": str(value["body"]), "deleted": bool(value["deleted"])}

@@ -6,7 +6,7 @@ Every frame is a JSON object with a "type". README's "Protocol" section document
 from __future__ import annotations
 
 import json
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -40,6 +40,39 @@ class SendFrame(_Frame):
     body: str
     # The client's own id for the message: a resend with the same id stores nothing new.
     client_id: str | None = Field(default=None, min_length=1, max_length=64)
+    reply_to: int | None = Field(default=None, ge=1, le=MAX_BIGINT)  # a message of the same room
+
+
+# Changes of a message (README "Messages that change"): each is stored with the room's next seq
+# and acked like a send; `target_seq` names the message.
+class _ChangeFrame(_Frame):
+    target_seq: int = Field(ge=1, le=MAX_BIGINT)
+    client_id: str | None = Field(default=None, min_length=1, max_length=64)
+
+
+class EditFrame(_ChangeFrame):
+    type: Literal["edit"]
+    body: str
+
+
+class DeleteFrame(_ChangeFrame):
+    type: Literal["delete"]
+
+
+MAX_EMOJI_CHARS = 16  # one emoji, with its modifiers and joiners
+
+
+class ReactFrame(_ChangeFrame):
+    type: Literal["react"]
+    emoji: str = Field(min_length=1, max_length=MAX_EMOJI_CHARS, pattern=r"^[^\s\x00-\x1f]+$")
+
+
+class UnreactFrame(_ChangeFrame):
+    type: Literal["unreact"]
+    emoji: str = Field(min_length=1, max_length=MAX_EMOJI_CHARS, pattern=r"^[^\s\x00-\x1f]+$")
+
+
+ChangeFrame = EditFrame | DeleteFrame | ReactFrame | UnreactFrame
 
 
 class PingFrame(_Frame):
@@ -56,7 +89,7 @@ class HistoryFrame(_Frame):
     limit: int = Field(default=50, ge=1, le=MAX_BIGINT)  # then clamped to CHAT_HISTORY_PAGE_MAX
 
 
-Incoming = SendFrame | PingFrame | HistoryFrame | TypingFrame
+Incoming = SendFrame | PingFrame | HistoryFrame | TypingFrame | EditFrame | DeleteFrame | ReactFrame | UnreactFrame
 _incoming: TypeAdapter[Incoming] = TypeAdapter(Annotated[Incoming, Field(discriminator="type")])
 
 
@@ -70,7 +103,9 @@ class BadFrame(Exception):
 
 
 def parse(text: str) -> Incoming:
-    return validate(_incoming, text, 'the frame needs a "type": send, history, typing or ping')
+    return validate(
+        _incoming, text, 'the frame needs a "type": send, edit, delete, react, unreact, history, typing or ping'
+    )
 
 
 def validate(adapter: TypeAdapter[T], text: str, unknown_type: str) -> T:
@@ -97,17 +132,36 @@ def dumps(frame: dict[str, Any]) -> str:
     return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
 
 
+def _time(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
 def message_dict(room: str, message: MessageRecord) -> dict[str, Any]:
-    return {
+    """A message, or a change of one (kind edit/delete/react/unreact, with target_seq; a
+    reaction's emoji is its body). Keys that would be null or empty are left out."""
+    frame: dict[str, Any] = {
         "type": "message",
         "room": room,
         "seq": message.seq,
         "author": message.author,
         "kind": message.kind,
         "body": message.body,
-        "sent_at": message.sent_at.astimezone(UTC).isoformat(timespec="milliseconds"),
+        "sent_at": _time(message.sent_at),
         "client_id": message.client_id,
     }
+    if message.target_seq is not None:
+        frame["target_seq"] = message.target_seq
+    if message.reply_to is not None:
+        frame["reply_to"] = message.reply_to
+        if message.quote is not None:
+            frame["quote"] = message.quote
+    if message.edited_at is not None:
+        frame["edited_at"] = _time(message.edited_at)
+    if message.deleted_at is not None:
+        frame["deleted"] = True
+    if message.reactions:
+        frame["reactions"] = message.reactions
+    return frame
 
 
 def message_frame(room: str, message: MessageRecord) -> str:
@@ -127,6 +181,17 @@ def fit(frames: list[str], *, max_bytes: int, newest: bool = True) -> int:
         if total > max_bytes and kept > 0:
             return kept
     return len(frames)
+
+
+def client_id_of(text: str) -> dict[str, Any]:
+    """{"client_id": …} of a frame refused before it could be read as one (a bad field), when it
+    names a plausible one: the client learns which of its sends or changes failed."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {}
+    client_id = data.get("client_id") if isinstance(data, dict) else None
+    return {"client_id": client_id} if isinstance(client_id, str) and 0 < len(client_id) <= 64 else {}
 
 
 def error_frame(code: str, detail: str, **extra: Any) -> str:

@@ -21,16 +21,23 @@ from chat.protocol import (
     CLOSE_SLOW_CONSUMER,
     CLOSE_TRY_AGAIN,
     BadFrame,
+    ChangeFrame,
+    DeleteFrame,
+    EditFrame,
     HistoryFrame,
     PingFrame,
+    ReactFrame,
     SendFrame,
     TypingFrame,
+    UnreactFrame,
 )
 from chat.store import Identity
 from chat.subscription import Subscription, tagged
 from chat.writer import InFlight, NotStored, Stored, Writer
 
 log = logging.getLogger("chat.service")
+
+CHANGE_FRAMES = (EditFrame, DeleteFrame, ReactFrame, UnreactFrame)
 
 REPLAY_PAGE = 500
 
@@ -142,9 +149,16 @@ class RoomSession:
         async with self.engine.connect() as conn:
             head = await store.room_head(conn, room_id=self.room_id)
             if after is None:
-                rows = await store.messages_before(
-                    conn, room_id=self.room_id, before=None, limit=self.settings.history_on_join
+                # The latest messages as they are now, and the seq they are as of: changes up to it
+                # are in them, and the catch-up below starts after it.
+                rows, as_of = await store.history_page(
+                    conn,
+                    room_id=self.room_id,
+                    before=None,
+                    limit=self.settings.history_on_join,
+                    viewer_id=self.identity.user_id,
                 )
+                head = as_of if as_of is not None else head
             else:
                 rows = await store.messages_after(conn, room_id=self.room_id, after=min(after, head), limit=REPLAY_PAGE)
         if after is None:
@@ -155,6 +169,8 @@ class RoomSession:
             complete = len(rows) < REPLAY_PAGE
         while True:
             await sub.replay_rows(rows, timeout=timeout)
+            if after is None:
+                sub.cursor = max(sub.cursor, head)  # the current-state page holds the changes up to head
             if sub.client.closing:
                 return
             if complete and self.hub.last_seq(self.room_id) == seen:
@@ -191,6 +207,8 @@ class RoomSession:
             frame = protocol.parse(text)
             if isinstance(frame, SendFrame):
                 await self.send(frame)
+            elif isinstance(frame, CHANGE_FRAMES):
+                await self.change(frame)
             elif isinstance(frame, HistoryFrame):
                 await self.history(frame)
             elif isinstance(frame, TypingFrame):
@@ -200,7 +218,10 @@ class RoomSession:
         except BadFrame as exc:
             metrics.REFUSALS.labels(exc.code).inc()
             # Errors answering a send name its client_id, so the client knows which one failed.
-            extra = {"client_id": frame.client_id} if isinstance(frame, SendFrame) else {}
+            if isinstance(frame, (SendFrame, *CHANGE_FRAMES)):
+                extra = {"client_id": frame.client_id}
+            else:
+                extra = protocol.client_id_of(text) if frame is None else {}
             self.inflight.answer(protocol.error_frame(exc.code, exc.detail, **extra))
         except DATABASE_ERRORS as exc:  # a read (history) while the database is away: say so, stay open
             log.warning("a %s frame failed: %r", getattr(frame, "type", "?"), exc)
@@ -222,8 +243,35 @@ class RoomSession:
             author=self.identity.name,
             body=frame.body,
             client_id=frame.client_id,
+            reply_to=frame.reply_to,
         )
-        client_id = frame.client_id
+        self._answer(future, frame.client_id)
+
+    async def change(self, frame: ChangeFrame) -> None:
+        """An edit, delete, react or unreact: stored by the same writer, in the same batches, as
+        sends, and answered the same way (ack with its seq, or an error frame naming the
+        client_id). The database checks the target and the permissions (migration 0008), under
+        the room's lock, so two processes cannot both delete or both react."""
+        if isinstance(frame, EditFrame):
+            check_body(frame.body, max_bytes=self.settings.max_message_bytes)
+            body = frame.body
+        elif isinstance(frame, (ReactFrame, UnreactFrame)):
+            body = frame.emoji
+        else:
+            body = ""
+        await self.inflight.reserve()
+        future = self.writer.submit(
+            room_id=self.room_id,
+            author_id=self.identity.user_id,
+            author=self.identity.name,
+            body=body,
+            kind=frame.type,
+            client_id=frame.client_id,
+            target_seq=frame.target_seq,
+        )
+        self._answer(future, frame.client_id)
+
+    def _answer(self, future: asyncio.Future[Stored], client_id: str | None) -> None:
         room = self.room if self.client.tag else None  # a socket of many rooms: name it
 
         def answer(done: asyncio.Future[Stored]) -> str:
@@ -258,10 +306,14 @@ class RoomSession:
         messages are left out (has_more says so); its size is charged to the rate limits."""
         limit = min(frame.limit, self.settings.history_page_max)
         async with self.engine.connect() as conn:
-            rows = await store.messages_before(conn, room_id=self.room_id, before=frame.before, limit=limit + 1)
+            rows, as_of = await store.history_page(
+                conn, room_id=self.room_id, before=frame.before, limit=limit + 1, viewer_id=self.identity.user_id
+            )
         frames = [protocol.message_frame(self.room, r) for r in rows[-limit:]]
         kept = protocol.fit(frames, max_bytes=self.settings.history_reply_bytes)
-        head = protocol.dumps({"type": "history", "room": self.room, "before": frame.before})
+        # as_of: the messages hold every change up to this seq; a client skips live changes of
+        # them up to it (they may reach it after this page).
+        head = protocol.dumps({"type": "history", "room": self.room, "before": frame.before, "as_of": as_of})
         more = "true" if kept < len(frames) or len(rows) > limit else "false"
         # The message frames are the same JSON as message_dict's: joined, not encoded again.
         reply = f'{head[:-1]},"has_more":{more},"messages":[{",".join(frames[len(frames) - kept :])}]}}'

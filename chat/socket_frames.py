@@ -11,7 +11,18 @@ from typing import Annotated, Literal
 
 from pydantic import Field, TypeAdapter
 
-from chat.protocol import HistoryFrame, PingFrame, SendFrame, TypingFrame, _Frame, validate
+from chat.protocol import (
+    DeleteFrame,
+    EditFrame,
+    HistoryFrame,
+    PingFrame,
+    ReactFrame,
+    SendFrame,
+    TypingFrame,
+    UnreactFrame,
+    _Frame,
+    validate,
+)
 
 ROOM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_SEQ = 2**63 - 1  # seqs are bigint
@@ -40,10 +51,45 @@ class RoomTypingFrame(TypingFrame):
     room: str = Field(max_length=64)
 
 
-Incoming = SubscribeFrame | UnsubscribeFrame | RoomSendFrame | RoomHistoryFrame | RoomTypingFrame | PingFrame
-RoomFrame = RoomSendFrame | RoomHistoryFrame | RoomTypingFrame
+class RoomEditFrame(EditFrame):
+    room: str = Field(max_length=64)
+
+
+class RoomDeleteFrame(DeleteFrame):
+    room: str = Field(max_length=64)
+
+
+class RoomReactFrame(ReactFrame):
+    room: str = Field(max_length=64)
+
+
+class RoomUnreactFrame(UnreactFrame):
+    room: str = Field(max_length=64)
+
+
+RoomChangeFrame = RoomEditFrame | RoomDeleteFrame | RoomReactFrame | RoomUnreactFrame
+Incoming = (
+    SubscribeFrame
+    | UnsubscribeFrame
+    | RoomSendFrame
+    | RoomHistoryFrame
+    | RoomTypingFrame
+    | RoomEditFrame
+    | RoomDeleteFrame
+    | RoomReactFrame
+    | RoomUnreactFrame
+    | PingFrame
+)
+RoomFrame = RoomSendFrame | RoomHistoryFrame | RoomTypingFrame | RoomChangeFrame
 _incoming: TypeAdapter[Incoming] = TypeAdapter(Annotated[Incoming, Field(discriminator="type")])
 
 
 def parse(text: str) -> Incoming:
-    return validate(_incoming, text, 'the frame needs a "type": subscribe, unsubscribe, send, history, typing or ping')
+    return validate(
+        _incoming,
+        text,
+        (
+            'the frame needs a "type": subscribe, unsubscribe, send, edit, delete, react, unreact, history, typing or'
+            " ping"
+        ),
+    )

@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, insert, literal_column, select, tuple_, update
-from sqlalchemy.dialects.postgresql import TSQUERY
+from sqlalchemy import ColumnElement, and_, delete, func, insert, literal_column, select, tuple_, update
+from sqlalchemy.dialects.postgresql import TSQUERY, aggregate_order_by
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.orm import aliased
 
-from chat.models import Message, Room, Token, User
+from chat.models import Message, MessageReaction, Room, Token, User
 
 TOKEN_PREFIX = "chat_"
 
@@ -29,10 +30,19 @@ class MessageRecord:
     author_id: int | None = None
     client_id: str | None = None
     sent_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    target_seq: int | None = None  # a change (edit, delete, react, unreact): the message it changes
+    reply_to: int | None = None
+    quote: dict[str, Any] | None = None  # a reply's original as it is now: author, body's start, deleted
+    edited_at: datetime | None = None
+    deleted_at: datetime | None = None  # a tombstone: its body is erased
+    # Only in current-state pages (history): [{"emoji", "count", "mine"}] for the reader. A replay
+    # by `after` leaves them out: the react/unreact events that follow carry them.
+    reactions: list[dict[str, Any]] | None = None
     _frame: str | None = None  # the JSON frame, built once per process and shared by all sockets
 
     @classmethod
     def from_row(cls, row: Any) -> MessageRecord:
+        mapping = row._mapping
         return cls(
             seq=row.seq,
             author=row.author,
@@ -41,7 +51,61 @@ class MessageRecord:
             author_id=row.author_id,
             client_id=row.client_id,
             sent_at=row.created_at,
+            target_seq=row.target_seq,
+            reply_to=row.reply_to,
+            quote=mapping.get("quote"),
+            edited_at=row.edited_at,
+            deleted_at=row.deleted_at,
+            reactions=mapping.get("reactions"),
         )
+
+
+MESSAGE_KINDS = ("text", "notice")
+CHANGE_KINDS = ("edit", "delete", "react", "unreact")
+QUOTE_CHARS = 200  # as migration 0008's NOTIFY
+
+
+def _quote() -> Any:
+    """A reply's original as it is now (one index probe per reply; NULL for a message that is none)."""
+    original = aliased(Message, name="original")
+    return (
+        select(
+            func.json_build_object(
+                "author",
+                original.author,
+                "body",
+                func.left(original.body, QUOTE_CHARS),
+                "deleted",
+                original.deleted_at.is_not(None),
+            )
+        )
+        .where(original.room_id == Message.room_id, original.seq == Message.reply_to)
+        .scalar_subquery()
+        .label("quote")
+    )
+
+
+def _reactions(viewer_id: int | None) -> Any:
+    """A message's reactions for `viewer_id`: [{"emoji", "count", "mine"}] by emoji (one index
+    range of message_reactions' primary key per message)."""
+    mine: ColumnElement[Any] = func.bool_or(MessageReaction.user_id == viewer_id)
+    counted = (
+        select(
+            MessageReaction.emoji.label("emoji"),
+            func.count().label("n"),
+            func.coalesce(mine, False).label("mine"),
+        )
+        .where(and_(MessageReaction.room_id == Message.room_id, MessageReaction.seq == Message.seq))
+        .group_by(MessageReaction.emoji)
+        .correlate(Message)  # the outer query's message, through the scalar subquery around it
+        .subquery("counted")
+    )
+    entry = func.json_build_object("emoji", counted.c.emoji, "count", counted.c.n, "mine", counted.c.mine)
+    return (
+        select(func.coalesce(func.json_agg(aggregate_order_by(entry, counted.c.emoji)), literal_column("'[]'::json")))
+        .scalar_subquery()
+        .label("reactions")
+    )
 
 
 _MESSAGE_COLUMNS = (
@@ -52,6 +116,10 @@ _MESSAGE_COLUMNS = (
     Message.author_id,
     Message.client_id,
     Message.created_at,
+    Message.target_seq,
+    Message.reply_to,
+    Message.edited_at,
+    Message.deleted_at,
 )
 
 
@@ -129,9 +197,12 @@ async def room_head(conn: AsyncConnection, *, room_id: int) -> int:
 
 
 async def messages_after(conn: AsyncConnection, *, room_id: int, after: int, limit: int) -> list[MessageRecord]:
-    """The next `limit` messages with seq > after, oldest first."""
+    """The next `limit` rows with seq > after, oldest first: messages and the changes of them
+    (edit, delete, react, unreact) in seq order. A message shows its body, edited_at and
+    deleted_at as they are now, which the changes that follow set again (so a client applying
+    them ends where the table is); its reactions come only as those changes."""
     rows = await conn.execute(
-        select(*_MESSAGE_COLUMNS)
+        select(*_MESSAGE_COLUMNS, _quote())
         .where(Message.room_id == room_id, Message.seq > after)
         .order_by(Message.seq)
         .limit(limit)
@@ -140,14 +211,28 @@ async def messages_after(conn: AsyncConnection, *, room_id: int, after: int, lim
 
 
 async def messages_before(
-    conn: AsyncConnection, *, room_id: int, before: int | None, limit: int
+    conn: AsyncConnection, *, room_id: int, before: int | None, limit: int, viewer_id: int | None = None
 ) -> list[MessageRecord]:
-    """The `limit` messages just before seq `before` (or the latest ones), oldest first."""
-    query = select(*_MESSAGE_COLUMNS).where(Message.room_id == room_id)
+    """The `limit` messages just before seq `before` (or the latest ones), oldest first, each as
+    it is now: body, edited_at, deleted_at, its reply's quote and its reactions (`mine` for
+    `viewer_id`). Changes are not rows here: they are folded in. One statement."""
+    return (await history_page(conn, room_id=room_id, before=before, limit=limit, viewer_id=viewer_id))[0]
+
+
+async def history_page(
+    conn: AsyncConnection, *, room_id: int, before: int | None, limit: int, viewer_id: int | None
+) -> tuple[list[MessageRecord], int | None]:
+    """`messages_before`, and the room's last seq as of the same snapshot (None when the page is
+    empty): the page holds every change up to it and none after, so a client going on from
+    there applies each change exactly once."""
+    head = select(Room.last_seq).where(Room.id == room_id).scalar_subquery().label("head")
+    query = select(*_MESSAGE_COLUMNS, _quote(), _reactions(viewer_id), head).where(
+        Message.room_id == room_id, Message.kind.in_(MESSAGE_KINDS)
+    )
     if before is not None:
         query = query.where(Message.seq < before)
-    rows = await conn.execute(query.order_by(Message.seq.desc()).limit(limit))
-    return [MessageRecord.from_row(r) for r in reversed(rows.all())]
+    rows = (await conn.execute(query.order_by(Message.seq.desc()).limit(limit))).all()
+    return [MessageRecord.from_row(r) for r in reversed(rows)], (int(rows[0].head) if rows else None)
 
 
 # --- users and tokens --------------------------------------------------------------------------
@@ -315,8 +400,12 @@ async def search_messages(
     tsquery = func.websearch_to_tsquery(literal_column("'simple'::regconfig"), query, type_=TSQUERY)
     rank = func.ts_rank(Message.search, tsquery).label("rank")
     rows = await conn.execute(
-        select(*_MESSAGE_COLUMNS, rank)
-        .where(Message.room_id == room_id, Message.search.bool_op("@@")(tsquery))
+        select(*_MESSAGE_COLUMNS, _quote(), rank)
+        .where(
+            Message.room_id == room_id,
+            Message.search.bool_op("@@")(tsquery),
+            Message.kind.in_(MESSAGE_KINDS),  # an edit's own row is not a match: its message is
+        )
         .order_by(rank.desc(), Message.seq.desc())
         .limit(limit)
         .offset(offset)
@@ -357,6 +446,8 @@ async def prune_messages(
         if cursor is not None:
             query = query.where(key > tuple_(*cursor))
         async with _write(conn):
+            # Retention really deletes (migration 0008's trigger would leave tombstones).
+            await conn.execute(select(func.set_config("chat.purge", "on", True)))
             keys = (await conn.execute(query)).all()
             if not keys:
                 break

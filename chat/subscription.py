@@ -139,8 +139,9 @@ class Subscription:
 
 
 def chapter_render(message: MessageRecord) -> str | None:
-    """The chapter's /ws/{client_id}: plain text, the body alone, and no room events."""
-    return message.body
+    """The chapter's /ws/{client_id}: plain text, the body alone, and no room events (nor changes
+    of messages: an edit made in SQL is not a new line of text)."""
+    return message.body if message.target_seq is None else None
 
 
 def tagged(frame: str, room: str) -> str:

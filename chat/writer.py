@@ -87,6 +87,8 @@ class Pending:
     body: str
     kind: str = "text"
     client_id: str | None = None
+    target_seq: int | None = None  # a change (edit, delete, react, unreact): the message it changes
+    reply_to: int | None = None
     future: asyncio.Future[Stored] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     @property
@@ -176,6 +178,22 @@ def sqlstate_of(exc: BaseException) -> str | None:
     return code if isinstance(code, str) else None
 
 
+# The triggers of migration 0008 refuse a bad change (or reply) with HINT 'chat:<code>': the
+# code and the message go to its sender as they are.
+CHANGE_CODES = frozenset({"not_found", "deleted", "forbidden", "edit_window", "already_reacted", "not_reacted"})
+
+
+def change_refusal(exc: BaseException) -> NotStored | None:
+    if isinstance(exc, DBAPIError):
+        exc = exc.orig if exc.orig is not None else exc
+        exc = getattr(exc, "__cause__", None) or exc
+    hint = getattr(exc, "hint", None)
+    if not isinstance(hint, str) or not hint.startswith("chat:") or hint[5:] not in CHANGE_CODES:
+        return None
+    detail = getattr(exc, "message", None) or str(exc).splitlines()[0]
+    return NotStored(hint[5:], str(detail))
+
+
 def is_row_error(exc: BaseException) -> bool:
     """True when the database refused the statement because of what a row holds; anything else
     (a lost connection, Postgres shutting down, a full NOTIFY queue) is the database's failure."""
@@ -197,22 +215,24 @@ def never_sent(exc: BaseException) -> bool:
 
 # One round trip. `existing` finds client_ids stored before; `inserted` stores the rest ordered
 # by (room, arrival) so that seqs follow arrival order and rooms are locked in one global order.
-# $7 is the fan-out mark ('room' or 'off', migration 0007): set_config(..., true) is local to the
+# $9 is the fan-out mark ('room' or 'off', migration 0007): set_config(..., true) is local to the
 # statement's transaction (so also safe through a transaction-mode pooler), and runs on every
 # input row before that row can reach the trigger. {created_at}: what publishing needs besides
 # what the writer already holds; left out under NOTIFY.
 _INSERT_BATCH = """
 WITH input AS (
-    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[])
-        WITH ORDINALITY AS t(room_id, author_id, author, body, kind, client_id, ord)
-    WHERE set_config('chat.notify', $7::text, true) = $7::text
+    SELECT * FROM unnest(
+        $1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[]
+    ) WITH ORDINALITY AS t(room_id, author_id, author, body, kind, client_id, target_seq, reply_to, ord)
+    WHERE set_config('chat.notify', $9::text, true) = $9::text
 ), existing AS (
     SELECT i.ord, m.seq FROM input i
     JOIN messages m ON m.room_id = i.room_id AND m.author_id = i.author_id AND m.client_id = i.client_id
 ), inserted AS (
-    INSERT INTO messages (room_id, author_id, author, body, kind, client_id)
-    SELECT room_id, author_id, author, body, kind, client_id FROM input
+    INSERT INTO messages (room_id, author_id, author, body, kind, client_id, target_seq, reply_to)
+    SELECT room_id, author_id, author, body, kind, client_id, target_seq, reply_to FROM input
     WHERE ord NOT IN (SELECT ord FROM existing)
+        AND (kind <> 'edit' OR chat_edit_window_check(room_id, target_seq, kind, $10::float8))
     ORDER BY room_id, ord
     RETURNING room_id, seq{created_at}
 )
@@ -238,6 +258,8 @@ def batch_arguments(rows: Sequence[Pending]) -> tuple[list[Any], ...]:
         [r.body for r in rows],
         [r.kind for r in rows],
         [r.client_id for r in rows],
+        [r.target_seq for r in rows],
+        [r.reply_to for r in rows],
     )
 
 
@@ -258,6 +280,8 @@ def new_messages(
                     author_id=row.author_id,
                     client_id=row.client_id,
                     sent_at=times[(row.room_id, result.seq)],
+                    target_seq=row.target_seq,
+                    reply_to=row.reply_to,
                 )
             )
     for records in rooms.values():
@@ -285,6 +309,7 @@ class Writer:
         transactional: bool = False,
         on_commit: OnCommit | None = None,
         publish_timeout: float = 3.0,
+        edit_window_seconds: float = 0.0,
     ) -> None:
         self.engine = engine
         # Called after each committed batch with each room's new messages (Redis fan-out); None
@@ -292,6 +317,7 @@ class Writer:
         self.on_commit = on_commit
         self.publish_timeout = publish_timeout
         self._times: dict[tuple[int, int], datetime] = {}  # (room, seq) -> created_at, this batch
+        self.edit_window_seconds = edit_window_seconds  # 0: edits at any age (CHAT_EDIT_WINDOW_SECONDS)
         # Behind a transaction-mode pooler, asyncpg's prepare and execute (two round trips) must
         # share one transaction, or the pooler may run them on two server connections.
         self.transactional = transactional
@@ -319,9 +345,11 @@ class Writer:
         body: str,
         kind: str = "text",
         client_id: str | None = None,
+        target_seq: int | None = None,
+        reply_to: int | None = None,
     ) -> asyncio.Future[Stored]:
-        """Queue one message; the future gives its seq once committed, or raises NotStored."""
-        item = Pending(room_id, author_id, author, body, kind, client_id)
+        """Queue one message or change; the future gives its seq once committed, or raises NotStored."""
+        item = Pending(room_id, author_id, author, body, kind, client_id, target_seq, reply_to)
         if self._closing or self._task is None:
             item.future.set_exception(unavailable("the server is shutting down; send it again"))
         elif len(self._waiting) >= self.queue_rows or self._waiting_bytes + item.size > self.queue_bytes:
@@ -434,6 +462,9 @@ class Writer:
                 return unavailable()
             if isinstance(seq, int):
                 return Stored(seq, duplicate=True)
+        refused = change_refusal(exc)
+        if refused is not None:
+            return refused
         log.info("the database refused a message: %r", exc)
         detail = getattr(exc, "message", None) or str(exc).splitlines()[0]
         return NotStored(REJECTED, f"the database refused the message: {detail}")
@@ -441,7 +472,7 @@ class Writer:
     async def _insert(self, rows: Sequence[Pending]) -> list[Stored]:
         publish = self.on_commit is not None
         sql, mark = (INSERT_BATCH_TIMED, PUBLISH_MARK) if publish else (INSERT_BATCH, NOTIFY_MARK)
-        records = await self._run_statement(sql, *batch_arguments(rows), mark, fetch="all")
+        records = await self._run_statement(sql, *batch_arguments(rows), mark, self.edit_window_seconds, fetch="all")
         assert isinstance(records, list)
         existing = {int(r["ord"]) - 1: int(r["seq"]) for r in records if r["existing"]}
         inserted = [(int(r["room_id"]), int(r["seq"])) for r in records if not r["existing"]]

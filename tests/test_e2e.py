@@ -427,3 +427,89 @@ async def test_a_sign_in_link_asks_before_switching_accounts(
         assert len(asked) == 3
     finally:
         await context.close()
+
+
+async def test_edit_delete_react_reply_live_and_after_reload(
+    open_page: OpenPage, server_a: Server, server_b: Server
+) -> None:
+    """Issue 12: alice (server a) edits with ↑ and deletes; bob (server b) replies and reacts;
+    each sees the other's changes live, and bob sees the same after a reload."""
+    room = unique("changes")
+    alice = await open_page(server_a, "alice")
+    bob = await open_page(server_b, "bob")
+    await alice.join(room)
+    await bob.join(room)
+    await alice.send("helo wrold")
+    await alice.send("take this back")
+    await bob.wait_body("take this back", mine=False)
+
+    # ↑ in the empty composer edits her last message; Esc leaves it unchanged.
+    await alice.page.press("#message-input", "ArrowUp")
+    await expect(alice.page.locator("#message-input")).to_have_value("take this back")
+    await alice.page.press("#message-input", "Escape")
+    await expect(alice.page.locator("#message-input")).to_have_value("")
+    first = alice.page.locator("#messages .msg").filter(has=alice.page.locator(".body", has_text="helo wrold"))
+    await first.focus()
+    await first.locator(".act.edit").click()
+    await expect(alice.page.locator("#message-input")).to_have_value("helo wrold")
+    await alice.page.fill("#message-input", "hello world")
+    await alice.page.press("#message-input", "Enter")
+    edited = bob.page.locator("#messages .msg").filter(has=bob.page.locator(".body", has_text="hello world"))
+    await expect(edited.locator(".edited")).to_have_text("(edited)")
+
+    # bob reacts and replies, by keyboard focus (no hover), on the other server.
+    await edited.focus()
+    await edited.locator('.act.emoji[data-emoji="👍"]').click()
+    mine = alice.page.locator("#messages .msg").filter(has=alice.page.locator(".body", has_text="hello world"))
+    await expect(mine.locator(".reaction")).to_have_text("👍 1")
+    second = bob.page.locator("#messages .msg").filter(has=bob.page.locator(".body", has_text="take this back"))
+    await second.focus()
+    await second.locator(".act.reply").click()
+    await expect(bob.page.locator("#compose-mode")).to_contain_text("Replying to")
+    await bob.send("no, keep it")
+    reply = alice.page.locator("#messages .msg").filter(has=alice.page.locator(".body", has_text="no, keep it"))
+    await expect(reply.locator(".quote-body")).to_have_text("take this back")
+
+    # alice deletes, after a confirm; bob's page shows the tombstone and the reply's quote follows.
+    await alice.page.evaluate(
+        "() => { window.asked = []; window.confirm = (text) => { window.asked.push(text); return true; }; }"
+    )
+    gone = alice.page.locator("#messages .msg").filter(has=alice.page.locator(".body", has_text="take this back"))
+    await gone.focus()
+    await gone.locator(".act.delete").click()
+    assert await alice.page.evaluate("window.asked") == ["Delete this message for everyone?"]
+    tombstone = bob.page.locator("#messages .msg.deleted")
+    await expect(tombstone.locator(".body")).to_have_text("This message was deleted.")
+    bob_reply = bob.page.locator("#messages .msg").filter(has=bob.page.locator(".body", has_text="no, keep it"))
+    await expect(bob_reply.locator(".quote-body")).to_have_text("deleted message")
+    await screenshot(bob.page, "changes")
+
+    async def check(page: ChatPage) -> None:
+        rows = await page.rows()
+        assert [body for _, _, body in rows] == ["hello world", "This message was deleted.", "no, keep it"]
+        kept = page.page.locator("#messages .msg").filter(has=page.page.locator(".body", has_text="hello world"))
+        await expect(kept.locator(".edited")).to_have_count(1)
+        await expect(kept.locator(".reaction")).to_have_text("👍 1")
+        await expect(kept.locator(".reaction")).to_have_attribute("aria-pressed", "true")
+        answer = page.page.locator("#messages .msg").filter(has=page.page.locator(".body", has_text="no, keep it"))
+        await expect(answer.locator(".quote-body")).to_have_text("deleted message")
+
+    await check(bob)
+    await bob.page.reload()
+    await bob.wait_connected()
+    await expect(bob.page.locator("#messages .msg")).to_have_count(3)
+    await check(bob)
+
+    # At phone width, with touch: a tap on a message shows its actions, within the screen.
+    carol = await open_page(server_a, "carol", viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    await carol.join(room)
+    tapped = carol.page.locator("#messages .msg").filter(has=carol.page.locator(".body", has_text="hello world"))
+    await tapped.locator(".body").tap()
+    party = tapped.locator('.act.emoji[data-emoji="🎉"]')
+    await expect(party).to_be_in_viewport()
+    await party.tap()
+    await expect(mine.locator('.reaction[data-emoji="🎉"]')).to_have_text("🎉 1")
+    overflow = await carol.page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0, f"the page scrolls sideways by {overflow}px"
+    await screenshot(carol.page, "changes-phone")
+    assert_clean(alice, bob, carol)

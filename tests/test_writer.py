@@ -35,6 +35,7 @@ from chat.writer import (
     Stored,
     Writer,
     assign_seqs,
+    change_refusal,
     fold_duplicates,
     is_row_error,
     never_sent,
@@ -838,3 +839,16 @@ async def terminate_chat_backends(database_url: str) -> int:
         return killed
     finally:
         await conn.close()
+
+
+def test_a_refused_change_keeps_its_code() -> None:
+    """migration 0008's triggers refuse with HINT 'chat:<code>': the sender gets that code."""
+    refused = asyncpg.exceptions.RaiseError("you may edit only your own messages")
+    refused.hint = "chat:forbidden"
+    answer = change_refusal(refused)
+    assert answer is not None and (answer.code, answer.detail) == ("forbidden", "you may edit only your own messages")
+    other = asyncpg.exceptions.RaiseError("room 7 does not exist")
+    assert change_refusal(other) is None
+    other.hint = "chat:something_else"
+    assert change_refusal(other) is None
+    assert is_row_error(refused)  # raised by a trigger (class P0): the batch is split down to this row

@@ -368,7 +368,8 @@ function onFrame(c, data) {
   try { f = JSON.parse(data); } catch (e) { return; }
   if (!f || typeof f !== 'object') return;
   const state = stateOf(c.room);
-  if (f.type === 'message') keepBottom(() => addMessage(state, f, false));
+  if (f.type === 'message' && Number.isInteger(f.target_seq)) onChange(state, f);
+  else if (f.type === 'message') keepBottom(() => addMessage(state, f, false));
   else if (f.type === 'ready') onReady(c, state, f);
   else if (f.type === 'join' || f.type === 'leave') onPresence(f);
   else if (f.type === 'typing') onTyping(f);
@@ -376,6 +377,12 @@ function onFrame(c, data) {
   else if (f.type === 'history') onHistory(state, f);
   else if (f.type === 'error') onServerError(c, state, f);
   // pong, and anything newer than this page: nothing to do
+}
+
+function onChange(state, f) { // an edit, delete, react or unreact: its own seq, applied once, in order
+  if (!Number.isInteger(f.seq) || f.seq <= state.lastSeq) return;
+  state.lastSeq = f.seq;
+  ChatChanges.apply(f);
 }
 
 function onPresence(f) {
@@ -452,7 +459,9 @@ function onReady(c, state, f) {
 
 function transmit(c, p) {
   try {
-    c.ws.send(JSON.stringify({ type: 'send', body: p.body, client_id: p.clientId }));
+    const frame = { type: 'send', body: p.body, client_id: p.clientId };
+    if (p.replyTo) frame.reply_to = p.replyTo;
+    c.ws.send(JSON.stringify(frame));
     c.inflight.push(p.clientId);
   } catch (e) { /* closing: resent after the reconnect */ }
 }
@@ -543,6 +552,7 @@ function renderMessage(m) {
   const meta = node('div', 'meta');
   meta.append(node('span', 'author', m.author), time);
   li.append(meta, node('div', 'body', m.body));
+  ChatChanges.decorate(li, m);
   return li;
 }
 
@@ -580,8 +590,14 @@ function addEvent(text) {
 function sendComposer() {
   const body = el.messageInput.value;
   if (!body.trim() || !current) return;
+  const change = ChatChanges.submit(body);
+  if (change.handled) { // an edit: sent as its own frame
+    el.messageInput.value = '';
+    fitComposer();
+    return;
+  }
   const state = stateOf(current);
-  const p = { clientId: newClientId(), body, retries: 0, el: node('li', 'pending') };
+  const p = { clientId: newClientId(), body, retries: 0, el: node('li', 'pending'), replyTo: change.replyTo };
   const meta = node('div', 'meta');
   meta.append(node('span', 'pending-author', me), node('span', 'state', 'sending…'));
   p.el.append(meta, node('div', 'pending-body', body));
@@ -627,7 +643,7 @@ function onHistory(state, f) {
   const list = Array.isArray(f.messages) ? f.messages : [];
   const s = el.scroller;
   const fromBottom = s.scrollHeight - s.scrollTop; // keep the view where it was
-  for (const m of list) addMessage(state, m, true);
+  for (const m of list) addMessage(state, Number.isInteger(f.as_of) ? { ...m, as_of: f.as_of } : m, true);
   s.scrollTop = s.scrollHeight - fromBottom;
   // The beginning: never ask again. Not "fewer than asked": the server clamps a page to
   // CHAT_HISTORY_PAGE_MAX (and to a byte budget), so a short page may still have more before it.
@@ -657,7 +673,19 @@ function bind() {
   el.loadOlder.addEventListener('click', loadOlder);
   el.errorDismiss.addEventListener('click', () => { el.banner.hidden = true; el.messageInput.focus(); });
   el.composer.addEventListener('submit', (e) => { e.preventDefault(); sendComposer(); });
+  ChatChanges.install({
+    me: () => me,
+    send: (frame) => {
+      if (!conn || !conn.ready || conn.room !== current) { showBanner('Not connected: try again in a moment.'); return false; }
+      conn.ws.send(JSON.stringify(frame));
+      return true;
+    },
+    list: el.messages,
+    input: el.messageInput,
+    bar: el.composeMode,
+  });
   el.messageInput.addEventListener('keydown', (e) => {
+    if (ChatChanges.onKey(e)) return;
     if (e.key !== 'Enter' || e.shiftKey || e.isComposing || e.keyCode === 229) return; // Shift+Enter, IME
     e.preventDefault();
     sendComposer();
