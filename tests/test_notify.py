@@ -106,6 +106,9 @@ def test_batch_payload_is_a_list_of_messages_or_a_wake_up_when_too_big() -> None
         "body": "b4",
         "client_id": "c4",
         "sent_at": sent.isoformat(),
+        "target_seq": None,
+        "reply_to": None,
+        "quote": None,
     }
     assert notify.parse_all(notify.batch_payload(records)) == records
     big = [MessageRecord(seq=9, author="a", body="x" * notify.MAX_BATCH_BYTES)]
