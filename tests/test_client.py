@@ -170,16 +170,18 @@ class PeakRss:
         self._task = asyncio.create_task(self._watch())
 
     async def _watch(self) -> None:
-        while True:
-            self.peak = max(self.peak, rss(self.pid))
-            await asyncio.sleep(0.05)
+        with contextlib.suppress(psutil.NoSuchProcess):  # until it is stopped, or ends
+            while True:
+                self.peak = max(self.peak, rss(self.pid))
+                await asyncio.sleep(0.05)
 
     async def stop(self) -> float:
         """The growth, in MB."""
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        self.peak = max(self.peak, rss(self.pid))
+        with contextlib.suppress(psutil.NoSuchProcess):
+            self.peak = max(self.peak, rss(self.pid))
         return (self.peak - self.baseline) / 2**20
 
 
@@ -203,7 +205,11 @@ async def history_http_attack(server: Server, room: str, token: str, *, requests
     headers = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(base_url=server.http, headers=headers, timeout=30) as http:
         for _ in range(requests):
-            response = await http.get(f"/api/rooms/{room}/messages", params={"limit": 200})
+            try:
+                response = await http.get(f"/api/rooms/{room}/messages", params={"limit": 200})
+            except httpx.RemoteProtocolError:  # a kept-alive connection closed by the server: reconnect
+                statuses.append(0)
+                continue
             statuses.append(response.status_code)
             if response.status_code == 200:
                 page = response.json()
