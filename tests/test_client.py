@@ -114,6 +114,15 @@ async def test_overflow_during_replay_closes_4000_or_serves_everything(
         assert "ready" in frames
 
 
+async def replay_hogs(server: Server, room: str, token: str, *, sockets: int = 30) -> list[ClientConnection]:
+    """Item 2's attack: `sockets` sockets of one user join a big room with after=0 and do not read.
+    Returned once replays are under way (the first few; the others wait for a slot of their user)."""
+    hogs = [await open_raw(server.ws(f"/rooms/{room}/ws?after=0"), token) for _ in range(sockets)]
+    for ws in hogs[:4]:
+        await asyncio.wait_for(ws.recv(), 30)
+    return hogs
+
+
 async def test_replays_that_wait_on_sockets_hold_no_pooled_connection(
     server_a: Server, engine: AsyncEngine, make_token: MakeToken
 ) -> None:
@@ -121,11 +130,8 @@ async def test_replays_that_wait_on_sockets_hold_no_pooled_connection(
     They once took the whole pool: another user's join timed out and /api/me answered 500."""
     room = unique("pool")
     await fill_room(engine, room, count=20_000, body="y" * 1000)
-    hog = await make_token()
-    sockets = [await open_raw(server_a.ws(f"/rooms/{room}/ws?after=0"), hog) for _ in range(30)]
+    sockets = await replay_hogs(server_a, room, await make_token())
     try:
-        for ws in sockets[:4]:  # replays are under way (the others wait for a slot of their user)
-            await asyncio.wait_for(ws.recv(), 30)
         calm = await make_token()
         started = time.monotonic()
         async with await RoomClient.open(server_a.ws(f"/rooms/{room}/ws"), calm) as other:
@@ -155,6 +161,63 @@ def rss(pid: int) -> int:
     return proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
 
 
+class PeakRss:
+    """How far a process (with its children) grows from now to its peak, sampled until stopped."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.baseline = self.peak = rss(pid)
+        self._task = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        with contextlib.suppress(psutil.NoSuchProcess):  # until it is stopped, or ends
+            while True:
+                self.peak = max(self.peak, rss(self.pid))
+                await asyncio.sleep(0.05)
+
+    async def stop(self) -> float:
+        """The growth, in MB."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        with contextlib.suppress(psutil.NoSuchProcess):
+            self.peak = max(self.peak, rss(self.pid))
+        return (self.peak - self.baseline) / 2**20
+
+
+async def history_socket_attack(server: Server, room: str, token: str, *, sockets: int = 4, asks: int = 25) -> None:
+    """Item 1 on sockets: each socket asks for the biggest history page `asks` times, never reading."""
+    for _ in range(sockets):
+        ws = await open_raw(server.ws(f"/rooms/{room}/ws"), token)
+        try:
+            for _ in range(asks):
+                await ws.send(json.dumps({"type": "history", "before": 201, "limit": 200}))
+        except ConnectionClosed:
+            pass
+        finally:
+            ws.transport.abort()
+
+
+async def history_http_attack(server: Server, room: str, token: str, *, requests: int = 100) -> list[int]:
+    """Item 1 on the HTTP API: the biggest page, again and again. The statuses; every page served
+    is capped in bytes (has_more)."""
+    statuses: list[int] = []
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=server.http, headers=headers, timeout=30) as http:
+        for _ in range(requests):
+            try:
+                response = await http.get(f"/api/rooms/{room}/messages", params={"limit": 200})
+            except httpx.RemoteProtocolError:  # a kept-alive connection closed by the server: reconnect
+                statuses.append(0)
+                continue
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                page = response.json()
+                assert len(response.content) < 600_000
+                assert page["has_more"] is True and 0 < len(page["messages"]) < 200
+    return statuses
+
+
 async def test_history_amplification_stays_bounded(
     limited_server: Server, engine: AsyncEngine, make_token: MakeToken
 ) -> None:
@@ -167,42 +230,8 @@ async def test_history_amplification_stays_bounded(
     room = unique("amp")
     await fill_room(engine, room, count=200, body="\x01" * 16000)
     attacker, calm = await make_token(), await make_token()
-    baseline = rss(server.proc.pid)
-    peak = baseline
-    stop = asyncio.Event()
-
-    async def watch() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, rss(server.proc.pid))
-            await asyncio.sleep(0.05)
-
-    async def socket_attack() -> None:
-        for _ in range(4):  # each socket: 25 history requests, never reading
-            ws = await open_raw(server.ws(f"/rooms/{room}/ws"), attacker)
-            try:
-                for _ in range(25):
-                    await ws.send(json.dumps({"type": "history", "before": 201, "limit": 200}))
-            except ConnectionClosed:
-                pass
-            finally:
-                ws.transport.abort()
-
-    async def http_attack() -> list[int]:
-        statuses: list[int] = []
-        headers = {"Authorization": f"Bearer {attacker}"}
-        async with httpx.AsyncClient(base_url=server.http, headers=headers, timeout=30) as http:
-            for _ in range(100):
-                response = await http.get(f"/api/rooms/{room}/messages", params={"limit": 200})
-                statuses.append(response.status_code)
-                if response.status_code == 200:
-                    page = response.json()
-                    assert len(response.content) < 600_000
-                    assert page["has_more"] is True and 0 < len(page["messages"]) < 200
-        return statuses
-
-    watcher = asyncio.create_task(watch())
-    attacks = asyncio.gather(socket_attack(), http_attack())
+    memory = PeakRss(server.proc.pid)
+    attacks = asyncio.gather(history_socket_attack(server, room, attacker), history_http_attack(server, room, attacker))
     async with await RoomClient.open(server.ws(f"/rooms/{room}/ws"), calm) as user:
         await user.ready()
         for i in range(5):
@@ -213,8 +242,6 @@ async def test_history_amplification_stays_bounded(
         assert page["has_more"] is True and 0 < len(page["messages"]) < 200
         assert page["messages"][-1]["seq"] == 200  # the newest of the page are kept
     _, statuses = await attacks
-    stop.set()
-    await watcher
+    growth = await memory.stop()
     assert 429 in statuses, "the HTTP API has no per-user limit"
-    growth = (peak - baseline) / 2**20
     assert growth < 128, f"the server grew by {growth:.0f} MB"
