@@ -11,7 +11,7 @@ import asyncpg
 
 from bench import history, limits, profiling
 from bench.cluster import CpuMeter, Server
-from bench.runner import Run, log
+from bench.run import Run, log
 from bench.stats import describe, summary
 
 
