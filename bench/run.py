@@ -166,25 +166,37 @@ class Run:
         duration: float,
         warmup: float,
         profile_to: Path | None = None,
+        rooms: int | None = None,
+        members: int | None = None,
+        senders_per_room: int | None = None,
     ) -> dict[str, Any]:
         """`rooms` x `members` sockets spread over `servers` (member m on server m mod K) and over
-        the load generator's processes; all of them send, `rate` messages/s in all. Returns
-        latency (send -> delivery at the other members), deliveries, loss and CPU."""
+        the load generator's processes; all of them send (or the first `senders_per_room` of each
+        room), `rate` messages/s in all. Returns latency (send -> delivery at the other members),
+        deliveries, loss and CPU."""
         knobs, gen = self.knobs, self.gen
         workers = len(gen)
+        n_rooms = knobs.rooms if rooms is None else rooms
+        n_members = knobs.members if members is None else members
+        speaking = n_members if senders_per_room is None else senders_per_room
         specs: list[list[tuple[int, str, str, str]]] = [[] for _ in range(workers)]
-        rooms = [f"{tag}-{self.id}-{r}" for r in range(knobs.rooms)]
-        for m in range(knobs.members):  # member-major: consecutive sends go to different rooms
-            for r, room in enumerate(rooms):
+        senders: list[list[int]] = [[] for _ in range(workers)]
+        names = [f"{tag}-{self.id}-{r}" for r in range(n_rooms)]
+        for m in range(n_members):  # member-major: consecutive sends go to different rooms
+            for r, room in enumerate(names):
                 gid = self.gid()
                 server = servers[m % len(servers)]
                 token = self.tokens[gid % len(self.tokens)]
-                specs[(r * knobs.members + m) % workers].append((gid, server.ws(f"/rooms/{room}/ws"), room, token))
+                w = (r * n_members + m) % workers
+                specs[w].append((gid, server.ws(f"/rooms/{room}/ws"), room, token))
+                if m < speaking:
+                    senders[w].append(gid)
         opened = gen.all("open", [{"specs": s} for s in specs])
         failed: Counter[str] = Counter()
         for o in opened:
             failed.update(o["failed"])
         total = sum(len(s) for s in specs)
+        speakers = sum(len(s) for s in senders)
         start_at = time.monotonic_ns() + 300_000_000
         gen.send_all(
             "load",
@@ -193,11 +205,11 @@ class Run:
                     "start_at": start_at,
                     "warmup": warmup,
                     "duration": duration,
-                    "rate": rate * len(s) / total,
-                    "senders": [spec[0] for spec in s],
+                    "rate": rate * len(s) / speakers,
+                    "senders": s,
                     "ack_timeout": knobs.drain_timeout,
                 }
-                for s in specs
+                for s in senders
             ],
         )
         measure_from = start_at + int(warmup * 1e9)
@@ -208,7 +220,7 @@ class Run:
         sleep_until(measure_to)
         cpu = CpuMeter.usage(before, self.meter.snapshot())
         loads = gen.recv_all(timeout=duration + knobs.drain_timeout + 120)
-        final = dict.fromkeys(rooms, 0)
+        final = dict.fromkeys(names, 0)
         for load in loads:
             for room, seq in load["acked_seq"].items():
                 final[room] = max(final.get(room, 0), seq)
@@ -234,8 +246,9 @@ class Run:
             "system": system,
             "processes": len(servers),
             "rate": rate,
-            "rooms": knobs.rooms,
-            "members": knobs.members,
+            "rooms": n_rooms,
+            "members": n_members,
+            "senders": speakers,
             "sockets": total,
             "open_failed": dict(failed),
             "duration_s": duration,
