@@ -617,6 +617,9 @@ class LoadGen:
             theirs.close()
             self.pipes.append(ours)
             self.procs.append(proc)
+        # Replies still owed by a worker for commands whose wait timed out: the worker runs one
+        # command at a time, so they come before the answer to the next one and are skipped.
+        self.stale = [0] * processes
         self.all("configure", [{"deflate": deflate}] * processes)
 
     def __len__(self) -> int:
@@ -631,7 +634,11 @@ class LoadGen:
 
     def recv(self, index: int, timeout: float = 900.0) -> dict[str, Any]:
         pipe = self.pipes[index]
-        if not pipe.poll(timeout):
+        while self.stale[index] and pipe.poll(timeout):
+            pipe.recv()
+            self.stale[index] -= 1
+        if self.stale[index] or not pipe.poll(timeout):
+            self.stale[index] += 1
             raise TimeoutError(f"load generator {index} did not answer in {timeout:.0f}s")
         result: dict[str, Any] = pipe.recv()
         if "_error" in result:
