@@ -496,32 +496,11 @@ def many_rooms(run: Run) -> dict[str, Any]:
     result: dict[str, Any] = {"users": users, "rooms": r}
     try:
         server.wait_ready()
-        # Time to all-ready, one user at a time (every room already has a member elsewhere, as is usual).
-        timing_rooms = names("t")
-        anchor = run.gid()
-        gen.call(0, "subscribe", {"specs": [(anchor, socket_url, token(anchor), timing_rooms)]})
-        ready: dict[str, list[float]] = {"socket": [], "sockets": []}
-        for _ in range(knobs.multiroom_samples):
-            gid = run.gid()
-            one = gen.call(0, "subscribe", {"specs": [(gid, socket_url, token(gid), timing_rooms)]})
-            ready["socket"] += one["ready_ms"]
-            gen.call(0, "close", {"gids": [gid]})
-            specs = [(run.gid(), server.ws(f"/rooms/{room}/ws"), room, token(gid)) for room in timing_rooms]
-            many = gen.call(0, "open", {"specs": specs, "concurrency": r})
-            if many["opened"] == r:
-                ready["sockets"].append(many["ready_ms"]["max"])
-            gen.call(0, "close", {"gids": [s[0] for s in specs]})
-        gen.call(0, "close", {"gids": [anchor]})
-        result["ready_ms"] = {k: describe(v) for k, v in ready.items()}
-        log(
-            f"  one user, {r} rooms: /socket ready p50 {_f(summary(ready['socket'])['p50'])} ms, "
-            f"{r} room sockets p50 {_f(summary(ready['sockets'])['p50'])} ms"
-        )
-        time.sleep(knobs.idle_settle)
-        # Memory: each kind added on top of the previous ones (nothing closed in between, so the
-        # allocator cannot hand freed memory back to the next kind and hide its cost).
-        rss = server.rss()
-        memory: dict[str, Any] = {"rss_start_mb": round(rss / 2**20, 1)}
+        # Memory first, on a process that has not freed any sockets yet: each kind added on top of
+        # the previous ones (nothing closed in between, so the allocator cannot hand freed memory
+        # back to the next kind and hide its cost). Each kind's rooms are opened by one resident
+        # member before its snapshot, so room state (LISTEN, feed) is not charged to its users.
+        memory: dict[str, Any] = {"rss_start_mb": round(server.rss() / 2**20, 1)}
         kinds = (
             ("one_room", "one /socket, 1 room"),
             ("socket", f"one /socket, {r} rooms"),
@@ -529,6 +508,10 @@ def many_rooms(run: Run) -> dict[str, Any]:
         )
         for kind, label in kinds:
             rooms = names(kind)[:1] if kind == "one_room" else names(kind)
+            resident = run.gid()
+            gen.call(0, "subscribe", {"specs": [(resident, socket_url, token(resident), rooms)]})
+            time.sleep(knobs.idle_settle)
+            rss = server.rss()
             before_cpu = meter.snapshot()
             failed: dict[str, int] = {}
             opened = 0
@@ -564,9 +547,29 @@ def many_rooms(run: Run) -> dict[str, Any]:
                 "open_cpu": cpu,
             }
             log(f"  {users} users, {label}: {memory[kind]['kb_per_user']} KB per user, failed {failed or 0}")
-            rss = now
         result["memory"] = memory
         gen.all("close", [{}] * workers)
+        # Time to all-ready, one user at a time (every room already has a member elsewhere, as is usual).
+        timing_rooms = names("t")
+        anchor = run.gid()
+        gen.call(0, "subscribe", {"specs": [(anchor, socket_url, token(anchor), timing_rooms)]})
+        ready: dict[str, list[float]] = {"socket": [], "sockets": []}
+        for _ in range(knobs.multiroom_samples):
+            gid = run.gid()
+            one = gen.call(0, "subscribe", {"specs": [(gid, socket_url, token(gid), timing_rooms)]})
+            ready["socket"] += one["ready_ms"]
+            gen.call(0, "close", {"gids": [gid]})
+            specs = [(run.gid(), server.ws(f"/rooms/{room}/ws"), room, token(gid)) for room in timing_rooms]
+            many = gen.call(0, "open", {"specs": specs, "concurrency": r})
+            if many["opened"] == r:
+                ready["sockets"].append(many["ready_ms"]["max"])
+            gen.call(0, "close", {"gids": [s[0] for s in specs]})
+        gen.call(0, "close", {"gids": [anchor]})
+        result["ready_ms"] = {k: describe(v) for k, v in ready.items()}
+        log(
+            f"  one user, {r} rooms: /socket ready p50 {_f(summary(ready['socket'])['p50'])} ms, "
+            f"{r} room sockets p50 {_f(summary(ready['sockets'])['p50'])} ms"
+        )
     finally:
         if fresh:
             server.stop()
