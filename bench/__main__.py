@@ -22,6 +22,7 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--rooms", type=int, help="Rooms in scenarios 1 and 2 [default 10].")
 @click.option("--members", type=int, help="Members per room, spread over the processes [default 10].")
 @click.option("--rates", help="Messages/s for scenario 1, all rooms together [default 100,500,2000].")
+@click.option("--hot-rates", help="Messages/s from the one hot sender [default 500,1000].")
 @click.option("--duration", type=float, help="Seconds per rate, warm-up included [default 10].")
 @click.option("--warmup", type=float, help="Unmeasured seconds at the start of each rate [default 2].")
 @click.option("--step-duration", type=float, help="Seconds per throughput step [default 6].")
@@ -75,7 +76,7 @@ def main(quick: bool, smoke: bool, server_env: tuple[str, ...], render: Path | N
 
     knobs: Knobs = SMOKE if smoke else QUICK if quick else Knobs()
     changes: dict[str, object] = {k: v for k, v in options.items() if v is not None}
-    for name in ("rates", "idle_levels", "fanout_processes"):
+    for name in ("rates", "idle_levels", "fanout_processes", "hot_rates"):
         if isinstance(changes.get(name), str):
             changes[name] = _ints(str(changes[name]))
     if isinstance(changes.get("only"), str):

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SCENARIOS = ("limits", "latency", "throughput", "join", "idle", "history", "fanout")
+SCENARIOS = ("limits", "latency", "throughput", "join", "idle", "history", "hot", "multiroom", "fanout")
 
 # The bench measures capacity, not policy: the per-connection and per-user rate limits and the
 # per-user connection and room caps are lifted (the limiter still runs on every frame). Unknown CHAT_*
@@ -66,6 +66,17 @@ class Knobs:
     limits_seconds: float = 3.0
     limits_writers: tuple[int, ...] = (1, 4, 16)
     notify_rate: float = 500.0
+    limits_batch_writers: int = 4  # the batched INSERT loop, and the 1-row loop the throughput target uses
+    limits_batch_rows: tuple[int, ...] = (10, 50)  # rows per statement in the batched loop
+    single_commit_rate: float = 100.0  # lone commits a second: what one fsync'd commit costs
+    # hot sender: one socket sends into one room of hot_members, spread over the processes
+    hot_rates: tuple[int, ...] = (500, 1000)
+    hot_members: int = 20
+    # many rooms on one socket: users on /socket with multiroom_rooms rooms each, against as many
+    # room sockets each, and against one room each (a fresh server process, for clean RSS)
+    multiroom_users: int = 100
+    multiroom_rooms: int = 50
+    multiroom_samples: int = 20  # sequential "one user joins all rooms" timings per variant
     # what and where
     scenarios: tuple[str, ...] = SCENARIOS
     out_dir: Path = field(default_factory=lambda: Path("bench-results"))
@@ -93,7 +104,9 @@ QUICK = Knobs(
     history_rows=100_000,
     history_samples=50,
     limits_seconds=1.5,
-    limits_writers=(1, 8),
+    limits_writers=(1, 4),
+    multiroom_users=40,
+    multiroom_samples=10,
 )
 
 SMOKE = Knobs(
@@ -124,5 +137,13 @@ SMOKE = Knobs(
     limits_writers=(2,),
     notify_rate=100.0,
     fanout_processes=(1,),
+    limits_batch_writers=2,
+    limits_batch_rows=(10,),
+    single_commit_rate=50.0,
+    hot_rates=(50,),
+    hot_members=4,
+    multiroom_users=3,
+    multiroom_rooms=4,
+    multiroom_samples=2,
     tokens=3,
 )

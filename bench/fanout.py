@@ -18,7 +18,7 @@ import asyncpg
 
 from bench.cluster import _die_with_parent, free_port, start_servers
 from bench.limits import _prepare
-from bench.runner import Run, log
+from bench.run import Run, log
 from bench.scenarios import _f, _step_passes
 
 ENGINES = ("notify", "redis")
@@ -160,7 +160,7 @@ def fanout_engines(run: Run) -> dict[str, Any]:
 def report(result: dict[str, Any], p99_limit: Any) -> list[str]:
     """The Markdown section: the best passing step per configuration, then every step."""
     lines = [
-        "### 6. Fan-out engines: NOTIFY and Redis, 1, 2 and 4 processes (rising load; a step fails on loss, "
+        "### 7. Fan-out engines: NOTIFY and Redis, 1, 2 and 4 processes (rising load; a step fails on loss, "
         f"p99 > {p99_limit} ms, or committing < 95% of the offered rate)",
         "",
         "| processes | engine | max sustained msg/s | deliveries/s there | p99 ms there |",

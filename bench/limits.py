@@ -10,6 +10,10 @@
   * "schema": the chat's own `messages` table with its triggers (per-room seq under the room's
     row lock, NOTIFY of the JSON payload), i.e. the app's SQL with Python taken away, in one
     round trip (an autocommit INSERT), which is also exactly what the server sends per message.
+- The same INSERT batched: R rows per statement (`unnest`), one transaction and one fsync per
+  statement, as the group-commit writer does: the ceiling with the project's triggers in plain view.
+- A single commit: one writer, one row per statement, paced (not back to back), so each commit
+  stands alone, as a lone message's does; the ack latency target is measured against it.
 """
 
 from __future__ import annotations
@@ -157,3 +161,78 @@ async def insert_notify(dsn: str, *, table: str, writers: int, seconds: float, r
         "commit_ms": describe(commits),
         "notify_ms": describe(received),
     }
+
+
+BATCH_SQL = (
+    "INSERT INTO messages (room_id, author_id, author, body, client_id) "
+    "SELECT $1, $2, 'bench-raw', b, b FROM unnest($3::text[]) AS b RETURNING seq"
+)
+
+
+async def insert_batched(dsn: str, *, writers: int, rows: int, seconds: float, rooms: int = 10) -> dict[str, Any]:
+    """W writers looping one autocommit INSERT of `rows` rows into `messages` (triggers and all)."""
+    room_ids, user_id = await _prepare(dsn, rooms)
+    conns = [await asyncpg.connect(dsn) for _ in range(writers)]
+    commits: list[float] = []
+    stored = 0
+    deadline = time.monotonic() + seconds
+
+    async def writer(w: int) -> None:
+        nonlocal stored
+        conn = conns[w]
+        room_id = room_ids[w % len(room_ids)]
+        n = 0
+        while time.monotonic() < deadline:
+            t = now_ns()
+            bodies = [f"raw-{t:020d}-{w}-{n + i}" for i in range(rows)]
+            n += rows
+            await conn.fetch(BATCH_SQL, room_id, user_id, bodies)
+            commits.append((now_ns() - t) / 1e6)
+            stored += rows
+
+    start = time.monotonic()
+    try:
+        await asyncio.gather(*(writer(w) for w in range(writers)))
+        elapsed = time.monotonic() - start
+    finally:
+        for conn in conns:
+            await conn.close()
+    return {
+        "table": "schema",
+        "writers": writers,
+        "rows_per_statement": rows,
+        "seconds": round(elapsed, 2),
+        "committed": stored,
+        "committed_per_s": round(stored / elapsed, 1),
+        "statements_per_s": round(len(commits) / elapsed, 1),
+        "commit_ms": describe(commits),
+    }
+
+
+async def single_commit(dsn: str, *, rate: float, seconds: float) -> dict[str, Any]:
+    """One writer, one row per autocommit INSERT into `messages`, `rate` a second: what one
+    fsync'd commit costs on this disk when nothing else is committing."""
+    room_ids, user_id = await _prepare(dsn, 1)
+    conn = await asyncpg.connect(dsn)
+    sql = (
+        "INSERT INTO messages (room_id, author_id, author, body, client_id) "
+        "VALUES ($1, $2, 'bench-raw', $3, $3) RETURNING seq"
+    )
+    commits: list[float] = []
+    try:
+        interval = 1.0 / rate
+        due = time.monotonic()
+        deadline = due + seconds
+        n = 0
+        while due < deadline:
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            t = now_ns()
+            n += 1
+            await conn.fetchval(sql, room_ids[0], user_id, f"raw-{t:020d}-single-{n}")
+            commits.append((now_ns() - t) / 1e6)
+            due += interval
+    finally:
+        await conn.close()
+    return {"rate": rate, "commits": len(commits), "commit_ms": describe(commits)}

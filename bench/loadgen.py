@@ -108,6 +108,9 @@ class WsClient(asyncio.Protocol):
         self.sent = 0
         self.acked = 0
         self.closing = False  # we asked for the close
+        self.readies = 0  # ready frames: one per room subscribed on /socket
+        self.subscribed: asyncio.Future[None] | None = None  # done at `wanted` ready frames
+        self.wanted = 0
         self.on_message: Callable[[int, int], None] | None = None  # (seq, sender) hook for probes
 
     # --- asyncio.Protocol ------------------------------------------------------------------------
@@ -155,6 +158,9 @@ class WsClient(asyncio.Protocol):
                 future.exception()  # mark retrieved: nobody may be waiting any more
         if self.reply is not None and not self.reply.done():
             self.reply.set_exception(error)
+        if self.subscribed is not None and not self.subscribed.done():
+            self.subscribed.set_exception(error)
+            self.subscribed.exception()
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -210,6 +216,9 @@ class WsClient(asyncio.Protocol):
             frame = json.loads(data)
             kind = frame.get("type")
             if kind == "ready":
+                self.readies += 1
+                if self.subscribed is not None and self.readies >= self.wanted and not self.subscribed.done():
+                    self.subscribed.set_result(None)
                 self.start_seq = self.last_seq = int(frame.get("last_seq") or 0)
                 self.is_ready = True
                 if not self.ready.done():
@@ -311,6 +320,7 @@ class Worker:
             "probe": self.probe,
             "history": self.history,
             "count": self.count,
+            "subscribe": self.subscribe,
             "configure": self.configure,
         }
         while True:
@@ -351,6 +361,43 @@ class Worker:
 
         await asyncio.gather(*(one(*spec) for spec in specs))
         return {"opened": len(ready_ms), "failed": dict(failures), "ready_ms": summary(ready_ms)}
+
+    async def subscribe(
+        self,
+        *,
+        specs: Sequence[tuple[int, str, str | None, Sequence[str]]],
+        concurrency: int = 16,
+        timeout: float = 60.0,
+    ) -> dict[str, Any]:
+        """Open `/socket` clients (gid, url, token, rooms) and subscribe each to its rooms, all at
+        once; keep them. Per client: ms from the TCP connect to the last room's ready frame."""
+        gate = asyncio.Semaphore(concurrency)
+        failures: Counter[str] = Counter()
+        ready_ms: list[float] = []
+
+        async def one(gid: int, url: str, token: str | None, rooms: Sequence[str]) -> None:
+            async with gate:
+                t0 = now_ns()
+                try:
+                    client, _ = await connect(gid, url, None, token, self.sink, deflate=self.deflate, timeout=timeout)
+                    self.clients[gid] = client
+                    client.wanted = len(rooms)
+                    client.subscribed = asyncio.get_running_loop().create_future()
+                    for room in rooms:
+                        client.send_text(b'{"type":"subscribe","room":"%s"}' % room.encode())
+                    await asyncio.wait_for(asyncio.shield(client.subscribed), timeout)
+                except Exception as exc:
+                    failures[type(exc).__name__ + ": " + str(exc)[:120]] += 1
+                    return
+                ready_ms.append((now_ns() - t0) / 1e6)
+
+        await asyncio.gather(*(one(*spec) for spec in specs))
+        return {
+            "opened": len(ready_ms),
+            "failed": dict(failures),
+            "ready_ms": ready_ms,
+            "errors": dict(self.sink.errors),
+        }
 
     async def load(
         self, *, start_at: int, warmup: float, duration: float, rate: float, senders: Sequence[int], ack_timeout: float
@@ -570,6 +617,9 @@ class LoadGen:
             theirs.close()
             self.pipes.append(ours)
             self.procs.append(proc)
+        # Replies still owed by a worker for commands whose wait timed out: the worker runs one
+        # command at a time, so they come before the answer to the next one and are skipped.
+        self.stale = [0] * processes
         self.all("configure", [{"deflate": deflate}] * processes)
 
     def __len__(self) -> int:
@@ -584,7 +634,11 @@ class LoadGen:
 
     def recv(self, index: int, timeout: float = 900.0) -> dict[str, Any]:
         pipe = self.pipes[index]
-        if not pipe.poll(timeout):
+        while self.stale[index] and pipe.poll(timeout):
+            pipe.recv()
+            self.stale[index] -= 1
+        if self.stale[index] or not pipe.poll(timeout):
+            self.stale[index] += 1
             raise TimeoutError(f"load generator {index} did not answer in {timeout:.0f}s")
         result: dict[str, Any] = pipe.recv()
         if "_error" in result:

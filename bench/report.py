@@ -32,6 +32,36 @@ def _ok(result: Any) -> bool:
     return isinstance(result, (dict, list)) and not (isinstance(result, dict) and "failed" in result)
 
 
+# Hot sender p99 targets by rate (msg/s -> ms), issue 10.
+HOT_P99_MS = {500: 15.0, 1000: 50.0}
+
+
+def _pairs(rows: Any) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+    if not isinstance(rows, list):
+        return []
+    pairs = []
+    for row in rows:
+        if row["system"] == "chat":
+            base = next((r for r in rows if r["system"] == "inmemory" and r["rate"] == row["rate"]), None)
+            pairs.append((row, base))
+    return pairs
+
+
+def cpu_cost(row: dict[str, Any]) -> dict[str, float | None]:
+    """Server CPU over a load run's measured window, per stored message and per delivery, in µs.
+    The servers' whole CPU is divided each way (storing and fanning out are not told apart)."""
+    servers = "chat_servers" if row["system"] == "chat" else "inmemory"
+    busy = row["cpu"].get(servers)  # % of one core: CPU seconds per second x 100
+    if busy is None:
+        return {"per_stored_us": None, "per_delivery_us": None}
+    cpu_s = busy / 100.0
+    stored = row["committed_per_s"] if row["system"] == "chat" else row["deliveries_per_s"] / max(1, row["members"])
+    return {
+        "per_stored_us": round(1e6 * cpu_s / stored, 1) if stored else None,
+        "per_delivery_us": round(1e6 * cpu_s / row["deliveries_per_s"], 1) if row["deliveries_per_s"] else None,
+    }
+
+
 def _latency_pairs(results: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
     rows = results.get("latency")
     if not isinstance(rows, list):
@@ -108,19 +138,6 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 )
             )
     idle = results.get("idle")
-    if _ok(idle):
-        assert isinstance(idle, dict)
-        for level in idle["chat"]["levels"]:
-            kb = level["kb_per_socket"]
-            out.append(
-                _target(
-                    f"idle memory, {level['sockets']:,} sockets",
-                    f"{_n(kb)} KB/socket",
-                    kb,
-                    "<= 30 KB",
-                    kb <= 30,
-                )
-            )
     join = results.get("join")
     if _ok(join):
         assert isinstance(join, dict)
@@ -156,6 +173,106 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         index_only = all(p["index_only"] for p in hist["sql"].values())
         out.append(
             _target("history page plan is index-only", "; ".join(sorted(plans)), None, "Index Only Scan", index_only)
+        )
+    for chat, _base in _pairs(results.get("hot")):
+        limit = HOT_P99_MS.get(int(chat["rate"]))
+        p99 = chat["latency_ms"]["p99"]
+        out.append(
+            _target(
+                f"hot sender @ {chat['rate']:,} msg/s (1 socket, room of {chat['members']}): e2e p99, lost",
+                f"{_n(p99)} ms, lost {chat['lost']}",
+                p99,
+                f"<= {_n(limit)} ms, 0 lost" if limit else "0 lost",
+                None if p99 is None else (limit is None or p99 <= limit) and chat["lost"] == 0,
+            )
+        )
+    if _ok(tput) and _ok(lim) and isinstance(lim, dict) and isinstance(tput, dict):
+        one_row = next((b for b in lim.get("insert_batched", []) if b["rows_per_statement"] == 1), None)
+        if one_row is not None:
+            best = tput["chat"]["max_sustained"]
+            value = best["committed_per_s"] if best else 0.0
+            r = ratio(value, one_row["committed_per_s"])
+            out.append(
+                _target(
+                    f"sustained durable msg/s vs INSERT with triggers, 1 row/statement, {one_row['writers']} writers",
+                    f"{_n(value)} vs {_n(one_row['committed_per_s'])} msg/s",
+                    r,
+                    ">= 2x",
+                    None if r is None else r >= 2.0,
+                )
+            )
+    rows = results.get("latency")
+    if isinstance(rows, list) and rows:
+        top = max(r["rate"] for r in rows)
+        top_chat = next((r for r in rows if r["system"] == "chat" and r["rate"] == top), None)
+        top_base = next((r for r in rows if r["system"] == "inmemory" and r["rate"] == top), None)
+        if top_chat is not None:
+            cost = cpu_cost(top_chat)
+            stored = cost["per_stored_us"]
+            out.append(
+                _target(
+                    f"server CPU per stored message @ {top:,} msg/s",
+                    f"{_n(None if stored is None else stored / 1000, 3)} ms",
+                    None if stored is None else stored / 1000,
+                    "<= 0.25 ms",
+                    None if stored is None else stored <= 250.0,
+                )
+            )
+            if top_base is not None:
+                mine, theirs = cost["per_delivery_us"], cpu_cost(top_base)["per_delivery_us"]
+                r = ratio(mine, theirs)
+                out.append(
+                    _target(
+                        f"server CPU per delivery @ {top:,} msg/s vs in-memory",
+                        f"{_n(mine)} vs {_n(theirs)} µs",
+                        r,
+                        "<= 2x",
+                        None if r is None else r <= 2.0,
+                    )
+                )
+        low = min(r["rate"] for r in rows)
+        chat_low = next((r for r in rows if r["system"] == "chat" and r["rate"] == low), None)
+        single = lim.get("single_commit") if isinstance(lim, dict) and _ok(lim) else None
+        if chat_low is not None and single:
+            ack, commit = chat_low["ack_ms"]["p99"], single["commit_ms"]["p99"]
+            r = ratio(ack, commit)
+            out.append(
+                _target(
+                    f"send -> ack p99 @ {low:,} msg/s vs a single fsync'd commit p99",
+                    f"{_n(ack, 2)} vs {_n(commit, 2)} ms",
+                    r,
+                    "<= 2x",
+                    None if r is None else r <= 2.0,
+                )
+            )
+    if _ok(idle) and isinstance(idle, dict) and idle.get("inmemory"):
+        base_levels = {lv["sockets"]: lv for lv in idle["inmemory"]["levels"]}
+        for level in idle["chat"]["levels"]:
+            other = base_levels.get(level["sockets"])
+            if other is None:
+                continue
+            r = ratio(level["kb_per_socket"], other["kb_per_socket"])
+            out.append(
+                _target(
+                    f"idle memory per socket vs in-memory, {level['sockets']:,} sockets",
+                    f"{_n(level['kb_per_socket'])} vs {_n(other['kb_per_socket'])} KB",
+                    r,
+                    "<= 1.15x",
+                    None if r is None else r <= 1.15,
+                )
+            )
+    multi = results.get("multiroom")
+    if _ok(multi) and isinstance(multi, dict):
+        mem = multi["memory"]
+        r = ratio(mem["socket"]["kb_per_user"], mem["one_room"]["kb_per_user"])
+        out.append(
+            _target(
+                f"{multi['rooms']} rooms on one socket vs 1 room on one socket, memory per user",
+                f"{_n(mem['socket']['kb_per_user'])} vs {_n(mem['one_room']['kb_per_user'])} KB",
+                r,
+                "<= 2x",
+                None if r is None else r <= 2.0,
+            )
         )
     return out
 
@@ -236,6 +353,21 @@ def markdown(results: dict[str, Any]) -> str:
                     f"{_n(row['notify_ms']['p50'], 2)} / {_n(row['notify_ms']['p99'], 2)} | "
                     f"{_cpu(row['cpu'], 'postgres', 'machine_busy')} |"
                 )
+        for row in lim.get("insert_batched", []):
+            per = row["rows_per_statement"]
+            lines.append(
+                f"| INSERT into `messages` (triggers), {per} row{'s' if per > 1 else ''} per statement "
+                f"(`unnest`, {_n(row['statements_per_s'])} statements/s) | {row['writers']} | "
+                f"{_n(row['committed_per_s'])} | "
+                f"{_n(row['commit_ms']['p50'], 2)} / {_n(row['commit_ms']['p99'], 2)} | - | "
+                f"{_cpu(row['cpu'], 'postgres', 'machine_busy')} |"
+            )
+        single = lim.get("single_commit")
+        if single:
+            lines.append(
+                f"| a single commit: 1 row into `messages`, {_n(single['rate'])} a second, nothing else committing "
+                f"| 1 | - | {_n(single['commit_ms']['p50'], 2)} / {_n(single['commit_ms']['p99'], 2)} | - | - |"
+            )
         lines.append("")
 
     pairs = _latency_pairs(results)
@@ -272,6 +404,58 @@ def markdown(results: dict[str, Any]) -> str:
                         _n(row["send_lag_ms"]["p99"]),
                     )
                 )  # fmt: skip
+        lines.append("")
+
+    hot = _pairs(results.get("hot"))
+    if hot:
+        lines += [
+            "### 1b. One hot sender (one socket sends into one room; latency at every other member), ms",
+            "",
+            "| msg/s | system | members | p50 | p90 | p99 | max | send->ack p50 / p99 | lost | "
+            "CPU loadgen / servers / postgres / not ours / machine | loadgen lag p99 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for chat, base in hot:
+            for row in (chat, base):
+                if row is None:
+                    continue
+                lat, other = row["latency_ms"], (base["latency_ms"] if row is chat and base else None)
+                cell = {k: _with_ratio(lat[k], other[k]) if other else _n(lat[k]) for k in ("p50", "p90", "p99", "max")}
+                servers = "chat_servers" if row["system"] == "chat" else "inmemory"
+                label = f"chat ({row['processes']} proc)" if row["system"] == "chat" else "in-memory (1 proc)"
+                acks = _pair(_n(row["ack_ms"]["p50"]), _n(row["ack_ms"]["p99"])) if row["system"] == "chat" else "-"
+                lines.append(
+                    _row(
+                        _n(row["rate"]), label, row["members"], cell["p50"], cell["p90"], cell["p99"], cell["max"],
+                        acks, row["lost"], _cpu(row["cpu"], "loadgen", servers, "postgres", "others", "machine_busy"),
+                        _n(row["send_lag_ms"]["p99"]),
+                    )
+                )  # fmt: skip
+        lines.append("")
+
+    costed = [*_latency_pairs(results), *hot]
+    if costed:
+        lines += [
+            "### CPU per stored message and per delivery (server processes' CPU over the measured window)",
+            "",
+            "All of the servers' CPU is divided by the messages stored, and again by the deliveries "
+            "(each member's copy, the sender's own included): the two are not told apart.",
+            "",
+            "| run | msg/s | chat CPU % | chat µs per stored message | chat µs per delivery | "
+            "in-memory µs per delivery | ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for chat, base in costed:
+            mine = cpu_cost(chat)
+            theirs = cpu_cost(base) if base else {"per_delivery_us": None}
+            kind = "hot sender" if chat.get("senders") == 1 and chat.get("rooms") == 1 else "latency"
+            lines.append(
+                _row(
+                    kind, _n(chat["rate"]), _n(chat["cpu"].get("chat_servers"), 0), _n(mine["per_stored_us"]),
+                    _n(mine["per_delivery_us"]), _n(theirs["per_delivery_us"]),
+                    _x(ratio(mine["per_delivery_us"], theirs["per_delivery_us"])),
+                )
+            )  # fmt: skip
         lines.append("")
 
     tput = results.get("throughput")
@@ -415,6 +599,32 @@ def markdown(results: dict[str, Any]) -> str:
                 ]
         lines.append("")
 
+    multi = results.get("multiroom")
+    if _ok(multi):
+        assert isinstance(multi, dict)
+        ready, mem = multi["ready_ms"], multi["memory"]
+        r = multi["rooms"]
+        one = mem["one_room"]["kb_per_user"]
+        lines += [
+            f"### 6. Many rooms on one socket: a user in {r} rooms",
+            "",
+            f"Time to all-ready: one user at a time, from the TCP connect to the last room's `ready` "
+            f"({ready['socket']['n']} samples each). Memory: {multi['users']} users of each "
+            "kind open together on one fresh server process, RSS growth per user.",
+            "",
+            "| kind | all-ready p50 / p99 ms | KB per user | vs 1 room on /socket | failed |",
+            "|---|---|---|---|---|",
+        ]
+        for kind in ("one_room", "socket", "sockets"):
+            row = mem[kind]
+            times = ready.get(kind)
+            lines.append(
+                _row(
+                    row["label"], _pair(_n(times["p50"]), _n(times["p99"])) if times else "-",
+                    _n(row["kb_per_user"]), _x(ratio(row["kb_per_user"], one)), row["failed"] or 0,
+                )
+            )  # fmt: skip
+        lines.append("")
     fanout = results.get("fanout")
     if _ok(fanout):
         assert isinstance(fanout, dict)

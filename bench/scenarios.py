@@ -1,5 +1,6 @@
 """The scenarios, in the order they run: the machine's limits, history (it fills the 1M room
-first, so every later scenario runs on a table that big), latency, throughput, join, idle."""
+first, so every later scenario runs on a table that big), latency, the hot sender, throughput,
+join, idle, many rooms on one socket."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import asyncpg
 
 from bench import history, limits, profiling
 from bench.cluster import CpuMeter, Server
-from bench.runner import Run, log
+from bench.run import Run, log
 from bench.stats import describe, summary
 
 
@@ -19,9 +20,11 @@ def run_all(run: Run) -> None:
     run.scenario("limits", lambda: machine_limits(run))
     run.scenario("history", lambda: history_pages(run))
     run.scenario("latency", lambda: latency(run))
+    run.scenario("hot", lambda: hot_sender(run))
     run.scenario("throughput", lambda: throughput(run))
     run.scenario("join", lambda: join_cost(run))
     run.scenario("idle", lambda: idle_connections(run))
+    run.scenario("multiroom", lambda: many_rooms(run))
     run.scenario("fanout", lambda: _fanout(run))
 
 
@@ -51,6 +54,29 @@ def machine_limits(run: Run) -> dict[str, Any]:
             log(f"  INSERT+NOTIFY {table}, {writers} writer(s): {row['committed_per_s']:.0f}/s")
             rows.append(row)
         result[f"insert_notify_{table}"] = rows
+    batched = []
+    for per_statement in (1, *knobs.limits_batch_rows):
+        before = run.meter.snapshot()
+        row = asyncio.run(
+            limits.insert_batched(
+                dsn,
+                writers=knobs.limits_batch_writers,
+                rows=per_statement,
+                seconds=knobs.limits_seconds,
+                rooms=knobs.rooms,
+            )
+        )
+        row["cpu"] = CpuMeter.usage(before, run.meter.snapshot())
+        log(
+            f"  INSERT into messages, {per_statement} row(s)/statement, {row['writers']} writers: "
+            f"{row['committed_per_s']:.0f}/s"
+        )
+        batched.append(row)
+    result["insert_batched"] = batched
+    result["single_commit"] = asyncio.run(
+        limits.single_commit(dsn, rate=knobs.single_commit_rate, seconds=max(1.0, knobs.limits_seconds))
+    )
+    log(f"  a single commit: p50 {_f(result['single_commit']['commit_ms']['p50'])} ms")
     asyncio.run(limits.drop_raw_table(dsn))
     best = max(result["insert_notify_plain"], key=lambda r: r["committed_per_s"])
     result["raw_best"] = {"writers": best["writers"], "committed_per_s": best["committed_per_s"]}
@@ -90,6 +116,37 @@ def latency(run: Run) -> list[dict[str, Any]]:
 
 def _f(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
+
+
+# --- 1b. one hot sender ---------------------------------------------------------------------------------
+
+
+def hot_sender(run: Run) -> list[dict[str, Any]]:
+    """One socket sends into one room of `hot_members` spread over the processes (member m on
+    server m mod K); latency at the other members. The same against the in-memory baseline."""
+    knobs = run.knobs
+    assert run.inmemory is not None
+    rows = []
+    for rate in knobs.hot_rates:
+        for system, servers in (("chat", run.chat), ("inmemory", [run.inmemory])):
+            row = run.load_run(
+                system,
+                servers,
+                tag=f"hot{rate}-{system[:2]}",
+                rate=rate,
+                duration=knobs.duration,
+                warmup=knobs.warmup,
+                rooms=1,
+                members=knobs.hot_members,
+                senders_per_room=1,
+            )
+            lat = row["latency_ms"]
+            log(
+                f"  hot sender, {system} @ {rate}/s: p50 {_f(lat['p50'])} p99 {_f(lat['p99'])} ms, "
+                f"ack p99 {_f(row['ack_ms']['p99'])} ms, lost {row['lost']}"
+            )
+            rows.append(row)
+    return rows
 
 
 # --- 2. maximum sustained durable throughput ------------------------------------------------------
@@ -412,4 +469,115 @@ def history_pages(run: Run) -> dict[str, Any]:
             history.measure_sql(run.db.url, room_id=fill["room_id"], head=head, samples=knobs.history_samples)
         )
         asyncio.run(history.drop_covering_index(run.db.dsn))
+    return result
+
+
+# --- 6. many rooms on one socket -------------------------------------------------------------------
+
+
+def many_rooms(run: Run) -> dict[str, Any]:
+    """A user in R rooms: one `/socket` subscribed to all of them, against R room sockets, and
+    against one room on one `/socket`. Time to all-ready, one user at a time; then memory per
+    user with U users of each kind open together on one fresh server process (each kind in its own
+    R rooms, shared by its users, so room state is paid once and the per-user cost shows)."""
+    knobs, gen = run.knobs, run.gen
+    workers = len(gen)
+    users, r = knobs.multiroom_users, knobs.multiroom_rooms
+    fresh = knobs.idle_fresh_server
+    server = (
+        Server("chat", run.log_dir, database_url=run.db.url, ws=knobs.ws, env=knobs.server_env)
+        if fresh
+        else run.chat[0]
+    )
+    meter = CpuMeter()
+    meter.groups = {"server": [server.pid], "loadgen": gen.pids}
+    meter.postgres = run.db.pid
+    socket_url = server.ws("/socket")
+
+    def names(kind: str) -> list[str]:
+        return [f"mr-{kind}-{run.id}-{i}" for i in range(r)]
+
+    def token(gid: int) -> str:
+        return run.tokens[gid % len(run.tokens)]
+
+    result: dict[str, Any] = {"users": users, "rooms": r}
+    try:
+        server.wait_ready()
+        # Memory first, on a process that has not freed any sockets yet: each kind added on top of
+        # the previous ones (nothing closed in between, so the allocator cannot hand freed memory
+        # back to the next kind and hide its cost). Each kind's rooms are opened by one resident
+        # member before its snapshot, so room state (LISTEN, feed) is not charged to its users.
+        memory: dict[str, Any] = {"rss_start_mb": round(server.rss() / 2**20, 1)}
+        kinds = (
+            ("one_room", "one /socket, 1 room"),
+            ("socket", f"one /socket, {r} rooms"),
+            ("sockets", f"{r} room sockets"),
+        )
+        for kind, label in kinds:
+            rooms = names(kind)[:1] if kind == "one_room" else names(kind)
+            resident = run.gid()
+            gen.call(0, "subscribe", {"specs": [(resident, socket_url, token(resident), rooms)]})
+            time.sleep(knobs.idle_settle)
+            rss = server.rss()
+            before_cpu = meter.snapshot()
+            failed: dict[str, int] = {}
+            opened = 0
+            if kind == "sockets":
+                specs_by_worker: list[list[tuple[int, str, str, str]]] = [[] for _ in range(workers)]
+                for u in range(users):
+                    tok = run.tokens[u % len(run.tokens)]
+                    for room in rooms:
+                        specs_by_worker[u % workers].append((run.gid(), server.ws(f"/rooms/{room}/ws"), room, tok))
+                replies = gen.all("open", [{"specs": s, "concurrency": 16} for s in specs_by_worker])
+                opened = sum(x["opened"] for x in replies) // max(1, len(rooms))
+            else:
+                subs: list[list[tuple[int, str, str, list[str]]]] = [[] for _ in range(workers)]
+                for u in range(users):
+                    gid = run.gid()
+                    subs[u % workers].append((gid, socket_url, token(gid), rooms))
+                replies = gen.all("subscribe", [{"specs": s, "concurrency": 16} for s in subs])
+                opened = sum(x["opened"] for x in replies)
+            for x in replies:
+                for k, v in x["failed"].items():
+                    failed[k] = failed.get(k, 0) + v
+            cpu = CpuMeter.usage(before_cpu, meter.snapshot())
+            time.sleep(knobs.idle_settle)
+            now = server.rss()
+            memory[kind] = {
+                "label": label,
+                "users": users,
+                "rooms_per_user": len(rooms),
+                "opened": opened,
+                "failed": failed,
+                "rss_mb": round(now / 2**20, 1),
+                "kb_per_user": round((now - rss) / users / 1024, 1),
+                "open_cpu": cpu,
+            }
+            log(f"  {users} users, {label}: {memory[kind]['kb_per_user']} KB per user, failed {failed or 0}")
+        result["memory"] = memory
+        gen.all("close", [{}] * workers)
+        # Time to all-ready, one user at a time (every room already has a member elsewhere, as is usual).
+        timing_rooms = names("t")
+        anchor = run.gid()
+        gen.call(0, "subscribe", {"specs": [(anchor, socket_url, token(anchor), timing_rooms)]})
+        ready: dict[str, list[float]] = {"socket": [], "sockets": []}
+        for _ in range(knobs.multiroom_samples):
+            gid = run.gid()
+            one = gen.call(0, "subscribe", {"specs": [(gid, socket_url, token(gid), timing_rooms)]})
+            ready["socket"] += one["ready_ms"]
+            gen.call(0, "close", {"gids": [gid]})
+            specs = [(run.gid(), server.ws(f"/rooms/{room}/ws"), room, token(gid)) for room in timing_rooms]
+            many = gen.call(0, "open", {"specs": specs, "concurrency": r})
+            if many["opened"] == r:
+                ready["sockets"].append(many["ready_ms"]["max"])
+            gen.call(0, "close", {"gids": [s[0] for s in specs]})
+        gen.call(0, "close", {"gids": [anchor]})
+        result["ready_ms"] = {k: describe(v) for k, v in ready.items()}
+        log(
+            f"  one user, {r} rooms: /socket ready p50 {_f(summary(ready['socket'])['p50'])} ms, "
+            f"{r} room sockets p50 {_f(summary(ready['sockets'])['p50'])} ms"
+        )
+    finally:
+        if fresh:
+            server.stop()
     return result

@@ -91,6 +91,21 @@ def admit(guard: FrameGuard, client: Client | Subscription) -> RateLimited | Non
 
 
 class RoomSession:
+    # One per room a socket is in (50 on a full /socket): slots keep it to its fields, no dict.
+    __slots__ = (
+        "_typed_at",
+        "client",
+        "engine",
+        "guard",
+        "hub",
+        "identity",
+        "inflight",
+        "room",
+        "room_id",
+        "settings",
+        "writer",
+    )
+
     def __init__(
         self,
         *,

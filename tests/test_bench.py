@@ -21,6 +21,12 @@ def test_bench_smoke(database_url: str, tmp_path: Path) -> None:
     assert failed == []
     for run in results["latency"]:
         assert run["lost"] == 0, run
+    for run in results["hot"]:
+        assert run["lost"] == 0 and run["senders"] == 1, run
+    for kind in results["multiroom"]["memory"].values():
+        if isinstance(kind, dict):
+            assert kind["failed"] == {} and kind["opened"] == kind["users"], kind
+    assert results["limits"]["single_commit"]["commits"] > 0
     assert {"chat", "inmemory"} <= results["idle"].keys()
     if with_redis:
         configs = results["fanout"]["configs"]
