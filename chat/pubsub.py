@@ -10,23 +10,23 @@ publishes fail), and hangs silently when that connection drops. This one:
   within seconds, then reconnects with backoff and LISTENs again on every channel;
 - after every reconnect emits a RESYNC event on each channel: NOTIFY is fire-and-forget, so
   subscribers must read what they missed from the table.
+
+The supervision (heartbeat, reconnect, RESYNC) is chat/listener.py's, shared with chat/redisbus.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import random
 from typing import Any
 
 import asyncpg
-from broadcaster import BroadcastBackend, Event
+from broadcaster import Event
 
 from chat import metrics
 from chat.config import libpq_url
-from chat.notify import RESYNC
+from chat.listener import Listener
 
 log = logging.getLogger("chat.pubsub")
 
@@ -42,58 +42,25 @@ QUEUE_WARNING = 0.5  # warn when Postgres's NOTIFY queue is this full
 _CONNECTION_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
-class PostgresBackend(BroadcastBackend):
+class PostgresBackend(Listener):
+    name = "listener"
+    errors = _CONNECTION_ERRORS
+    log = log
+
     def __init__(self, url: str, *, heartbeat: float = 2.0, timeout: float = 3.0) -> None:
+        super().__init__(heartbeat=heartbeat, timeout=timeout)
         self._dsn = libpq_url(url)
-        self._heartbeat = heartbeat
-        self._timeout = timeout
-        self._channels: set[str] = set()  # what we should be listening to
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self._conn: asyncpg.Connection | None = None
-        self._lock = asyncio.Lock()  # asyncpg allows one operation at a time per connection
-        self._lost = asyncio.Event()
+        self._conn: asyncpg.Connection | None = None  # used by one operation at a time, under _lock
         self._pool: asyncpg.Pool | None = None
-        self._supervisor: asyncio.Task[None] | None = None
         self.queue_usage = 0.0  # pg_notification_queue_usage(), read with every heartbeat
 
     @property
     def connected(self) -> bool:
         return self._conn is not None and not self._conn.is_closed() and not self._lost.is_set()
 
-    async def connect(self) -> None:
-        # Fails loudly at start-up: a server that cannot reach its database should not start.
-        await self._open()
-        try:
-            self._pool = await asyncpg.create_pool(self._dsn, min_size=0, max_size=2)
-        except BaseException:
-            await self.disconnect()  # no LISTEN connection left behind by a failed start
-            raise
-        self._supervisor = asyncio.create_task(self._supervise(), name="pubsub-supervisor")
-
-    async def disconnect(self) -> None:
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
-        if self._conn is not None:
-            self._conn.terminate()
-        if self._pool is not None:
-            await self._pool.close()
-
-    async def subscribe(self, channel: str) -> None:
-        self._channels.add(channel)
-        await self._apply(channel)
-
-    async def unsubscribe(self, channel: str) -> None:
-        self._channels.discard(channel)
-        await self._apply(channel)
-
     async def publish(self, channel: str, message: Any) -> None:
         assert self._pool is not None, "connect() first"
         await self._pool.execute("SELECT pg_notify($1, $2)", channel, str(message))
-
-    async def next_published(self) -> Event:
-        return await self._events.get()
 
     # --- internals -----------------------------------------------------------------------------
 
@@ -103,21 +70,20 @@ class PostgresBackend(BroadcastBackend):
     def _on_terminate(self, _conn: Any) -> None:
         self._lost.set()
 
-    async def _apply(self, channel: str) -> None:
-        """Make the connection's LISTEN state for `channel` match what is wanted *now*, so
-        that racing subscribe/unsubscribe calls end in the right state whatever their order."""
-        async with self._lock:
-            conn = self._conn
-            if conn is None or not self.connected:
-                return  # the reconnect LISTENs to every wanted channel
-            try:
-                if channel in self._channels:
-                    await asyncio.wait_for(conn.add_listener(channel, self._on_notify), self._timeout)
-                else:
-                    await asyncio.wait_for(conn.remove_listener(channel, self._on_notify), self._timeout)
-            except _CONNECTION_ERRORS as exc:
-                log.warning("LISTEN/UNLISTEN %s failed (%s); reconnecting", channel, exc)
-                self._lost.set()
+    async def _listen(self, channel: str) -> None:
+        assert self._conn is not None
+        await self._conn.add_listener(channel, self._on_notify)
+
+    async def _unlisten(self, channel: str) -> None:
+        assert self._conn is not None
+        await self._conn.remove_listener(channel, self._on_notify)
+
+    async def _open_publisher(self) -> None:
+        self._pool = await asyncpg.create_pool(self._dsn, min_size=0, max_size=2)
+
+    async def _close_publisher(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
 
     async def _open(self) -> None:
         async with self._lock:
@@ -133,6 +99,10 @@ class PostgresBackend(BroadcastBackend):
                 raise
             self._conn = conn
             self._lost.clear()
+
+    async def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.terminate()  # never wait on a connection that may be half-open
 
     async def _beat(self) -> None:
         async with self._lock:
@@ -153,46 +123,3 @@ class PostgresBackend(BroadcastBackend):
             log.info("Postgres's NOTIFY queue is back to %.0f%%", usage * 100)
         self.queue_usage = usage
         metrics.NOTIFY_QUEUE.set(usage)
-
-    async def _supervise(self) -> None:
-        while True:
-            try:
-                await self._watch()
-            except Exception:
-                # Whatever went wrong, this task must live on: without it there are no heartbeats
-                # and no reconnects, and /readyz stays 503 for good. Start again from a new
-                # connection, after a pause so that a repeating fault cannot spin. (Cancellation,
-                # at shutdown, is not an Exception and still ends the task.)
-                log.exception("listener supervisor: unexpected error; reconnecting")
-                self._lost.set()
-                await asyncio.sleep(self._heartbeat)
-
-    async def _watch(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), self._heartbeat)
-            try:
-                if not self._lost.is_set():
-                    await self._beat()
-                    continue
-            except _CONNECTION_ERRORS as exc:
-                log.warning("listener heartbeat failed: %r", exc)
-            await self._reconnect()
-
-    async def _reconnect(self) -> None:
-        self._lost.set()
-        if self._conn is not None:
-            self._conn.terminate()  # never wait on a connection that may be half-open
-        delay = 0.1
-        while True:
-            try:
-                await self._open()
-                break
-            except _CONNECTION_ERRORS as exc:
-                log.warning("listener reconnect failed: %r; retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 5.0)
-        metrics.LISTENER_RECONNECTS.inc()
-        log.info("listener reconnected; resyncing %d channel(s)", len(self._channels))
-        for channel in sorted(self._channels):
-            self._events.put_nowait(Event(channel, RESYNC))

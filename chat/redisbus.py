@@ -24,12 +24,11 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import time
 import uuid
 from typing import Any
 
-from broadcaster import BroadcastBackend, Event
+from broadcaster import Event
 from redis import asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.connection import BlockingConnectionPool
@@ -37,7 +36,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from chat import metrics
+from chat.listener import Listener
 from chat.notify import RESYNC
 
 log = logging.getLogger("chat.redisbus")
@@ -56,22 +55,20 @@ def _client(url: str, *, timeout: float, pool: BlockingConnectionPool | None = N
     return aioredis.Redis.from_url(url, **options)
 
 
-class RedisBackend(BroadcastBackend):
+class RedisBackend(Listener):
+    name = "redis"
+    errors = _ERRORS
+    log = log
+
     def __init__(self, url: str, *, heartbeat: float = 2.0, timeout: float = 3.0) -> None:
+        super().__init__(heartbeat=heartbeat, timeout=timeout)
         self._url = url
-        self._heartbeat = heartbeat
-        self._timeout = timeout
-        self._channels: set[str] = set()
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self._lock = asyncio.Lock()  # one (un)subscribe or reconnect at a time
-        self._lost = asyncio.Event()
         self._echo = asyncio.Event()
         # Our own heartbeat channel: hearing it back proves publish -> Redis -> subscriber works.
         self._beat_channel = f"chat:heartbeat:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._sub_client: aioredis.Redis | None = None
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._supervisor: asyncio.Task[None] | None = None
         self._owed: set[str] = set()
         self._owe_all = False  # more failed channels than we keep: RESYNC every channel in use
         pool = BlockingConnectionPool.from_url(
@@ -85,28 +82,6 @@ class RedisBackend(BroadcastBackend):
     def connected(self) -> bool:
         return self._pubsub is not None and not self._lost.is_set()
 
-    async def connect(self) -> None:
-        # Fails loudly at start-up: a server that cannot reach its fan-out should not start.
-        await self._open()
-        self._supervisor = asyncio.create_task(self._supervise(), name="redis-supervisor")
-
-    async def disconnect(self) -> None:
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
-        await self._close()
-        with contextlib.suppress(*_ERRORS):
-            await self._publisher.aclose()
-
-    async def subscribe(self, channel: str) -> None:
-        self._channels.add(channel)
-        await self._apply(channel)
-
-    async def unsubscribe(self, channel: str) -> None:
-        self._channels.discard(channel)
-        await self._apply(channel)
-
     async def publish(self, channel: str, message: Any) -> None:
         if self._lost.is_set():
             # Known down: fail at once rather than hold the writer up; woken once Redis is back.
@@ -117,9 +92,6 @@ class RedisBackend(BroadcastBackend):
         except (*_ERRORS, asyncio.CancelledError):  # cancelled: the writer stopped waiting for it
             self._owe(channel)
             raise
-
-    async def next_published(self) -> Event:
-        return await self._events.get()
 
     async def channels_in_use(self) -> set[str]:
         """Room channels with a subscriber in some process (PUBSUB CHANNELS)."""
@@ -150,20 +122,17 @@ class RedisBackend(BroadcastBackend):
             await asyncio.wait_for(self._publisher.publish(channel, RESYNC), self._timeout)
             self._owed.discard(channel)
 
-    async def _apply(self, channel: str) -> None:
-        """Make the subscription for `channel` match what is wanted now (racing calls end right)."""
-        async with self._lock:
-            pubsub = self._pubsub
-            if pubsub is None or not self.connected:
-                return  # the reconnect subscribes to every wanted channel
-            try:
-                if channel in self._channels:
-                    await asyncio.wait_for(pubsub.subscribe(channel), self._timeout)
-                else:
-                    await asyncio.wait_for(pubsub.unsubscribe(channel), self._timeout)
-            except _ERRORS as exc:
-                log.warning("SUBSCRIBE/UNSUBSCRIBE %s failed (%r); reconnecting", channel, exc)
-                self._lost.set()
+    async def _listen(self, channel: str) -> None:
+        assert self._pubsub is not None
+        await self._pubsub.subscribe(channel)
+
+    async def _unlisten(self, channel: str) -> None:
+        assert self._pubsub is not None
+        await self._pubsub.unsubscribe(channel)
+
+    async def _close_publisher(self) -> None:
+        with contextlib.suppress(*_ERRORS):
+            await self._publisher.aclose()
 
     async def _open(self) -> None:
         async with self._lock:
@@ -227,35 +196,4 @@ class RedisBackend(BroadcastBackend):
         self._echo.clear()
         await asyncio.wait_for(self._publisher.publish(self._beat_channel, "beat"), self._timeout)
         await asyncio.wait_for(self._echo.wait(), self._timeout)
-
-    async def _supervise(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), self._heartbeat)
-            try:
-                if not self._lost.is_set():
-                    await self._beat()
-                    await self._settle_debts()
-                    continue
-            except _ERRORS as exc:
-                log.warning("redis heartbeat failed: %r", exc)
-            except Exception as exc:  # the supervisor must survive anything
-                log.exception("redis heartbeat failed unexpectedly: %r", exc)
-            await self._reconnect()
-
-    async def _reconnect(self) -> None:
-        self._lost.set()
-        await self._close()
-        delay = 0.1
-        while True:
-            try:
-                await self._open()
-                break
-            except Exception as exc:
-                log.warning("redis reconnect failed: %r; retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 5.0)
-        metrics.LISTENER_RECONNECTS.inc()
-        log.info("redis reconnected; resyncing %d channel(s)", len(self._channels))
-        for channel in sorted(self._channels):
-            self._events.put_nowait(Event(channel, RESYNC))
+        await self._settle_debts()
