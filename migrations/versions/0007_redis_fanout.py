@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
+from migrations.sql import earlier_function
+
 revision: str = "0007"
 down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
@@ -59,29 +61,10 @@ END
 $$
 """
 
-# 0001's function, for the downgrade.
-PREVIOUS_NOTIFY_FUNCTION = """
-CREATE OR REPLACE FUNCTION chat_message_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    payload text;
-BEGIN
-    payload := json_build_object(
-        'seq', NEW.seq, 'author', NEW.author, 'author_id', NEW.author_id, 'kind', NEW.kind,
-        'body', NEW.body, 'client_id', NEW.client_id, 'sent_at', NEW.created_at
-    )::text;
-    IF octet_length(payload) >= 8000 THEN
-        payload := json_build_object('seq', NEW.seq, 'ref', true)::text;
-    END IF;
-    PERFORM pg_notify('room_' || NEW.room_id, payload);
-    RETURN NULL;
-END
-$$
-"""
-
 
 def upgrade() -> None:
     op.execute(NOTIFY_FUNCTION)
 
 
 def downgrade() -> None:
-    op.execute(PREVIOUS_NOTIFY_FUNCTION)
+    op.execute(earlier_function("0001_initial", "NOTIFY_FUNCTION"))  # without the mark or the relay

@@ -17,12 +17,12 @@ Create Date: 2026-12-02
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
-from pathlib import Path
 
 import sqlalchemy as sa
 from alembic import op
+
+from migrations.sql import earlier_function
 
 revision: str = "0008"
 down_revision: str | None = "0007"
@@ -202,18 +202,6 @@ $$
 """
 
 
-def _previous_notify_function() -> str:
-    """0007's trigger function, for the downgrade: read from that migration, not copied."""
-    spec = importlib.util.spec_from_file_location(
-        "chat_migration_0007", Path(__file__).with_name("0007_redis_fanout.py")
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    function: str = module.NOTIFY_FUNCTION
-    return function
-
-
 def upgrade() -> None:
     op.add_column("messages", sa.Column("target_seq", sa.BigInteger(), nullable=True))
     op.add_column("messages", sa.Column("reply_to", sa.BigInteger(), nullable=True))
@@ -276,7 +264,7 @@ def downgrade() -> None:
     op.execute("DROP TRIGGER messages_sql_delete ON messages")
     op.execute("DROP TRIGGER messages_sql_edit ON messages")
     op.execute("DROP TRIGGER messages_seq_change ON messages")
-    op.execute(_previous_notify_function())
+    op.execute(earlier_function("0007_redis_fanout", "NOTIFY_FUNCTION"))
     op.execute("DROP FUNCTION chat_message_sql_delete()")
     op.execute("DROP FUNCTION chat_message_sql_edit()")
     op.execute("DROP FUNCTION chat_message_change()")
