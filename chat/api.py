@@ -6,14 +6,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from chat import protocol, store
+from chat import deps, protocol, store
 from chat.auth import HttpUser, Refused
-from chat.db import engine_of
 from chat.store import Identity, MessageRecord
 from chat.ws import ROOM_NAME
 
@@ -32,9 +31,9 @@ def _error(description: str) -> dict[str, Any]:
     return {"model": Detail, "description": description}
 
 
-async def api_identity(request: Request, user: HttpUser) -> Identity:
+async def api_identity(limits: deps.Limits, user: HttpUser) -> Identity:
     """The caller, within its per-user rate limit (CHAT_API_RATE_PER_SECOND, byte-weighed)."""
-    wait = request.app.state.limits.api_check(user.user_id)
+    wait = limits.api_check(user.user_id)
     if wait > 0:
         raise Refused(429, f"slow down: retry in {wait:.1f}s")
     return user
@@ -121,13 +120,13 @@ async def _room_id(conn: AsyncConnection, user: Identity, room: str) -> int:
 
 @router.get("/rooms")
 async def rooms(
-    request: Request,
+    engine: deps.Engine,
     user: ApiUser,
     after: Annotated[str | None, Query(max_length=64, pattern=r"^[^\x00]*$", description="the last name seen")] = None,
     limit: Annotated[int, Query(ge=1, le=ROOMS_MAX)] = 100,
 ) -> list[RoomOut]:
     """The rooms this token may use, by name, each with its last seq."""
-    async with engine_of(request).connect() as conn:
+    async with engine.connect() as conn:
         found = await store.visible_rooms(conn, only=user.rooms, after=after, limit=limit)
     return [RoomOut(name=r.name, last_seq=r.last_seq) for r in found]
 
@@ -139,7 +138,9 @@ async def rooms(
     response_model_exclude_unset=True,
 )
 async def messages(
-    request: Request,
+    engine: deps.Engine,
+    settings: deps.Settings,
+    limits: deps.Limits,
     room: str,
     user: ApiUser,
     before: Annotated[int | None, Query(ge=1, le=MAX_SEQ, description="messages with seq < this")] = None,
@@ -156,8 +157,8 @@ async def messages(
     if before is not None and after is not None:
         raise Refused(400, "give before or after, not both")
     # Clamped, not refused, like the socket's history frame; has_more says whether to go on.
-    limit = min(limit, request.app.state.settings.history_page_max)
-    async with engine_of(request).connect() as conn:
+    limit = min(limit, settings.history_page_max)
+    async with engine.connect() as conn:
         room_id = await _room_id(conn, user, room)
         # One row more than asked tells whether there is more, at the cost of one index entry.
         if after is not None:
@@ -168,7 +169,6 @@ async def messages(
                 conn, room_id=room_id, before=before, limit=limit + 1, viewer_id=user.user_id
             )
             page = rows[-limit:]
-    settings = request.app.state.settings
     frames = [protocol.message_frame(room, r) for r in page]
     kept = protocol.fit(frames, max_bytes=settings.history_reply_bytes, newest=after is None)
     more = len(rows) > limit or kept < len(page)
@@ -176,7 +176,7 @@ async def messages(
         page, frames = page[len(page) - kept :], frames[len(frames) - kept :]
     else:
         page, frames = page[:kept], frames[:kept]
-    request.app.state.limits.api_check(user.user_id, size=sum(map(len, frames)))
+    limits.api_check(user.user_id, size=sum(map(len, frames)))
     return Page(room=room, messages=[_message(room, r) for r in page], has_more=more)
 
 
@@ -191,7 +191,8 @@ async def messages(
     response_model_exclude_unset=True,
 )
 async def search(
-    request: Request,
+    engine: deps.Engine,
+    limits: deps.Limits,
     room: str,
     user: ApiUser,
     q: Annotated[str, Query(max_length=256, description='words, "a phrase", -excluded, or')],
@@ -206,11 +207,11 @@ async def search(
         raise Refused(400, "q may not contain NUL")
     # Each search holds a pooled connection for up to SEARCH_TIMEOUT_MS: a few per user at once,
     # so that one user cannot take the pool.
-    running = request.app.state.limits.searches
+    running = limits.searches
     if not running.take(user.user_id):
         raise Refused(429, "too many searches at once: wait for one to finish")
     try:
-        async with engine_of(request).connect() as conn:
+        async with engine.connect() as conn:
             room_id = await _room_id(conn, user, room)
             try:
                 found = await store.search_messages(

@@ -11,12 +11,11 @@ from urllib.parse import urlsplit
 from fastapi import Cookie, Depends, Header, Query
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyCookie, APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import HTTPConnection, Request
 from starlette.websockets import WebSocket
 
-from chat import logs, metrics, store
-from chat.config import Settings
-from chat.db import engine_of
+from chat import config, deps, logs, metrics, store
 from chat.store import Identity, TokenRefused
 
 log = logging.getLogger("chat.auth")
@@ -63,8 +62,7 @@ def origin_allowed(origin: str | None, *, scheme: str, host: str | None, allowed
     return mine is not None and _origin_key(parts.scheme, parts.netloc) == mine
 
 
-def check_origin(conn: HTTPConnection) -> None:
-    settings: Settings = conn.app.state.settings
+def check_origin(conn: HTTPConnection, settings: config.Settings) -> None:
     origin = conn.headers.get("origin")
     if not origin_allowed(
         origin, scheme=conn.url.scheme, host=conn.headers.get("host"), allowed=settings.allowed_origins
@@ -84,6 +82,7 @@ def bearer_token(authorization: str | None) -> str | None:
 
 async def raw_token(
     websocket: WebSocket,
+    settings: deps.Settings,
     session: Annotated[str | None, Cookie()] = None,
     token: Annotated[str | None, Query()] = None,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
@@ -91,23 +90,23 @@ async def raw_token(
     """A socket's token: `Authorization: Bearer` (non-browser clients: it stays out of URLs and
     so out of proxies' logs), else the `session` cookie (browsers), else `?token=` (the FastAPI
     chapter's examples; the cookie wins over it, as in the chapter)."""
-    check_origin(websocket)
+    check_origin(websocket, settings)
     value = bearer_token(authorization) or session or token
     if not value:
         raise Refused(401, "missing token")
     return value
 
 
-async def identity_of(conn: HTTPConnection, raw: str) -> Identity:
-    async with engine_of(conn).connect() as db:
+async def identity_of(engine: AsyncEngine, raw: str) -> Identity:
+    async with engine.connect() as db:
         try:
             return await store.identity_for_token(db, raw=raw)
         except TokenRefused as exc:
             raise Refused(401, exc.reason) from None
 
 
-async def socket_identity(websocket: WebSocket, raw: Annotated[str, Depends(raw_token)]) -> Identity:
-    return await identity_of(websocket, raw)
+async def socket_identity(engine: deps.Engine, raw: Annotated[str, Depends(raw_token)]) -> Identity:
+    return await identity_of(engine, raw)
 
 
 SocketToken = Annotated[str, Depends(raw_token)]
@@ -139,6 +138,8 @@ _query = APIKeyQuery(name="token", auto_error=False, description="`?token=chat_â
 
 async def http_identity(
     request: Request,
+    settings: deps.Settings,
+    engine: deps.Engine,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     cookie: Annotated[str | None, Depends(_cookie)],
     query: Annotated[str | None, Depends(_query)],
@@ -149,13 +150,13 @@ async def http_identity(
     if bearer is not None:
         raw = bearer.credentials
     elif cookie:
-        check_origin(request)
+        check_origin(request, settings)
         raw = cookie
     elif query:
         raw = query
     else:
         raise Refused(401, "missing token")
-    return await identity_of(request, raw)
+    return await identity_of(engine, raw)
 
 
 HttpUser = Annotated[Identity, Depends(http_identity)]

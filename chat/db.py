@@ -10,7 +10,6 @@ from sqlalchemy.engine import Connection, ExceptionContext
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.util import await_
-from starlette.requests import HTTPConnection
 
 from chat.config import Settings
 
@@ -98,8 +97,3 @@ def _one_transaction_per_statement(engine: AsyncEngine) -> None:
             driver = conn.connection.driver_connection
             if driver is not None and not driver.is_closed():
                 await_(driver.execute("ROLLBACK"))
-
-
-def engine_of(conn: HTTPConnection) -> AsyncEngine:
-    engine: AsyncEngine = conn.app.state.engine
-    return engine

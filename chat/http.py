@@ -11,9 +11,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import text
 
-from chat import metrics
+from chat import deps, metrics
 from chat.auth import Refused, check_origin, identity_of
-from chat.db import engine_of
 
 router = APIRouter()
 STATIC = Path(__file__).parent / "static"
@@ -40,9 +39,9 @@ async def index() -> FileResponse:
 
 
 @router.get("/chapter/{example}", include_in_schema=False)
-async def chapter_page(request: Request, example: int) -> FileResponse:
+async def chapter_page(settings: deps.Settings, example: int) -> FileResponse:
     """The FastAPI chapter's three example pages (1: echo, 2: items with a token, 3: clients)."""
-    if example not in (1, 2, 3) or not request.app.state.settings.chapter_routes:
+    if example not in (1, 2, 3) or not settings.chapter_routes:
         raise Refused(404, "no such example")
     return _page(f"chapter{example}.html")
 
@@ -57,10 +56,12 @@ class Me(BaseModel):
 
 
 @router.post("/api/session", responses={401: {"description": "the token is missing, unknown, expired or revoked"}})
-async def sign_in(body: SessionIn, request: Request, response: Response) -> Me:
+async def sign_in(
+    body: SessionIn, request: Request, response: Response, settings: deps.Settings, engine: deps.Engine
+) -> Me:
     """Check a token and keep it in the `session` cookie (HttpOnly), so it stays out of URLs."""
-    check_origin(request)
-    who = await identity_of(request, body.token)
+    check_origin(request, settings)
+    who = await identity_of(engine, body.token)
     max_age = SESSION_MAX_AGE
     if who.expires_at is not None:
         max_age = max(0, min(max_age, int((who.expires_at - datetime.now(UTC)).total_seconds())))
@@ -83,10 +84,10 @@ async def sign_out(response: Response) -> Response:
 
 
 @router.get("/api/me", responses={401: {"description": "no valid session"}})
-async def me(request: Request, session: Annotated[str | None, Cookie()] = None) -> Me:
+async def me(engine: deps.Engine, session: Annotated[str | None, Cookie()] = None) -> Me:
     if not session:
         raise Refused(401, "missing token")
-    who = await identity_of(request, session)
+    who = await identity_of(engine, session)
     return Me(user=who.name, expires_at=who.expires_at)
 
 
@@ -103,16 +104,15 @@ async def metrics_endpoint() -> Response:
 
 
 @router.get("/readyz")
-async def readyz(request: Request) -> JSONResponse:
+async def readyz(engine: deps.Engine, backend: deps.Backend, hub: deps.Hub) -> JSONResponse:
     """Ready when the database answers and this process's listener is connected."""
     try:
-        async with engine_of(request).connect() as conn:  # not a dependency: a failure here means 503
+        async with engine.connect() as conn:  # connected here, not in a dependency: a failure means 503
             await conn.execute(text("SELECT 1"))
         database = True
     except Exception:
         database = False
-    backend = request.app.state.backend
     listener = bool(backend.connected)
-    ok = database and listener and not request.app.state.hub.closing
+    ok = database and listener and not hub.closing
     body = {"database": database, "listener": listener, "notify_queue_usage": backend.queue_usage}
     return JSONResponse(body, status_code=200 if ok else 503)

@@ -43,7 +43,6 @@ from typing import Any
 import asyncpg
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
-from starlette.requests import HTTPConnection
 
 from chat import metrics
 from chat.store import MessageRecord
@@ -519,11 +518,6 @@ def _settle(future: asyncio.Future[Stored], result: Stored | NotStored) -> None:
 def _fail(batch: Iterable[Pending], error: NotStored) -> None:
     for item in batch:
         _settle(item.future, error)
-
-
-def writer_of(conn: HTTPConnection) -> Writer:
-    writer: Writer = conn.app.state.writer
-    return writer
 
 
 # --- one socket's sends in flight ----------------------------------------------------------------

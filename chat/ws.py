@@ -9,22 +9,26 @@ import logging
 import time
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import WebSocketRequestValidationError
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import HTTPConnection
 
-from chat import logs, metrics, protocol, socket_frames
+from chat import deps, logs, metrics, protocol, socket_frames
 from chat.auth import Refused, SocketToken, SocketUser, check_origin, refuse
 from chat.client import Client
+from chat.config import Settings
 from chat.connection import Connection
-from chat.limits import FrameGuard, TokenBucket, TooManyConnections
+from chat.hub import Hub
+from chat.limits import FrameGuard, Limits, TokenBucket, TooManyConnections
 from chat.protocol import CLOSE_FLOOD, CLOSE_IDLE, MAX_BIGINT
 from chat.service import RoomSession, admit, check_body, inflight_bound, open_room
 from chat.store import TOKEN_PREFIX, Identity
 from chat.subscription import Render, Subscription, chapter_render
-from chat.writer import UNAVAILABLE, InFlight, NotStored, Stored, writer_of
+from chat.writer import UNAVAILABLE, InFlight, NotStored, Stored
 
 log = logging.getLogger("chat.ws")
 
@@ -52,31 +56,39 @@ async def refuse_invalid(conn: HTTPConnection, exc: Exception) -> None:
     await refuse(conn, Refused(400, f"invalid {where}: {first.get('msg', 'not valid')}"))
 
 
-def _connect(websocket: WebSocket, user: Identity, client: Client) -> FrameGuard:
+def _connect(hub: Hub, limits: Limits, user: Identity, client: Client) -> FrameGuard:
     """What any socket holds while it is open: a connection slot of its user, and its place
     among the process's sockets (revocation, shutdown). Taken before accept; give it back with
     _disconnect. (Plain functions, not context managers: an idle socket keeps no extra frames.)"""
-    state = websocket.app.state
-    if state.hub.closing:
+    if hub.closing:
         raise Refused(503, "server shutting down: try again")  # the client reconnects elsewhere
     try:
-        guard: FrameGuard = state.limits.open(user.user_id)
+        guard = limits.open(user.user_id)
     except TooManyConnections:
         raise Refused(429, "too many connections for this user") from None
-    state.hub.attach(client)
+    hub.attach(client)
     metrics.SOCKETS.inc()
     return guard
 
 
-def _disconnect(websocket: WebSocket, user: Identity, client: Client) -> None:
-    state = websocket.app.state
-    state.hub.detach(client)
+def _disconnect(hub: Hub, limits: Limits, user: Identity, client: Client) -> None:
+    hub.detach(client)
     metrics.SOCKETS.dec()
-    state.limits.close(user.user_id)
+    limits.close(user.user_id)
+
+
+@dataclass(frozen=True, slots=True)
+class _Room:
+    """What joining and leaving a room takes: the app's shared objects, as the route got them."""
+
+    settings: Settings
+    engine: AsyncEngine
+    hub: Hub
+    limits: Limits
 
 
 async def _join(
-    websocket: WebSocket,
+    shared: _Room,
     user: Identity,
     room: str,
     client: Client,
@@ -88,41 +100,40 @@ async def _join(
     """A socket of one room: its connection, and its place in the room's feed. Taken before
     accept, so that a connected client hears every message; give it back with _leave. The room
     is made last, once every other check has passed: a refused join leaves nothing behind."""
-    state = websocket.app.state
     if not user.may_join(room):
         raise Refused(403, "room not allowed for this token")
-    guard = _connect(websocket, user, client)
+    guard = _connect(shared.hub, shared.limits, user, client)
     try:
-        room_id = await open_room(state.engine, user=user, room=room, max_per_user=state.settings.max_rooms_per_user)
+        room_id = await open_room(shared.engine, user=user, room=room, max_per_user=shared.settings.max_rooms_per_user)
         if room_id is None:
             raise Refused(429, "too many rooms created by this user")
         sub = Subscription(client, room_id, room, render=render, live_only=live_only, events=events)
-        await _enter(websocket, sub)
+        await _enter(shared, sub)
     except BaseException:
-        _disconnect(websocket, user, client)
+        _disconnect(shared.hub, shared.limits, user, client)
         raise
     logs.event("open", room=room, user=user.name, token_id=user.token_id)
     return guard, sub
 
 
-async def _enter(websocket: WebSocket, sub: Subscription) -> None:
+async def _enter(shared: _Room, sub: Subscription) -> None:
     try:
-        await websocket.app.state.hub.join(sub, timeout=websocket.app.state.settings.join_timeout_seconds)
+        await shared.hub.join(sub, timeout=shared.settings.join_timeout_seconds)
     except TimeoutError:
         raise Refused(503, "room not ready: try again") from None
 
 
-def _leave(websocket: WebSocket, user: Identity, sub: Subscription) -> None:
+def _leave(shared: _Room, user: Identity, sub: Subscription) -> None:
     client = sub.client
-    websocket.app.state.hub.leave(sub)
+    shared.hub.leave(sub)
     seconds = f"{time.monotonic() - sub.since:.1f}"
     logs.event("close", room=sub.room, user=user.name, code=client.close_code, seconds=seconds, sent=client.sent)
-    _disconnect(websocket, user, client)
+    _disconnect(shared.hub, shared.limits, user, client)
 
 
 @asynccontextmanager
 async def _joined(
-    websocket: WebSocket,
+    shared: _Room,
     user: Identity,
     room: str,
     client: Client,
@@ -131,15 +142,14 @@ async def _joined(
     live_only: bool = False,
     events: bool = True,
 ) -> AsyncIterator[tuple[FrameGuard, Subscription]]:
-    guard, sub = await _join(websocket, user, room, client, render=render, live_only=live_only, events=events)
+    guard, sub = await _join(shared, user, room, client, render=render, live_only=live_only, events=events)
     try:
         yield guard, sub
     finally:
-        _leave(websocket, user, sub)
+        _leave(shared, user, sub)
 
 
-def _client(websocket: WebSocket, user: Identity) -> Client:
-    settings = websocket.app.state.settings
+def _client(websocket: WebSocket, settings: Settings, user: Identity) -> Client:
     return Client(websocket, max_items=settings.socket_queue, max_bytes=settings.socket_queue_bytes, identity=user)
 
 
@@ -156,52 +166,65 @@ async def room_socket(
     websocket: WebSocket,
     room: str,
     user: SocketUser,
+    settings: deps.Settings,
+    engine: deps.Engine,
+    hub: deps.Hub,
+    limits: deps.Limits,
+    presence: deps.Presence,
+    writer: deps.Writer,
     after: Annotated[int | None, Query(ge=0, le=MAX_BIGINT)] = None,
 ) -> None:
     if not ROOM_NAME.fullmatch(room):
         raise Refused(400, "invalid room name: 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
-    state = websocket.app.state
-    client = _client(websocket, user)
+    shared = _Room(settings, engine, hub, limits)
+    client = _client(websocket, settings, user)
     render = functools.partial(protocol.message_frame, room)
-    guard, sub = await _join(websocket, user, room, client, render=render)
+    guard, sub = await _join(shared, user, room, client, render=render)
     try:
         session = RoomSession(
-            settings=state.settings,
-            engine=state.engine,
-            hub=state.hub,
+            settings=settings,
+            engine=engine,
+            hub=hub,
             identity=user,
             room_id=sub.room_id,
             room=room,
             client=sub,
             guard=guard,
-            writer=writer_of(websocket),
+            writer=writer,
         )
         client.settle = session.inflight.settle  # a graceful close flushes the acks of sends in flight
         handle = functools.partial(_weighed, session, guard)
-        online = await state.presence.enter(sub.room_id, user)
+        online = await presence.enter(sub.room_id, user)
         try:
             await websocket.accept()
             await client.serve(handle, start=functools.partial(session.replay, after=after, online=online))
         except WebSocketDisconnect:
             pass
         finally:
-            await state.presence.leave(sub.room_id, user)
+            await presence.leave(sub.room_id, user)
     finally:
-        _leave(websocket, user, sub)
+        _leave(shared, user, sub)
 
 
 @router.websocket("/socket")
-async def socket(websocket: WebSocket, user: SocketUser) -> None:
+async def socket(
+    websocket: WebSocket,
+    user: SocketUser,
+    settings: deps.Settings,
+    hub: deps.Hub,
+    limits: deps.Limits,
+    presence: deps.Presence,
+    writer: deps.Writer,
+) -> None:
     """One socket for many rooms: subscribe, unsubscribe, and room frames naming their room."""
-    state = websocket.app.state
-    client = _client(websocket, user)
-    guard = _connect(websocket, user, client)
+    client = _client(websocket, settings, user)
+    guard = _connect(hub, limits, user, client)
     try:
         connection = Connection(
-            settings=state.settings,
-            hub=state.hub,
-            presence=state.presence,
-            writer=writer_of(websocket),
+            settings=settings,
+            hub=hub,
+            presence=presence,
+            writer=writer,
             identity=user,
             client=client,
             guard=guard,
@@ -214,7 +237,7 @@ async def socket(websocket: WebSocket, user: SocketUser) -> None:
         finally:
             await connection.close()
     finally:
-        _disconnect(websocket, user, client)
+        _disconnect(hub, limits, user, client)
 
 
 # --- the FastAPI chapter's examples -----------------------------------------------------------
@@ -227,14 +250,12 @@ def masked(token: str) -> str:
 
 
 @chapter.websocket("/ws")
-async def echo(websocket: WebSocket) -> None:
+async def echo(websocket: WebSocket, settings: deps.Settings, limits: deps.Limits) -> None:
     """Example 1: answers each text with `Message text was: {data}`. No token, so it gets the
     anonymous controls: the Origin check, a cap per client address, a rate limit, an idle timeout."""
-    check_origin(websocket)
-    state = websocket.app.state
-    settings = state.settings
+    check_origin(websocket, settings)
     address = websocket.client.host if websocket.client else "unknown"
-    if not state.limits.addresses.take(address):
+    if not limits.addresses.take(address):
         raise Refused(429, "too many connections from this address")
     try:
         bucket = TokenBucket(settings.rate_per_second, settings.rate_burst)
@@ -266,7 +287,7 @@ async def echo(websocket: WebSocket) -> None:
     except WebSocketDisconnect:
         pass
     finally:
-        state.limits.addresses.give_back(address)
+        limits.addresses.give_back(address)
 
 
 @chapter.websocket("/items/{item_id}/ws")
@@ -275,12 +296,15 @@ async def items(
     item_id: str,
     token: SocketToken,
     user: SocketUser,
+    settings: deps.Settings,
+    hub: deps.Hub,
+    limits: deps.Limits,
     q: Annotated[int | None, Query(ge=-MAX_BIGINT, le=MAX_BIGINT)] = None,
 ) -> None:
     """Example 2: dependencies; the token must be a live one from the tokens table. Under the
     room socket's controls: the user's connection cap, the rate limit, and revocation (4001)."""
-    client = _client(websocket, user)
-    guard = _connect(websocket, user, client)  # the token watcher closes it with 4001 once revoked
+    client = _client(websocket, settings, user)
+    guard = _connect(hub, limits, user, client)  # the token watcher closes it with 4001 once revoked
 
     async def handle(data: str | None) -> None:
         if refused := admit(guard, client):
@@ -297,21 +321,29 @@ async def items(
     except WebSocketDisconnect:
         pass
     finally:
-        _disconnect(websocket, user, client)
+        _disconnect(hub, limits, user, client)
 
 
 @chapter.websocket("/ws/{client_id}")
-async def clients(websocket: WebSocket, client_id: Bigint, user: SocketUser) -> None:
+async def clients(
+    websocket: WebSocket,
+    client_id: Bigint,
+    user: SocketUser,
+    settings: deps.Settings,
+    engine: deps.Engine,
+    hub: deps.Hub,
+    limits: deps.Limits,
+    writer: deps.Writer,
+) -> None:
     """Example 3: broadcast to every client in every process; persisted in the `_chapter` room."""
-    state = websocket.app.state
-    client = _client(websocket, user)
-    writer = writer_of(websocket)
-    joined = _joined(websocket, user, CHAPTER_ROOM, client, render=chapter_render, live_only=True, events=False)
+    client = _client(websocket, settings, user)
+    shared = _Room(settings, engine, hub, limits)
+    joined = _joined(shared, user, CHAPTER_ROOM, client, render=chapter_render, live_only=True, events=False)
     async with joined as (guard, sub):
         room_id = sub.room_id
         # Pipelined like the room socket: each message goes to the writer and the loop reads on;
         # a message the database did not take gets a line saying so (in the order sent).
-        inflight = InFlight(inflight_bound(state.settings), client.offer)
+        inflight = InFlight(inflight_bound(settings), client.offer)
         client.settle = inflight.settle
 
         async def handle(data: str | None) -> None:
@@ -322,7 +354,7 @@ async def clients(websocket: WebSocket, client_id: Bigint, user: SocketUser) -> 
                 client.offer("binary frames are not supported")
                 return
             try:
-                check_body(data, max_bytes=state.settings.max_message_bytes)
+                check_body(data, max_bytes=settings.max_message_bytes)
             except protocol.BadFrame as exc:
                 client.offer(f"Error: {exc.detail}")
                 return

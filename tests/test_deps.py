@@ -1,0 +1,37 @@
+"""chat/deps.py: routes reach the app's shared objects through typed dependencies only."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from starlette.requests import HTTPConnection
+
+import chat
+from chat import deps
+from chat.app import create_app
+from chat.config import Settings
+
+PACKAGE = Path(chat.__file__).parent
+STATE = re.compile(r"\.app\.state\b|\bstate\s*=\s*\w+\.app\.state")
+
+
+def test_only_the_factory_and_deps_touch_app_state() -> None:
+    """Before: routes and helpers read untyped `request.app.state.x` (Any) all over. After: the
+    factory and its lifespan build the objects, and chat/deps.py alone reads them back."""
+    offenders = [
+        f"{path.name}:{number}"
+        for path in sorted(PACKAGE.glob("*.py"))
+        if path.name not in ("app.py", "deps.py")
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if STATE.search(line)
+    ]
+    assert offenders == []
+
+
+def test_settings_come_from_the_app_they_were_given_to() -> None:
+    """The app's own Settings (tests and `chat serve` pass their own), not the cached env ones."""
+    settings = Settings(database_url="postgresql://nobody@localhost/none", chapter_routes=False)
+    app = create_app(settings)
+    conn = HTTPConnection({"type": "http", "app": app, "headers": []})
+    assert deps.get_settings(conn) is settings
