@@ -16,7 +16,7 @@ from starlette.websockets import WebSocket
 
 from chat import logs, metrics, store
 from chat.config import Settings
-from chat.db import engine_of
+from chat.db import engine_of, reading
 from chat.store import Identity, TokenRefused
 
 log = logging.getLogger("chat.auth")
@@ -99,7 +99,7 @@ async def raw_token(
 
 
 async def identity_of(conn: HTTPConnection, raw: str) -> Identity:
-    async with engine_of(conn).connect() as db:
+    async with reading(engine_of(conn)) as db:
         try:
             return await store.identity_for_token(db, raw=raw)
         except TokenRefused as exc:
