@@ -48,8 +48,9 @@ _LOCKED = text(
 )
 # Under that lock, in one statement: the user's live sockets in the room before (`before`) and
 # after (`after`) this process's count changes by :delta, the change itself (a row at 0 is
-# deleted), and who is online in the room after it. One snapshot, so `after` is computed: our
-# own row counts only while this process is live (its beat fresh), as in _LIVE_SOCKETS.
+# deleted), with :notify the join or leave NOTIFY when the user came online or went offline, and
+# who is online in the room after it. One snapshot, so `after` is computed: our own row counts
+# only while this process is live (its beat fresh), as in _LIVE_SOCKETS.
 _APPLY = text(
     """
     WITH live AS (
@@ -84,8 +85,14 @@ _APPLY = text(
     removed AS (
         DELETE FROM presence WHERE room_id = CAST(:room_id AS bigint) AND user_id = CAST(:user_id AS bigint)
         AND CASE WHEN process_id = CAST(:process_id AS text) THEN (SELECT new FROM result) = 0 ELSE sockets = 0 END
+    ),
+    notified AS (
+        SELECT pg_notify(
+            CAST(:channel AS text), CASE WHEN before = 0 THEN CAST(:join AS text) ELSE CAST(:leave AS text) END
+        )
+        FROM result WHERE CAST(:notify AS boolean) AND (before = 0) <> (after = 0)
     )
-    SELECT before, after, ARRAY(
+    SELECT before, after, (SELECT count(*) FROM notified) AS notified, ARRAY(
         SELECT user_name FROM live WHERE user_id <> CAST(:user_id AS bigint) AND sockets > 0
         UNION SELECT CAST(:name AS text) FROM result WHERE after > 0
         ORDER BY 1
@@ -176,15 +183,23 @@ class Presence:
         round trips): the lock first, then one statement that reads and writes under it."""
         ids = {"room_id": room_id, "user_id": user_id}
         await conn.execute(_LOCKED, {**ids, "process_id": self.process_id})
+        announce = {
+            "notify": self.publish is None,  # NOTIFY in the statement; else published after commit
+            "channel": notify.room_channel(room_id),
+            "join": notify.event_payload("join", name),
+            "leave": notify.event_payload("leave", name),
+        }
         row = (
             await conn.execute(
-                _APPLY, {**ids, "process_id": self.process_id, "name": name, "delta": delta, "stale": self.stale}
+                _APPLY,
+                {**ids, **announce, "process_id": self.process_id, "name": name, "delta": delta, "stale": self.stale},
             )
         ).one()
-        if row.before == 0 and row.after > 0:
-            await self._announce(conn, room_id, "join", name)
-        elif row.before > 0 and row.after == 0:
-            await self._announce(conn, room_id, "leave", name)
+        if self.publish is not None:
+            if row.before == 0 and row.after > 0:
+                await self._announce(conn, room_id, "join", name)
+            elif row.before > 0 and row.after == 0:
+                await self._announce(conn, room_id, "leave", name)
         return list(row.online)
 
     async def _announce(self, conn: AsyncConnection, room_id: int, kind: str, name: str) -> None:
