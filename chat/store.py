@@ -215,13 +215,22 @@ async def messages_after(conn: AsyncConnection, *, room_id: int, after: int, lim
     (edit, delete, react, unreact) in seq order. A message shows its body, edited_at and
     deleted_at as they are now, which the changes that follow set again (so a client applying
     them ends where the table is); its reactions come only as those changes."""
-    rows = await conn.execute(
-        select(*_MESSAGE_COLUMNS, _quote())
-        .where(Message.room_id == room_id, Message.seq > after)
-        .order_by(Message.seq)
-        .limit(limit)
-    )
+    rows = await conn.execute(_after_query(), {"room_id": room_id, "after": after, "limit": limit})
     return [MessageRecord.from_row(r) for r in rows]
+
+
+@functools.cache
+def _after_query() -> Any:
+    """messages_after's statement, built once (as _history_query)."""
+    return (
+        select(*_MESSAGE_COLUMNS, _quote())
+        .where(
+            Message.room_id == bindparam("room_id", type_=BigInteger),
+            Message.seq > bindparam("after", type_=BigInteger),
+        )
+        .order_by(Message.seq)
+        .limit(bindparam("limit", type_=Integer))
+    )
 
 
 async def messages_before(
