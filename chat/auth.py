@@ -16,6 +16,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.websockets import WebSocket
 
 from chat import config, deps, logs, metrics, store
+from chat.db import reading
 from chat.store import Identity, TokenRefused
 
 log = logging.getLogger("chat.auth")
@@ -98,7 +99,7 @@ async def raw_token(
 
 
 async def identity_of(engine: AsyncEngine, raw: str) -> Identity:
-    async with engine.connect() as db:
+    async with reading(engine) as db:
         try:
             return await store.identity_for_token(db, raw=raw)
         except TokenRefused as exc:

@@ -190,6 +190,7 @@ class Client:
         try:
             if start is not None and self._kicked is None:
                 await start()
+            start = None  # nor is what the replay was given (who was online) kept for the socket's life
             while self._kicked is None and not self._broken:
                 self._receiving = True
                 try:

@@ -68,6 +68,8 @@ class RateLimited(Exception):
 class FrameGuard:
     """One connection's view of the limits."""
 
+    __slots__ = ("bucket", "limits", "refused_in_a_row", "user_id")  # one per socket
+
     def __init__(self, limits: Limits, user_id: int) -> None:
         self.limits = limits
         self.user_id = user_id

@@ -39,9 +39,66 @@ _LIVE_SOCKETS = text(
     "SELECT coalesce(sum(p.sockets), 0) FROM presence p JOIN chat_processes c ON c.id = p.process_id"
     " WHERE p.room_id = :room_id AND p.user_id = :user_id AND c.beat_at > now() - make_interval(secs => :stale)"
 )
-_ONLINE = text(
-    "SELECT DISTINCT p.user_name FROM presence p JOIN chat_processes c ON c.id = p.process_id"
-    " WHERE p.room_id = :room_id AND c.beat_at > now() - make_interval(secs => :stale) ORDER BY 1"
+# Presence is ephemeral and reconciled every beat: its transactions need not wait for the disk.
+# The process's row (reaped after a long stall) is put back first, then the (room, user) lock.
+_LOCKED = text(
+    "WITH process AS (INSERT INTO chat_processes (id) VALUES (CAST(:process_id AS text)) ON CONFLICT (id) DO NOTHING)"
+    " SELECT set_config('synchronous_commit', 'off', true), pg_advisory_xact_lock(hashtextextended("
+    "CAST(:room_id AS bigint)::text || ':' || CAST(:user_id AS bigint)::text, 0))"
+)
+# Under that lock, in one statement: the user's live sockets in the room before (`before`) and
+# after (`after`) this process's count changes by :delta, the change itself (a row at 0 is
+# deleted), with :notify the join or leave NOTIFY when the user came online or went offline, and
+# who is online in the room after it. One snapshot, so `after` is computed: our own row counts
+# only while this process is live (its beat fresh), as in _LIVE_SOCKETS.
+_APPLY = text(
+    """
+    WITH live AS (
+        SELECT p.user_id, p.user_name, p.sockets FROM presence p JOIN chat_processes c ON c.id = p.process_id
+        WHERE p.room_id = CAST(:room_id AS bigint) AND c.beat_at > now() - make_interval(secs => :stale)
+    ),
+    me AS (
+        SELECT
+            EXISTS (
+                SELECT 1 FROM chat_processes
+                WHERE id = CAST(:process_id AS text) AND beat_at > now() - make_interval(secs => :stale)
+            ) AS live,
+            coalesce((
+                SELECT sockets FROM presence WHERE room_id = CAST(:room_id AS bigint)
+                AND user_id = CAST(:user_id AS bigint) AND process_id = CAST(:process_id AS text)
+            ), 0) AS old
+    ),
+    counts AS (
+        SELECT me.live, me.old, greatest(me.old + CAST(:delta AS integer), 0) AS new,
+            (SELECT coalesce(sum(sockets), 0) FROM live WHERE user_id = CAST(:user_id AS bigint)) AS before
+        FROM me
+    ),
+    result AS (
+        SELECT new, before, before - CASE WHEN live THEN old - new ELSE 0 END AS after FROM counts
+    ),
+    upserted AS (
+        INSERT INTO presence (room_id, user_id, process_id, user_name, sockets)
+        SELECT CAST(:room_id AS bigint), CAST(:user_id AS bigint), CAST(:process_id AS text), CAST(:name AS text), new
+        FROM result WHERE new > 0
+        ON CONFLICT (room_id, user_id, process_id) DO UPDATE SET sockets = excluded.sockets
+    ),
+    removed AS (
+        DELETE FROM presence WHERE room_id = CAST(:room_id AS bigint) AND user_id = CAST(:user_id AS bigint)
+        AND CASE WHEN process_id = CAST(:process_id AS text) THEN (SELECT new FROM result) = 0 ELSE sockets = 0 END
+    ),
+    notified AS (
+        SELECT pg_notify(
+            CAST(:channel AS text), CASE WHEN before = 0 THEN CAST(:join AS text) ELSE CAST(:leave AS text) END
+        )
+        FROM result WHERE CAST(:notify AS boolean) AND (before = 0) <> (after = 0)
+    )
+    SELECT before, after, (SELECT count(*) FROM notified) AS notified, ARRAY(
+        SELECT user_name FROM live WHERE user_id <> CAST(:user_id AS bigint) AND sockets > 0
+        UNION SELECT CAST(:name AS text) FROM result WHERE after > 0
+        ORDER BY 1
+    ) AS online
+    FROM result
+    """
 )
 _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 
@@ -91,9 +148,7 @@ class Presence:
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
         try:
             async with self._begin(self.engine) as conn:
-                await self._change(conn, room_id, who.user_id, who.name, +1)
-                rows = await conn.execute(_ONLINE, {"room_id": room_id, "stale": self.stale})
-                return [row[0] for row in rows]
+                return await self._change(conn, room_id, who.user_id, who.name, +1)
         except Exception as exc:  # the next heartbeat puts the row right
             log.warning("presence enter failed: %r", exc)
             return [who.name]
@@ -122,33 +177,30 @@ class Presence:
         else:
             self._in_flight.pop(key, None)
 
-    async def _change(self, conn: AsyncConnection, room_id: int, user_id: int, name: str, delta: int) -> None:
-        """Apply a change of this process's socket count, and announce a change of state."""
+    async def _change(self, conn: AsyncConnection, room_id: int, user_id: int, name: str, delta: int) -> list[str]:
+        """Apply a change of this process's socket count, and announce a change of state.
+        Returns who is online in the room after it. Two statements (a join's cost is mostly
+        round trips): the lock first, then one statement that reads and writes under it."""
         ids = {"room_id": room_id, "user_id": user_id}
-        # Presence is ephemeral and reconciled every beat: no need to wait for the disk.
-        await conn.execute(text("SET LOCAL synchronous_commit = off"))
-        await conn.execute(
-            text("INSERT INTO chat_processes (id) VALUES (:id) ON CONFLICT (id) DO NOTHING"), {"id": self.process_id}
-        )
-        await conn.execute(_LOCK, ids)
-        before = int(await conn.scalar(_LIVE_SOCKETS, {**ids, "stale": self.stale}) or 0)
-        await conn.execute(
-            text(
-                "INSERT INTO presence (room_id, user_id, process_id, user_name, sockets)"
-                " VALUES (:room_id, :user_id, :process_id, :name, greatest(:delta, 0))"
-                " ON CONFLICT (room_id, user_id, process_id)"
-                " DO UPDATE SET sockets = greatest(presence.sockets + :delta, 0)"
-            ),
-            {**ids, "process_id": self.process_id, "name": name, "delta": delta},
-        )
-        await conn.execute(
-            text("DELETE FROM presence WHERE room_id = :room_id AND user_id = :user_id AND sockets = 0"), ids
-        )
-        after = int(await conn.scalar(_LIVE_SOCKETS, {**ids, "stale": self.stale}) or 0)
-        if before == 0 and after > 0:
-            await self._announce(conn, room_id, "join", name)
-        elif before > 0 and after == 0:
-            await self._announce(conn, room_id, "leave", name)
+        await conn.execute(_LOCKED, {**ids, "process_id": self.process_id})
+        announce = {
+            "notify": self.publish is None,  # NOTIFY in the statement; else published after commit
+            "channel": notify.room_channel(room_id),
+            "join": notify.event_payload("join", name),
+            "leave": notify.event_payload("leave", name),
+        }
+        row = (
+            await conn.execute(
+                _APPLY,
+                {**ids, **announce, "process_id": self.process_id, "name": name, "delta": delta, "stale": self.stale},
+            )
+        ).one()
+        if self.publish is not None:
+            if row.before == 0 and row.after > 0:
+                await self._announce(conn, room_id, "join", name)
+            elif row.before > 0 and row.after == 0:
+                await self._announce(conn, room_id, "leave", name)
+        return list(row.online)
 
     async def _announce(self, conn: AsyncConnection, room_id: int, kind: str, name: str) -> None:
         if self.publish is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any
@@ -14,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from chat import metrics, protocol, store
 from chat.client import SLOW_CONSUMER, Client
 from chat.config import Settings
+from chat.db import reading
 from chat.hub import Hub
 from chat.limits import FrameGuard, RateLimited, ReplayBusy
 from chat.protocol import (
@@ -69,9 +71,10 @@ def inflight_bound(settings: Settings) -> int:
 async def open_room(engine: AsyncEngine, *, user: Identity, room: str, max_per_user: int) -> int | None:
     """The room's id, made now if it is new; None when the user has made `max_per_user` rooms
     already. Callers check everything else first, so that a refused join makes no room."""
-    async with engine.connect() as conn:
+    async with reading(engine) as conn:
         room_id = await store.room_id(conn, name=room, create=False)
-        if room_id is None:
+    if room_id is None:
+        async with engine.connect() as conn:  # a transaction: create_room locks the creator's row
             creator = None if room.startswith("_") else user.user_id  # "_…": the server's own rooms
             room_id = await store.create_room(conn, name=room, creator_id=creator, max_per_user=max_per_user)
     return room_id
@@ -161,20 +164,26 @@ class RoomSession:
     async def _replay(self, after: int | None, timeout: float, online: list[str]) -> None:
         sub = self.client
         seen = self.hub.last_seq(self.room_id)  # read before the page: the page includes it
-        async with self.engine.connect() as conn:
-            head = await store.room_head(conn, room_id=self.room_id)
+        async with reading(self.engine) as conn:
             if after is None:
                 # The latest messages as they are now, and the seq they are as of: changes up to it
-                # are in them, and the catch-up below starts after it.
-                rows, as_of = await store.history_page(
+                # are in them, and the catch-up below starts after it. A room with no messages
+                # yet needs its head read before the page (one round trip more, for those alone).
+                page = functools.partial(
+                    store.history_page,
                     conn,
                     room_id=self.room_id,
                     before=None,
                     limit=self.settings.history_on_join,
                     viewer_id=self.identity.user_id,
                 )
+                rows, as_of = await page()
+                if as_of is None:
+                    head = await store.room_head(conn, room_id=self.room_id)
+                    rows, as_of = await page()
                 head = as_of if as_of is not None else head
             else:
+                head = await store.room_head(conn, room_id=self.room_id)
                 rows = await store.messages_after(conn, room_id=self.room_id, after=min(after, head), limit=REPLAY_PAGE)
         if after is None:
             sub.cursor = rows[0].seq - 1 if rows else head

@@ -531,24 +531,33 @@ class InFlight:
     pushes back on the client. `settle()` waits until every answer has gone out (a graceful close
     flushes the acks of sends still in flight)."""
 
+    # One per socket, and most sockets are idle: slots, and the semaphore, the queue and the
+    # event are made when first needed (an idle socket keeps none of them).
+    __slots__ = ("_deliver", "_empty", "_limit", "_queue", "_slots")
+
     def __init__(self, limit: int, deliver: Callable[[str], object]) -> None:
-        self._slots = asyncio.Semaphore(limit)
+        self._limit = limit
         self._deliver = deliver
-        self._queue: deque[tuple[asyncio.Future[Stored] | None, Render | str | None]] = deque()
-        self._empty = asyncio.Event()
-        self._empty.set()
+        self._slots: asyncio.Semaphore | None = None
+        self._queue: deque[tuple[asyncio.Future[Stored] | None, Render | str | None]] | None = None
+        self._empty: asyncio.Event | None = None  # set when the queue empties, for settle()
 
     @property
     def count(self) -> int:
-        return len(self._queue)
+        return len(self._queue) if self._queue else 0
 
     async def reserve(self) -> None:
-        await self._slots.acquire()
+        slots = self._slots
+        if slots is None:
+            slots = self._slots = asyncio.Semaphore(self._limit)
+        await slots.acquire()
 
     def add(self, future: asyncio.Future[Stored], render: Render) -> None:
         """A send now in flight (after `reserve()`): its answer goes out after every earlier one."""
-        self._queue.append((future, render))
-        self._empty.clear()
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = deque()
+        queue.append((future, render))
         future.add_done_callback(self._flush)
 
     def answer(self, text: str) -> None:
@@ -559,12 +568,14 @@ class InFlight:
         self._queue.append((None, text))
 
     def _flush(self, _: object = None) -> None:
-        while self._queue:
-            future, reply = self._queue[0]
+        queue = self._queue
+        while queue:
+            future, reply = queue[0]
             if future is not None and not future.done():
                 return
-            self._queue.popleft()
+            queue.popleft()
             if future is not None:
+                assert self._slots is not None
                 self._slots.release()
                 assert callable(reply)
                 text = reply(future)
@@ -573,7 +584,17 @@ class InFlight:
                 text = reply
             if text is not None:
                 self._deliver(text)
-        self._empty.set()
+        if self._queue is queue:
+            self._queue = None
+        if (empty := self._empty) is not None:
+            self._empty = None
+            empty.set()
 
     async def settle(self) -> None:
-        await self._empty.wait()
+        """Until every answer in flight has gone out."""
+        if not self._queue:
+            return
+        empty = self._empty
+        if empty is None:
+            empty = self._empty = asyncio.Event()
+        await empty.wait()

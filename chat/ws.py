@@ -194,10 +194,12 @@ async def room_socket(
         )
         client.settle = session.inflight.settle  # a graceful close flushes the acks of sends in flight
         handle = functools.partial(_weighed, session, guard)
-        online = await presence.enter(sub.room_id, user)
+        # Who is online goes to the replay alone (its `ready` frame), not into a variable of this
+        # frame, which lives as long as the socket: a room of 20 would keep 20 names per socket.
+        start = [functools.partial(session.replay, after=after, online=await presence.enter(sub.room_id, user))]
         try:
             await websocket.accept()
-            await client.serve(handle, start=functools.partial(session.replay, after=after, online=online))
+            await client.serve(handle, start=start.pop())
         except WebSocketDisconnect:
             pass
         finally:

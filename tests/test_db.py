@@ -10,7 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from chat.config import Settings, libpq_url
-from chat.db import connect_args, create_engine, drop_dead_connections, statement_name
+from chat.db import connect_args, create_engine, drop_dead_connections, reading, statement_name
 
 
 def test_direct_connections_keep_asyncpgs_statement_cache() -> None:
@@ -82,4 +82,21 @@ async def test_without_the_check_the_dead_connection_fails_a_statement(database_
             assert await conn.scalar(text("SELECT 1")) == 1
     finally:
         await admin.close()
+        await engine.dispose()
+
+
+async def test_reading_runs_each_statement_on_its_own_without_begin(database_url: str) -> None:
+    """`reading` is autocommit: no BEGIN before the first statement (each statement is its own
+    transaction, so two get two transaction ids), and the next plain checkout of the same pooled
+    connection is in a transaction again."""
+    engine = create_engine(Settings(pool_size=1, _env_file=None), database_url)  # type: ignore[call-arg]
+    xact = text("SELECT pg_current_xact_id()::text")
+    try:
+        async with reading(engine) as conn:
+            first, second = await conn.scalar(xact), await conn.scalar(xact)
+            assert first != second
+        async with engine.connect() as conn:  # the same pooled connection, back to transactions
+            first, second = await conn.scalar(xact), await conn.scalar(xact)
+            assert first == second
+    finally:
         await engine.dispose()

@@ -141,6 +141,28 @@ async def test_inflight_answers_in_order_and_is_bounded() -> None:
     assert out[-1] == "nothing in flight: at once"
 
 
+async def test_an_idle_inflight_keeps_nothing_and_settles_at_once() -> None:
+    """One per socket, and most sockets are idle: no semaphore, queue or event until a send,
+    and none of the queue or event once its answers have gone out."""
+    loop = asyncio.get_running_loop()
+    out: list[str] = []
+    inflight = InFlight(1, out.append)
+    assert not hasattr(inflight, "__dict__")
+    assert (inflight._slots, inflight._queue, inflight._empty) == (None, None, None)
+    await asyncio.wait_for(inflight.settle(), 5)  # nothing in flight: nothing to wait for
+    done: asyncio.Future[Stored] = loop.create_future()
+    await inflight.reserve()
+    inflight.add(done, lambda f: f"stored {f.result().seq}")
+    settled = asyncio.create_task(inflight.settle())
+    await asyncio.sleep(0.01)
+    assert not settled.done() and inflight.count == 1
+    done.set_result(Stored(7, False))
+    await asyncio.wait_for(settled, 5)
+    assert out == ["stored 7"]
+    assert (inflight._queue, inflight._empty) == (None, None)
+    await asyncio.wait_for(inflight.reserve(), 5)  # its slot came back
+
+
 # --- the writer, against a real Postgres ---------------------------------------------------------
 
 
