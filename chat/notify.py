@@ -23,7 +23,9 @@ from chat.store import MessageRecord
 
 ROOM_PREFIX = "room_"
 MAX_PAYLOAD_BYTES = 8000  # Postgres refuses a longer payload; ours send a reference at this size
-EVENT_TYPES = frozenset({"join", "leave", "typing"})
+# "read" (a user's read position moved: for that user's sockets only) and "removed" (a member was
+# removed: their subscriptions end) come from chat/reads.py and the membership API (0008).
+EVENT_TYPES = frozenset({"join", "leave", "typing", "read", "removed"})
 # Sent by our listener itself after a reconnect: "you may have missed notifications, read the
 # table". Nothing we NOTIFY is empty, and an empty NOTIFY from anyone else costs a harmless read.
 RESYNC = ""

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, TypeAdapter
 
-from chat.protocol import HistoryFrame, PingFrame, SendFrame, TypingFrame, _Frame, validate
+from chat.protocol import HistoryFrame, PingFrame, ReadFrame, SendFrame, TypingFrame, _Frame, validate
 
 ROOM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_SEQ = 2**63 - 1  # seqs are bigint
@@ -40,10 +40,17 @@ class RoomTypingFrame(TypingFrame):
     room: str = Field(max_length=64)
 
 
-Incoming = SubscribeFrame | UnsubscribeFrame | RoomSendFrame | RoomHistoryFrame | RoomTypingFrame | PingFrame
-RoomFrame = RoomSendFrame | RoomHistoryFrame | RoomTypingFrame
+class RoomReadFrame(ReadFrame):
+    room: str = Field(max_length=64)
+
+
+Incoming = (
+    SubscribeFrame | UnsubscribeFrame | RoomSendFrame | RoomHistoryFrame | RoomTypingFrame | RoomReadFrame | PingFrame
+)
+RoomFrame = RoomSendFrame | RoomHistoryFrame | RoomTypingFrame | RoomReadFrame
 _incoming: TypeAdapter[Incoming] = TypeAdapter(Annotated[Incoming, Field(discriminator="type")])
 
 
 def parse(text: str) -> Incoming:
-    return validate(_incoming, text, 'the frame needs a "type": subscribe, unsubscribe, send, history, typing or ping')
+    unknown = 'the frame needs a "type": subscribe, unsubscribe, send, history, typing, read or ping'
+    return validate(_incoming, text, unknown)

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, insert, literal_column, select, tuple_, update
+from sqlalchemy import delete, func, insert, literal_column, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import TSQUERY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from chat.models import Message, Room, Token, User
+from chat.models import Membership, Message, Room, Token, User
 
 TOKEN_PREFIX = "chat_"
 
@@ -282,11 +282,15 @@ class RoomSummary:
 
 
 async def visible_rooms(
-    conn: AsyncConnection, *, only: tuple[str, ...] | None, after: str | None, limit: int
+    conn: AsyncConnection, *, user_id: int, only: tuple[str, ...] | None, after: str | None, limit: int
 ) -> list[RoomSummary]:
-    """Rooms by name after `after` (a name cursor), restricted to `only` when given. Rooms named
-    `_…` are the server's own (the chapter's) and never listed."""
-    query = select(Room.name, Room.last_seq).where(func.left(Room.name, 1) != "_")
+    """Rooms by name after `after` (a name cursor), restricted to `only` when given: the public
+    ones, and the private ones `user_id` is a member of. Rooms named `_…` are the server's own
+    (the chapter's) and never listed."""
+    member = select(Membership.room_id).where(Membership.room_id == Room.id, Membership.user_id == user_id).exists()
+    query = select(Room.name, Room.last_seq).where(
+        func.left(Room.name, 1) != "_", or_(Room.visibility == "public", member)
+    )
     if only is not None:
         query = query.where(Room.name.in_(only))
     if after is not None:
