@@ -109,7 +109,7 @@ class RoomFeed:
 
     def _read(self, data: dict[str, Any]) -> None:
         """A user's read position moved: their own sockets hear it (a frame for each alone)."""
-        seq = data.get("seq")
+        seq = data.get("read_seq")
         if not isinstance(seq, int):
             return
         for subscription in self._of_user(data):

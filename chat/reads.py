@@ -83,5 +83,6 @@ class ReadPositions:
             self._names = {**names, **self._names}
             raise
         for user_id, room_id, seq in moved:
-            event = {"type": "read", "user": names.get(user_id, ""), "user_id": user_id, "seq": seq}
+            # Not "seq": a payload with a seq is a stored message's (chat/notify.py).
+            event = {"type": "read", "user": names.get(user_id, ""), "user_id": user_id, "read_seq": seq}
             await self.publish(room_id, event)
