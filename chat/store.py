@@ -98,16 +98,22 @@ class RoomRow:
     last_seq: int
     created_at: datetime
     created_by: str | None
+    visibility: str = "public"
+    members: int = 0
 
 
 async def list_rooms(conn: AsyncConnection) -> list[RoomRow]:
-    """Every room, by name, with its creator (for `chat room list`)."""
+    """Every room, by name, with its creator, visibility and member count (`chat room list`)."""
+    members = select(func.count()).select_from(Membership).where(Membership.room_id == Room.id).scalar_subquery()
     rows = await conn.execute(
-        select(Room.name, Room.last_seq, Room.created_at, User.name.label("creator"))
+        select(
+            Room.name, Room.last_seq, Room.created_at, User.name.label("creator"), Room.visibility,
+            members.label("members"),
+        )
         .outerjoin(User, User.id == Room.created_by)
         .order_by(Room.name)
-    )
-    return [RoomRow(r.name, r.last_seq, r.created_at, r.creator) for r in rows]
+    )  # fmt: skip
+    return [RoomRow(r.name, r.last_seq, r.created_at, r.creator, r.visibility, r.members) for r in rows]
 
 
 async def delete_rooms(conn: AsyncConnection, *, names: list[str]) -> list[str]:
