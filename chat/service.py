@@ -74,12 +74,12 @@ async def open_room(engine: AsyncEngine, *, user: Identity, room: str, max_per_u
             return room_id
         found = await membership.access(conn, room=room, user_id=user.user_id)
         if found is None:
-            if room.startswith(membership.DM_PREFIX) or await store.room_id(conn, name=room, create=False):
+            if room.startswith(membership.DM_PREFIX):
                 raise NoSuchRoom(room)
+            # Made now, or found made (by someone else a moment ago, or private: then refused).
             room_id = await store.create_room(conn, name=room, creator_id=user.user_id, max_per_user=max_per_user)
             if room_id is None:
                 return None
-            # Made now, or by someone else at the same moment (then it may be theirs to keep).
             found = await membership.access(conn, room=room, user_id=user.user_id)
             if found is None:
                 raise NoSuchRoom(room)
