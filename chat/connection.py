@@ -19,6 +19,7 @@ from chat.client import Client
 from chat.config import Settings
 from chat.hub import Hub
 from chat.limits import FrameGuard
+from chat.membership import NoSuchRoom
 from chat.presence import Presence
 from chat.protocol import BadFrame, PingFrame
 from chat.service import RoomSession, admit, inflight_bound, open_room
@@ -28,6 +29,7 @@ from chat.socket_frames import (
     RoomFrame,
     RoomHistoryFrame,
     RoomReactFrame,
+    RoomReadFrame,
     RoomSendFrame,
     RoomUnreactFrame,
     SubscribeFrame,
@@ -68,6 +70,7 @@ class Connection:
         self.rooms: dict[str, RoomSession] = {}  # by name
         self._pending: dict[str, asyncio.Task[None]] = {}  # subscribes under way, by room
         self._slots: asyncio.Semaphore | None = None  # made on the first subscribe
+        self._leaving: set[asyncio.Task[None]] = set()  # presence updates of rooms removed from
 
     def error(self, code: str, detail: str, **extra: Any) -> None:
         self.inflight.answer(protocol.error_frame(code, detail, **extra))
@@ -118,6 +121,8 @@ class Connection:
                 await session.change(frame)
             elif isinstance(frame, RoomHistoryFrame):
                 await session.history(frame)
+            elif isinstance(frame, RoomReadFrame):
+                session.read(frame.seq)
             else:
                 await session.typing()
         except BadFrame as exc:
@@ -169,6 +174,11 @@ class Connection:
             render = functools.partial(protocol.message_frame, room)
             sub = Subscription(self.client, room_id, room, render=render, tag=True, batch=True)
             await self.hub.join(sub, timeout=self.settings.join_timeout_seconds)
+        except NoSuchRoom:
+            # A private room answers a non-member as a room that cannot be had, saying no more.
+            metrics.REFUSALS.labels("no such room").inc()
+            self.error("no_such_room", "no such room", room=room)
+            return
         except TimeoutError:
             metrics.REFUSALS.labels("room not ready").inc()
             self.error("unavailable", "room not ready: try again", room=room)
@@ -197,6 +207,7 @@ class Connection:
             self.error("unavailable", "could not subscribe: try again", room=room)
             return
         self.rooms[room] = session
+        sub.on_removed = functools.partial(self._removed, room, session)
         logs.event("open", room=room, user=user.name, token_id=user.token_id)
         await session.replay(after=frame.after, online=online)
 
@@ -214,6 +225,17 @@ class Connection:
         seconds = f"{time.monotonic() - sub.since:.1f}"
         logs.event("close", room=room, user=self.identity.name, code=self.client.close_code, seconds=seconds)
         await self.presence.leave(session.room_id, self.identity)
+
+    def _removed(self, room: str, session: RoomSession) -> None:
+        """The user was removed from the room (the hub has taken the subscription out of the
+        feed): the room ends on this socket now, with an error frame saying why."""
+        if self.rooms.get(room) is not session:
+            return
+        del self.rooms[room]
+        self.error("removed", "you were removed from this room", room=room)
+        task = asyncio.create_task(self.presence.leave(session.room_id, self.identity))
+        self._leaving.add(task)
+        task.add_done_callback(self._leaving.discard)
 
     async def close(self) -> None:
         """The socket ended: stop the subscribes under way, and leave every room."""

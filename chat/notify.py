@@ -12,11 +12,13 @@ A payload on a room's channel is one of:
 - a reference to one too big for NOTIFY's 8000 bytes: {"seq", "ref": true} (read the row);
 - a batch (Redis only): a JSON list of stored messages committed together, in seq order; a batch
   too big to carry is sent as a reference to its last seq instead;
-- an ephemeral room event without a seq: {"type": "join" | "leave" | "typing", "user"};
+- an ephemeral room event without a seq: {"type": "join" | "leave" | "typing", "user"}, or
+  {"type": "read", "user", "user_id", "read_seq"} / {"type": "removed", "user", "user_id"} (0009);
 - the empty string (RESYNC): notifications may have been missed, read the table.
 
 The `chat_relay` channel (migration 0007) carries rows that other SQL clients inserted: a
-message payload with its "room_id" added, or {"room_id", "seq", "ref": true}. The relay of a
+message payload with its "room_id" added, or {"room_id", "seq", "ref": true}; and room events
+that the CLI sends (a `removed` with its "room_id"). The relay of a
 Redis deployment forwards each to its room's channel (`relayed`).
 """
 
@@ -36,7 +38,9 @@ MAX_PAYLOAD_BYTES = 8000  # Postgres refuses a longer payload; ours send a refer
 # A batch above this is replaced by a reference to its last seq: the subscribers read the rows
 # instead. Redis takes far more, but every subscriber buffers it.
 MAX_BATCH_BYTES = 256 * 1024
-EVENT_TYPES = frozenset({"join", "leave", "typing"})
+# "read" (a user's read position moved: for that user's sockets only) and "removed" (a member was
+# removed: their subscriptions end) come from chat/reads.py and the membership API (0009).
+EVENT_TYPES = frozenset({"join", "leave", "typing", "read", "removed"})
 # Sent by our listener itself after a reconnect: "you may have missed notifications, read the
 # table". Nothing we NOTIFY is empty, and an empty NOTIFY from anyone else costs a harmless read.
 RESYNC = ""
@@ -61,11 +65,13 @@ def _dumps(value: dict[str, Any]) -> str:
     return json.dumps(value, **_COMPACT)
 
 
-def event_payload(kind: str, user: str) -> str:
-    """An ephemeral room event (join, leave, typing)."""
+def event_payload(kind: str, user: str, **extra: int) -> str:
+    """An ephemeral room event (join, leave, typing; read and removed name the user_id too)."""
     if kind not in EVENT_TYPES:
         raise ValueError(f"not a room event: {kind!r}")
-    return _dumps({"type": kind, "user": user})
+    if "seq" in extra:
+        raise ValueError("an event has no seq: a payload with a seq is a stored message's")
+    return _dumps({"type": kind, "user": user, **extra})
 
 
 def _message_dict(message: MessageRecord) -> dict[str, Any]:
@@ -111,7 +117,9 @@ def relayed(payload: str) -> tuple[str, str] | None:
         return None
     if not isinstance(room_id, int) or isinstance(room_id, bool):
         return None
-    return room_channel(room_id), _dumps(data) if data.get("ref") else json.dumps([data], **_COMPACT)
+    if data.get("ref") or (data.get("seq") is None and data.get("type") in EVENT_TYPES):
+        return room_channel(room_id), _dumps(data)  # a reference, or an event (the CLI's `removed`)
+    return room_channel(room_id), json.dumps([data], **_COMPACT)
 
 
 # --- parsing -------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from chat.auth import Refused, SocketToken, SocketUser, check_origin, refuse
 from chat.client import Client
 from chat.connection import Connection
 from chat.limits import FrameGuard, TokenBucket, TooManyConnections
+from chat.membership import NoSuchRoom
 from chat.protocol import CLOSE_FLOOD, CLOSE_IDLE, MAX_BIGINT
 from chat.service import RoomSession, admit, check_body, inflight_bound, open_room
 from chat.store import TOKEN_PREFIX, Identity
@@ -93,7 +94,12 @@ async def _join(
         raise Refused(403, "room not allowed for this token")
     guard = _connect(websocket, user, client)
     try:
-        room_id = await open_room(state.engine, user=user, room=room, max_per_user=state.settings.max_rooms_per_user)
+        try:
+            room_id = await open_room(
+                state.engine, user=user, room=room, max_per_user=state.settings.max_rooms_per_user
+            )
+        except NoSuchRoom:
+            raise Refused(404, "no such room") from None
         if room_id is None:
             raise Refused(429, "too many rooms created by this user")
         sub = Subscription(client, room_id, room, render=render, live_only=live_only, events=events)

@@ -1,6 +1,10 @@
-// The chat page: sign-in, rooms, one room socket at a time, resume by seq, pending sends.
-// Every piece of user-controlled text goes through textContent, never innerHTML.
-'use strict';
+// The chat page: sign-in, rooms, one room socket at a time, resume by seq, pending sends; the
+// sidebar from the server's room list with unread badges, read positions, mentions, search.
+// Every piece of user-controlled text goes through textContent, never innerHTML. An ES module:
+// the pure parts are in js/ (tested by node --test), the API client in js/api.js.
+import * as http from './js/api.js';
+import * as roomList from './js/rooms.js';
+import { continues, dayOf, mentions, segments } from './js/text.js';
 
 const ROOM_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
 const HISTORY_LIMIT = 50;
@@ -11,7 +15,9 @@ const LABELS = { connecting: 'Connecting…', connected: 'Connected', reconnecti
 
 const el = {};
 let me = null; // the signed-in user's name
-let rooms = []; // the rooms in the sidebar
+let rooms = []; // the rooms in the sidebar, by name
+let entries = new Map(); // name -> the room list's entry (js/rooms.js): label, unread, mentions, readSeq
+let listTimer = null;
 let current = null; // the room being shown
 let shown = null; // the room whose nodes are in #messages and #outbox
 const roomState = new Map(); // room name -> state, see stateOf
@@ -50,17 +56,7 @@ function detailOf(data, fallback) {
   return fallback;
 }
 
-async function api(method, path, body) {
-  const init = { method, credentials: 'same-origin', headers: {} };
-  if (body !== undefined) {
-    init.headers['Content-Type'] = 'application/json';
-    init.body = JSON.stringify(body);
-  }
-  const res = await fetch(path, init);
-  let data = null;
-  try { data = await res.json(); } catch (e) { /* 204, or not JSON */ }
-  return { ok: res.ok, status: res.status, data };
-}
+const api = http.api;
 
 function showText(target, text) {
   target.textContent = text || '';
@@ -124,6 +120,7 @@ async function signIn(token) {
 
 function showSignin(message) {
   stopSocket();
+  clearTimeout(listTimer);
   me = null;
   roomState.clear();
   el.messages.replaceChildren();
@@ -172,7 +169,9 @@ function startChat(user) {
   if (!rooms.includes(room)) rooms.push(room);
   save(roomsKey(), rooms);
   current = null;
+  entries = new Map(roomList.fromServer([], rooms).map((r) => [r.name, r]));
   renderRoomList();
+  refreshRooms();
   showView('chat');
   fitComposer();
   openRoom(room);
@@ -197,16 +196,76 @@ function stateOf(name) {
   return roomState.get(name);
 }
 
+// The server's room list (every device sees the same), then the names only this browser knows.
+async function refreshRooms() {
+  clearTimeout(listTimer);
+  if (!me) return;
+  try {
+    const r = await http.myRooms();
+    if (r.ok && Array.isArray(r.data)) {
+      const local = rooms.filter((name) => !r.data.some((s) => s.name === name));
+      const fresh = roomList.fromServer(r.data, local);
+      for (const entry of fresh) {
+        const old = entries.get(entry.name);
+        // What this page heard live is never older than the list's snapshot.
+        if (old && old.readSeq > entry.readSeq) Object.assign(entry, roomList.onRead(entry, old.readSeq));
+      }
+      entries = new Map(fresh.map((e) => [e.name, e]));
+      rooms = fresh.map((e) => e.name);
+      save(roomsKey(), rooms);
+      renderRoomList();
+    }
+  } catch (e) { /* offline: the next round */ }
+  listTimer = setTimeout(refreshRooms, document.hidden ? 30000 : 5000);
+}
+
 function renderRoomList() {
   el.roomList.replaceChildren(...rooms.map((name) => {
+    const entry = entries.get(name) || roomList.fromServer([], [name])[0];
     const li = node('li', 'room-item');
-    const btn = node('button', 'room', name);
+    const btn = node('button', 'room');
     btn.type = 'button';
     btn.dataset.room = name;
+    btn.append(node('span', 'room-name', entry.label));
+    if (entry.unread > 0 && name !== current) {
+      const badge = node('span', entry.mentions > 0 ? 'badge mention-badge' : 'badge', entry.unread >= 1000 ? '999+' : entry.unread);
+      badge.setAttribute('aria-label', `${entry.unread} unread${entry.mentions ? `, ${entry.mentions} mentioning you` : ''}`);
+      btn.append(badge);
+    }
     li.append(btn);
     return li;
   }));
   markCurrentRoom();
+}
+
+function updateEntry(name, fn) {
+  const entry = entries.get(name);
+  if (!entry) return;
+  const next = fn(entry);
+  if (next === entry) return;
+  entries.set(name, next);
+  renderRoomList();
+}
+
+// Everything on screen is read once the tab is visible and the newest message is in view.
+let readTimer = null;
+function markRead() {
+  clearTimeout(readTimer);
+  readTimer = setTimeout(() => {
+    if (!conn || !conn.ready || document.hidden || !current) return;
+    const s = el.scroller;
+    if (s.scrollHeight - s.scrollTop - s.clientHeight > 80) return; // reading older messages
+    const entry = entries.get(current);
+    const seq = entry ? roomList.toReport(entry, stateOf(current).lastSeq) : null;
+    if (seq === null) return;
+    try { conn.ws.send(JSON.stringify({ type: 'read', seq })); } catch (e) { return; }
+    updateEntry(current, (en) => roomList.onRead(en, seq));
+  }, 300);
+}
+
+function onRead(c, f) {
+  if (!Number.isInteger(f.seq)) return;
+  updateEntry(c.room, (en) => roomList.onRead(en, f.seq));
 }
 
 function markCurrentRoom() {
@@ -260,13 +319,30 @@ function openRoom(name) {
   current = name;
   delete el.scroller.dataset.ready; // until the room's history is in: no "no messages yet"
   save(roomKey(), name);
-  el.currentRoom.textContent = name;
-  markCurrentRoom();
+  const entry = entries.get(name);
+  el.currentRoom.textContent = entry ? entry.label : name;
+  state0(name);
+  renderRoomList();
   el.banner.hidden = true;
   updateLoadOlder();
   scrollToBottom();
   retry.attempt = retry.failures = 0;
   connect();
+}
+
+// The "new messages" line: where the room's unread messages begin when it is opened.
+function state0(name) {
+  const entry = entries.get(name);
+  const state = stateOf(name);
+  if (state.readAtOpen === undefined) state.readAtOpen = entry ? entry.readSeq : null;
+}
+
+function placeUnreadLine(state) {
+  for (const old of el.messages.querySelectorAll('.unread-line')) old.remove();
+  if (state.readAtOpen === null || state.readAtOpen === undefined) return;
+  const msgs = [...el.messages.getElementsByClassName('msg')];
+  const first = msgs.find((n) => Number(n.dataset.seq) > state.readAtOpen && !n.classList.contains('mine'));
+  if (first) el.messages.insertBefore(node('li', 'unread-line', 'New messages'), first);
 }
 
 // --- the socket ------------------------------------------------------------------------------
@@ -375,6 +451,7 @@ function onFrame(c, data) {
   else if (f.type === 'typing') onTyping(f);
   else if (f.type === 'ack') onAck(c, state, f);
   else if (f.type === 'history') onHistory(state, f);
+  else if (f.type === 'read') onRead(c, f);
   else if (f.type === 'error') onServerError(c, state, f);
   // pong, and anything newer than this page: nothing to do
 }
@@ -453,6 +530,8 @@ function onReady(c, state, f) {
   setStatus('connected');
   for (const p of state.pending) transmit(c, p); // the same client_id: the server stores it once
   updateLoadOlder();
+  placeUnreadLine(state);
+  markRead();
   clearInterval(pingTimer);
   pingTimer = setInterval(() => ping(c), PING_MS);
 }
@@ -551,9 +630,56 @@ function renderMessage(m) {
   }
   const meta = node('div', 'meta');
   meta.append(node('span', 'author', m.author), time);
-  li.append(meta, node('div', 'body', m.body));
+  const body = node('div', 'body');
+  renderBody(li, body, m.body);
+  li.append(meta, body);
+  li.msg = m; // for grouping and day separators
   ChatChanges.decorate(li, m);
   return li;
+}
+
+// A body's text with its http(s) links and @mentions; also used by ChatChanges for an edit.
+function renderBody(li, body, text) {
+  body.replaceChildren();
+  li.classList.remove('mentions-me');
+  for (const s of segments(text, me)) {
+    if (s.href) {
+      const a = node('a', 'link', s.text);
+      a.href = s.href;
+      a.target = '_blank';
+      a.rel = 'noopener noreferrer';
+      body.append(a);
+    } else if (s.mention) {
+      body.append(node('mark', 'mention', s.text));
+      li.classList.add('mentions-me');
+    } else {
+      body.append(document.createTextNode(s.text));
+    }
+  }
+}
+
+// Consecutive messages by one author are grouped; a new day starts with its date.
+function decorate(li) {
+  if (!li) return;
+  let prev = li.previousElementSibling;
+  while (prev && !prev.classList.contains('msg')) prev = prev.previousElementSibling;
+  const m = li.msg;
+  const sep = li.previousElementSibling && li.previousElementSibling.classList.contains('day')
+    ? li.previousElementSibling : null;
+  const day = m ? dayOf(m.sent_at) : null;
+  const newDay = day && (!prev || !prev.msg || dayOf(prev.msg.sent_at) !== day);
+  if (newDay && !sep) {
+    const d = node('li', 'day', new Date(m.sent_at).toLocaleDateString(undefined, { weekday: 'long', day: 'numeric', month: 'long', year: 'numeric' }));
+    d.setAttribute('role', 'separator');
+    el.messages.insertBefore(d, li);
+  } else if (!newDay && sep) {
+    sep.remove();
+  }
+  li.classList.toggle('cont', !!(prev && prev.msg && m && continues(prev.msg, m)));
+}
+
+function decorateAll() {
+  for (const li of el.messages.getElementsByClassName('msg')) decorate(li);
 }
 
 function addMessage(state, m, older) {
@@ -565,8 +691,22 @@ function addMessage(state, m, older) {
   const msgs = el.messages.getElementsByClassName('msg');
   let i = msgs.length - 1;
   while (i >= 0 && Number(msgs[i].dataset.seq) > m.seq) i -= 1;
-  if (msgs[i + 1]) el.messages.insertBefore(renderMessage(m), msgs[i + 1]);
-  else el.messages.append(renderMessage(m));
+  const li = renderMessage(m);
+  const next = msgs[i + 1];
+  if (next) {
+    el.messages.insertBefore(li, next.previousElementSibling && next.previousElementSibling.classList.contains('day') ? next.previousElementSibling : next);
+  } else {
+    el.messages.append(li);
+  }
+  decorate(li);
+  if (next) decorate(next);
+  if (!older && shown) {
+    const name = shown;
+    const mine = mentions(m.body, me);
+    updateEntry(name, (en) => roomList.onMessage(en, m, me, mine));
+    if (mine && m.author !== me && document.hidden) notify(name, m);
+    markRead();
+  }
   state.lastSeq = Math.max(state.lastSeq, m.seq);
   state.minSeq = state.minSeq === null ? m.seq : Math.min(state.minSeq, m.seq);
   const acked = state.awaiting.get(m.seq);
@@ -644,11 +784,93 @@ function onHistory(state, f) {
   const s = el.scroller;
   const fromBottom = s.scrollHeight - s.scrollTop; // keep the view where it was
   for (const m of list) addMessage(state, Number.isInteger(f.as_of) ? { ...m, as_of: f.as_of } : m, true);
+  decorateAll();
   s.scrollTop = s.scrollHeight - fromBottom;
   // The beginning: never ask again. Not "fewer than asked": the server clamps a page to
   // CHAT_HISTORY_PAGE_MAX (and to a byte budget), so a short page may still have more before it.
   if (f.has_more === false || (f.has_more === undefined && !list.length)) state.exhausted = true;
   updateLoadOlder();
+}
+
+// --- notifications, DMs, search ----------------------------------------------------------------
+
+function notify(room, m) {
+  if (!('Notification' in window) || Notification.permission !== 'granted') return;
+  const entry = entries.get(room);
+  try {
+    const n = new Notification(`${m.author} in ${entry ? entry.label : room}`, { body: m.body.slice(0, 200), tag: `${room}:${m.seq}` });
+    n.onclick = () => { window.focus(); openRoom(room); n.close(); };
+  } catch (e) { /* not allowed here */ }
+}
+
+function updateNotifyButton() {
+  const supported = 'Notification' in window;
+  el.notifyEnable.hidden = !supported || Notification.permission !== 'default';
+}
+
+async function onDmSubmit(e) {
+  e.preventDefault();
+  const user = el.dmInput.value.trim();
+  if (!user) return;
+  const r = await http.openDm(user);
+  if (!r.ok || !r.data) {
+    showText(el.dmError, `Cannot message ${user}: ${detailOf(r.data, `the server answered ${r.status}`)}.`);
+    return;
+  }
+  showText(el.dmError, '');
+  el.dmInput.value = '';
+  if (!rooms.includes(r.data.name)) rooms.push(r.data.name);
+  entries.set(r.data.name, roomList.fromServer([{ ...r.data, last_seq: 0, read_seq: 0 }])[0]);
+  renderRoomList();
+  openRoom(r.data.name);
+  refreshRooms();
+}
+
+async function onSearchSubmit(e) {
+  e.preventDefault();
+  const q = el.searchInput.value.trim();
+  if (!q) return;
+  const where = el.searchScope.value === 'all' ? rooms.slice(0, 20) : [current];
+  el.searchResults.replaceChildren(node('li', 'search-note', 'Searching…'));
+  el.searchResults.hidden = false;
+  const found = [];
+  for (const room of where) { // one at a time: the server runs a few searches per user at once
+    const r = await http.search(room, q);
+    if (r.ok && r.data && Array.isArray(r.data.results)) found.push(...r.data.results);
+  }
+  found.sort((a, b) => b.rank - a.rank || b.seq - a.seq);
+  const items = found.slice(0, 30).map((m) => {
+    const li = node('li', 'search-hit');
+    const btn = node('button', 'search-open');
+    btn.type = 'button';
+    btn.dataset.room = m.room;
+    btn.dataset.seq = String(m.seq);
+    const entry = entries.get(m.room);
+    btn.append(node('span', 'search-where', `${entry ? entry.label : m.room} · ${m.author}`), node('span', 'search-body', m.body));
+    li.append(btn);
+    return li;
+  });
+  el.searchResults.replaceChildren(...(items.length ? items : [node('li', 'search-note', 'Nothing found.')]));
+}
+
+// Open a search result: its room, with the messages around it loaded, scrolled to it.
+async function openAt(room, seq) {
+  openRoom(room);
+  const state = stateOf(room);
+  const r = await http.around(room, seq);
+  if (r.ok && r.data && Array.isArray(r.data.messages) && shown === room) {
+    for (const m of r.data.messages) addMessage(state, m, true);
+    decorateAll();
+    updateLoadOlder();
+  }
+  const target = el.messages.querySelector(`.msg[data-seq="${seq}"]`);
+  if (!target) return;
+  for (const old of el.messages.querySelectorAll('.hit')) old.classList.remove('hit');
+  target.classList.add('hit');
+  target.tabIndex = -1;
+  target.scrollIntoView({ block: 'center' });
+  target.focus({ preventScroll: true });
+  el.searchResults.hidden = true;
 }
 
 // --- start -----------------------------------------------------------------------------------
@@ -671,6 +893,19 @@ function bind() {
     if (btn) openRoom(btn.dataset.room);
   });
   el.loadOlder.addEventListener('click', loadOlder);
+  el.dmForm.addEventListener('submit', onDmSubmit);
+  el.searchForm.addEventListener('submit', onSearchSubmit);
+  el.searchResults.addEventListener('click', (e) => {
+    const btn = e.target.closest('button[data-seq]');
+    if (btn) openAt(btn.dataset.room, Number(btn.dataset.seq));
+  });
+  el.notifyEnable.addEventListener('click', async () => {
+    try { await Notification.requestPermission(); } catch (e) { /* refused */ }
+    updateNotifyButton();
+  });
+  updateNotifyButton();
+  el.scroller.addEventListener('scroll', markRead, { passive: true });
+  document.addEventListener('visibilitychange', () => { if (!document.hidden) { markRead(); refreshRooms(); } });
   el.errorDismiss.addEventListener('click', () => { el.banner.hidden = true; el.messageInput.focus(); });
   el.composer.addEventListener('submit', (e) => { e.preventDefault(); sendComposer(); });
   ChatChanges.install({
@@ -681,6 +916,7 @@ function bind() {
       return true;
     },
     list: el.messages,
+    body: (li, text) => renderBody(li, li.querySelector('.body'), text),
     input: el.messageInput,
     bar: el.composeMode,
   });
