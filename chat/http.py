@@ -54,6 +54,7 @@ class SessionIn(BaseModel):
 class Me(BaseModel):
     user: str
     expires_at: datetime | None
+    socket_rooms_max: int  # CHAT_SOCKET_ROOMS_MAX: the page subscribes to at most this many rooms
 
 
 @router.post("/api/session", responses={401: {"description": "the token is missing, unknown, expired or revoked"}})
@@ -72,7 +73,7 @@ async def sign_in(body: SessionIn, request: Request, response: Response) -> Me:
         samesite="strict",
         secure=request.url.scheme == "https",
     )
-    return Me(user=who.name, expires_at=who.expires_at)
+    return Me(user=who.name, expires_at=who.expires_at, socket_rooms_max=request.app.state.settings.socket_rooms_max)
 
 
 @router.delete("/api/session", status_code=204)
@@ -87,7 +88,8 @@ async def me(request: Request, session: Annotated[str | None, Cookie()] = None) 
     if not session:
         raise Refused(401, "missing token")
     who = await identity_of(request, session)
-    return Me(user=who.name, expires_at=who.expires_at)
+    limit = request.app.state.settings.socket_rooms_max
+    return Me(user=who.name, expires_at=who.expires_at, socket_rooms_max=limit)
 
 
 @router.get("/healthz")

@@ -264,6 +264,14 @@ class Hub:
         except Exception as exc:
             log.warning("could not publish %s: %r", kind, exc)
 
+    async def rooms_changed(self, user_id: int) -> None:
+        """Tell the user's /socket connections, in every process, that their room list changed
+        (best effort: the page also reads the list at load and after each reconnect)."""
+        try:
+            await self.broadcast.publish(notify.user_channel(user_id), notify.ROOMS_CHANGED)
+        except Exception as exc:
+            log.warning("could not publish a room list change: %r", exc)
+
     async def published(self, room_id: int, records: Sequence[MessageRecord]) -> None:
         """Call after commit with one room's newly stored messages (seq order): one publish. A
         no-op when the database's trigger fans out. A failed publish is not the senders' problem:

@@ -16,6 +16,8 @@ A payload on a room's channel is one of:
   {"type": "read", "user", "user_id", "read_seq"} / {"type": "removed", "user", "user_id"} (0009);
 - the empty string (RESYNC): notifications may have been missed, read the table.
 
+A user's channel (`user_<id>`) carries only ROOMS_CHANGED, to that user's `/socket` connections.
+
 The `chat_relay` channel (migration 0007) carries rows that other SQL clients inserted: a
 message payload with its "room_id" added, or {"room_id", "seq", "ref": true}; and room events
 that the CLI sends (a `removed` with its "room_id"). The relay of a
@@ -48,6 +50,16 @@ RESYNC = ""
 
 def room_channel(room_id: int) -> str:
     return f"{ROOM_PREFIX}{room_id}"
+
+
+USER_PREFIX = "user_"
+# On a user's channel: their room list changed (added to a room, a DM made with them, removed):
+# their /socket connections tell the page, which reads GET /api/me/rooms again.
+ROOMS_CHANGED = '{"type":"rooms"}'
+
+
+def user_channel(user_id: int) -> str:
+    return f"{USER_PREFIX}{user_id}"
 
 
 def room_of_channel(channel: str) -> int | None:

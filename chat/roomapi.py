@@ -213,6 +213,10 @@ async def invite(request: Request, room: str, user: ApiUser, who: UserRef) -> Me
             raise Refused(409, str(exc)) from None
     if added:
         await _notice(request, found.room_id, user, f"{user.name} added {who.user}")
+        async with engine_of(request).connect() as conn:
+            added_id = await membership.user_id(conn, name=who.user)
+        if added_id is not None:
+            await request.app.state.hub.rooms_changed(added_id)
     return MemberChange(room=room, user=who.user, changed=added)
 
 
@@ -231,6 +235,7 @@ async def remove(request: Request, room: str, member: str, user: ApiUser) -> Mem
         await request.app.state.hub.publish(found.room_id, "removed", member, user_id=removed)
         text = f"{member} left" if member == user.name else f"{user.name} removed {member}"
         await _notice(request, found.room_id, user, text)
+        await request.app.state.hub.rooms_changed(removed)
     return MemberChange(room=room, user=member, changed=removed is not None)
 
 
@@ -266,4 +271,6 @@ async def dm(request: Request, user: ApiUser, who: UserRef) -> RoomInfo:
             )
             if made is None and await membership.access(conn, room=name, user_id=user.user_id) is None:
                 raise Refused(429, "too many rooms created by this user")
+            if made is not None:
+                await request.app.state.hub.rooms_changed(other)
     return RoomInfo(name=name, visibility="private", dm_with=who.user)

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Path, Query, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import WebSocketRequestValidationError
 from starlette.requests import HTTPConnection
 
-from chat import logs, metrics, protocol, socket_frames
+from chat import logs, membership, metrics, protocol, socket_frames
 from chat.auth import Refused, SocketToken, SocketUser, check_origin, refuse
 from chat.client import Client
 from chat.connection import Connection
@@ -104,6 +104,13 @@ async def _join(
             raise Refused(429, "too many rooms created by this user")
         sub = Subscription(client, room_id, room, render=render, live_only=live_only, events=events)
         await _enter(websocket, sub)
+        # As on /socket (chat/connection.py): a removal that committed after open_room's check
+        # and whose event came before the join reached no subscription: look again.
+        if not room.startswith("_"):
+            async with state.engine.connect() as conn:
+                if not await membership.is_member(conn, user_id=user.user_id, room_id=room_id):
+                    state.hub.leave(sub)
+                    raise Refused(404, "no such room")
     except BaseException:
         _disconnect(websocket, user, client)
         raise

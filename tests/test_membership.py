@@ -420,3 +420,84 @@ async def test_the_room_list_is_one_query_of_index_scans_for_1000_rooms(
 async def test_bad_rooms_are_refused(server_a: Server, make_token: MakeToken, bad: dict[str, str]) -> None:
     async with api_of(server_a, await make_token()) as api:
         assert (await api.post("/rooms", json=bad)).status_code == 422
+
+
+async def test_a_subscribe_under_way_when_its_removal_commits_does_not_stay(
+    server_a: Server, make_token: MakeToken, engine: AsyncEngine
+) -> None:
+    """The subscribe-during-removal race: a subscribe authorised just before the removal commits,
+    and still under way when the removal's event comes (held here on its presence write by a
+    table lock), ends refused and leaves nothing subscribed; the socket's other room goes on."""
+    async with users(server_a, make_token, "owner", "member") as (owner, member):
+        room, other = unique("race"), unique("race")
+        for name in (room, other):
+            await owner.api.post("/rooms", json={"name": name, "visibility": "private"})
+            await owner.api.post(f"/rooms/{name}/members", json={"user": member.name})
+        multi = await RoomClient.open(server_a.ws("/socket"), member.token)
+        await send(multi, type="subscribe", room=other)
+        await multi.until("ready", room=other)
+        async with await RoomClient.open(server_a.ws(f"/rooms/{room}/ws"), owner.token) as speaker:
+            await speaker.ready()  # the room's feed is up in this process
+            async with engine.connect() as conn:
+                lock = await conn.begin()
+                await conn.execute(text("LOCK TABLE presence IN EXCLUSIVE MODE"))  # writes wait, reads do not
+                await send(multi, type="subscribe", room=room)
+                async with asyncio.timeout(15):  # authorised and joined: now waiting on our lock
+                    async with engine.connect() as look:
+                        waiting = text(
+                            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                            "WHERE c.relname = 'presence' AND NOT l.granted"
+                        )
+                        while not await look.scalar(waiting):
+                            await asyncio.sleep(0.05)
+                removed = await owner.api.delete(f"/rooms/{room}/members/{member.name}")
+                assert removed.json()["changed"] is True
+                await speaker.until("removed", user=member.name)  # the event has come to this process
+                await lock.rollback()
+            answer = await multi.until("error", room=room)
+            assert answer["code"] == "removed", answer
+            assert not any(f.get("room") == room and f["type"] == "ready" for f in multi.frames)
+            await speaker.send("after the removal", client_id="after")
+            await speaker.until("message", body="after the removal")
+            await send(multi, type="typing", room=room)
+            assert (await multi.until("error", code="not_subscribed"))["room"] == room
+            async with await RoomClient.open(server_a.ws(f"/rooms/{other}/ws"), owner.token) as there:
+                await there.ready()
+                await there.send("the other room goes on", client_id="on")
+                await multi.until("message", room=other, body="the other room goes on")
+            assert not [f for f in multi.frames if f.get("room") == room and f["type"] in ("message", "messages")]
+        await multi.close()
+
+
+async def test_the_users_sockets_hear_that_their_room_list_changed(
+    server_a: Server, server_b: Server, make_token: MakeToken
+) -> None:
+    """An invitation, a new DM and a removal each send `{"type":"rooms"}` to the user's /socket
+    connections on every process (the page then reads GET /api/me/rooms), and to nobody else."""
+    async with users(server_a, make_token, "owner", "member") as (owner, member):
+        theirs = await RoomClient.open(server_b.ws("/socket"), member.token)
+        owners = await RoomClient.open(server_a.ws("/socket"), owner.token)
+        room = unique("told")
+        await owner.api.post("/rooms", json={"name": room, "visibility": "private"})
+
+        async def told(count: int) -> None:
+            async with asyncio.timeout(15):
+                while sum(f["type"] == "rooms" for f in theirs.frames) < count:
+                    await asyncio.sleep(0.05)
+
+        await owner.api.post(f"/rooms/{room}/members", json={"user": member.name})
+        await told(1)
+        assert room in await my_rooms(member)
+        assert (await owner.api.post("/dms", json={"user": member.name})).status_code == 200
+        await told(2)
+        assert (await owner.api.post("/dms", json={"user": member.name})).status_code == 200  # found: no news
+        await owner.api.delete(f"/rooms/{room}/members/{member.name}")
+        await told(3)
+        await owners.ws.send(json.dumps({"type": "ping"}))
+        await owners.until("pong")
+        await theirs.ws.send(json.dumps({"type": "ping"}))
+        await theirs.until("pong")
+        assert sum(f["type"] == "rooms" for f in theirs.frames) == 3
+        assert not [f for f in owners.frames if f["type"] == "rooms"]
+        await theirs.close()
+        await owners.close()

@@ -30,3 +30,17 @@ test('messages count as unread unless one\'s own; reads never go back', () => {
   assert.equal(firstUnread([5, 8, 9, 10], 8), 9);
   assert.equal(firstUnread([5, 8], 8), null);
 });
+
+test('changes are heard but not unread; a replay of an unlisted room is history', async () => {
+  const { heard } = await import('../../chat/static/js/rooms.js');
+  let [room] = fromServer(server);
+  room = onMessage(room, { seq: 11, author: 'bob', target_seq: 3, kind: 'edit' }, 'ann', true);
+  assert.deepEqual([room.lastSeq, room.unread, room.mentions], [11, 3, 1]);
+  room = onMessage(room, { seq: 12, author: 'bob' }, 'ann', false);
+  assert.deepEqual([room.lastSeq, room.unread], [12, 4]);
+  const [local] = fromServer([], ['mine']);
+  assert.equal(local.known, false);
+  const h = heard(local, 30);
+  assert.deepEqual([h.lastSeq, h.unread], [30, 0]);
+  assert.equal(heard(h, 20), h);
+});
