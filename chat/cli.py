@@ -344,6 +344,12 @@ async def _member_change(url: str, room: str, user: str, *, add: bool) -> bool:
                     # With Redis fan-out the servers hear the room through the relay (0007).
                     relayed = dumps({"type": "removed", "user": user, "user_id": removed, "room_id": room_id})
                     await conn.execute(select(func.pg_notify(notify.RELAY_CHANNEL, relayed)))
+                # The user's /socket connections read their room list again (chat/connection.py).
+                user_id = removed if not add else await membership.user_id(conn, name=user)
+                if user_id is not None:
+                    await conn.execute(select(func.pg_notify(notify.user_channel(user_id), notify.ROOMS_CHANGED)))
+                    told = dumps({"type": "rooms", "user_id": user_id})
+                    await conn.execute(select(func.pg_notify(notify.RELAY_CHANNEL, told)))
                 body = f"{user} was {'added' if add else 'removed'} by an administrator"
                 await conn.execute(
                     text("INSERT INTO messages (room_id, author, kind, body) VALUES (:r, 'chat', 'notice', :b)"),

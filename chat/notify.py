@@ -19,8 +19,9 @@ A payload on a room's channel is one of:
 A user's channel (`user_<id>`) carries only ROOMS_CHANGED, to that user's `/socket` connections.
 
 The `chat_relay` channel (migration 0007) carries rows that other SQL clients inserted: a
-message payload with its "room_id" added, or {"room_id", "seq", "ref": true}; and room events
-that the CLI sends (a `removed` with its "room_id"). The relay of a
+message payload with its "room_id" added, or {"room_id", "seq", "ref": true}; and the events
+that the CLI sends (a `removed` with its "room_id"; {"type": "rooms", "user_id"} for a user's
+channel). The relay of a
 Redis deployment forwards each to its room's channel (`relayed`).
 """
 
@@ -121,9 +122,14 @@ def batch_payload(messages: Sequence[MessageRecord], *, limit: int = MAX_BATCH_B
 
 
 def relayed(payload: str) -> tuple[str, str] | None:
-    """The room channel and payload for one `chat_relay` notification (None if unreadable)."""
+    """The channel (a room's; a user's for a `rooms` event) and payload for one `chat_relay`
+    notification (None if unreadable)."""
     try:
         data = json.loads(payload)
+        if data.get("type") == "rooms" and "room_id" not in data:  # the CLI's: a user's room list changed
+            user_id = data["user_id"]
+            ok = isinstance(user_id, int) and not isinstance(user_id, bool)
+            return (user_channel(user_id), ROOMS_CHANGED) if ok else None
         room_id = data.pop("room_id")
     except (ValueError, KeyError, TypeError, AttributeError):
         return None

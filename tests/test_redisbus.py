@@ -348,7 +348,8 @@ async def test_membership_events_cross_processes_on_redis(
 ) -> None:
     """Issue 11 on Redis fan-out: a read position moved on one process reaches the user's socket
     on the other; a removal through the API ends the member's subscriptions on both processes;
-    a removal from the CLI (a NOTIFY, brought to Redis by the relay) too."""
+    a removal from the CLI (a NOTIFY, brought to Redis by the relay) too, and its invitation
+    tells the member's /socket that their room list changed."""
     from tests.test_cli import chat, clean_env
     from tests.test_membership import my_rooms, send, subscribe, users
 
@@ -381,9 +382,15 @@ async def test_membership_events_cross_processes_on_redis(
             await speaker.send("after the removal", client_id="after")
             await speaker.until("message", body="after the removal")
 
-            # Again from the command line: its NOTIFY reaches Redis through the relay.
+            # Again from the command line: its NOTIFY reaches Redis through the relay, and the
+            # member's sockets hear that their room list changed (their user channel, relayed).
+            watcher = await RoomClient.open(two.ws("/socket"), member.token)
+            await watcher.ws.send(json.dumps({"type": "ping"}))
+            await watcher.until("pong")  # its user channel is subscribed by now
             env = clean_env(DATABASE_URL=database_url)
             assert f"{member.name}: added" in chat("room", "invite", room, member.name, env=env).stdout
+            await watcher.until("rooms")
+            await watcher.close()
             again, ready = await subscribe(two, member, room)
             assert ready["type"] == "ready"
             assert f"{member.name}: removed" in chat("room", "remove", room, member.name, env=env).stdout
