@@ -624,6 +624,16 @@ def markdown(results: dict[str, Any]) -> str:
                     _n(row["kb_per_user"]), _x(ratio(row["kb_per_user"], one)), row["failed"] or 0,
                 )
             )  # fmt: skip
+        sidebar = multi.get("sidebar_ms")
+        if sidebar:
+            total, listed = sidebar["total"], sidebar["list"]
+            lines.append(
+                _row(
+                    f"time to the sidebar: GET /api/me/rooms + one /socket, {sidebar['rooms']} rooms",
+                    _pair(_n(total["p50"]), _n(total["p99"])), "-", "-",
+                    f"{total['n']} of {ready['socket']['n']} samples; the list alone p50 {_n(listed['p50'])} ms",
+                )
+            )  # fmt: skip
         lines.append("")
     fanout = results.get("fanout")
     if _ok(fanout):

@@ -5,6 +5,8 @@ join, idle, many rooms on one socket."""
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import time
 from typing import Any
 
@@ -571,13 +573,46 @@ def many_rooms(run: Run) -> dict[str, Any]:
             if many["opened"] == r:
                 ready["sockets"].append(many["ready_ms"]["max"])
             gen.call(0, "close", {"gids": [s[0] for s in specs]})
+        result["sidebar_ms"] = _sidebar(run, server, token(anchor), timing_rooms)
         gen.call(0, "close", {"gids": [anchor]})
         result["ready_ms"] = {k: describe(v) for k, v in ready.items()}
         log(
             f"  one user, {r} rooms: /socket ready p50 {_f(summary(ready['socket'])['p50'])} ms, "
             f"{r} room sockets p50 {_f(summary(ready['sockets'])['p50'])} ms"
         )
+        log(
+            f"  time to the sidebar, {r} rooms: p50 {_f(result['sidebar_ms']['total']['p50'])} ms "
+            f"(the room list p50 {_f(result['sidebar_ms']['list']['p50'])} ms)"
+        )
     finally:
         if fresh:
             server.stop()
     return result
+
+
+def _sidebar(run: Run, server: Server, token: str, rooms: list[str]) -> dict[str, Any]:
+    """Time to the sidebar (issue 11), as the page does it for a user who is a member of `rooms`:
+    GET /api/me/rooms, then ONE /socket subscribed to each of those rooms until every `ready`.
+    One user at a time; the rooms have another member on the socket (the anchor) already."""
+    wanted = set(rooms)
+    listed: list[float] = []
+    total: list[float] = []
+    for _ in range(run.knobs.multiroom_samples):
+        started = time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        try:
+            conn.request("GET", "/api/me/rooms?limit=1000", headers={"Authorization": f"Bearer {token}"})
+            answer = conn.getresponse()
+            body = answer.read()
+        finally:
+            conn.close()
+        got_list = time.perf_counter()
+        mine = [x["name"] for x in json.loads(body) if x["name"] in wanted] if answer.status == 200 else []
+        gid = run.gid()
+        one = run.gen.call(0, "subscribe", {"specs": [(gid, server.ws("/socket"), token, mine)]})
+        done = time.perf_counter()
+        run.gen.call(0, "close", {"gids": [gid]})
+        if len(mine) == len(rooms) and one["opened"] == 1 and not one["failed"]:
+            listed.append((got_list - started) * 1000)
+            total.append((done - started) * 1000)
+    return {"rooms": len(rooms), "list": describe(listed), "total": describe(total)}

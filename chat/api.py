@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from chat import deps, protocol, store
+from chat import deps, membership, protocol, store
 from chat.auth import HttpUser, Refused
 from chat.store import Identity, MessageRecord
 from chat.ws import ROOM_NAME
@@ -110,11 +110,12 @@ def _message(room: str, record: MessageRecord) -> MessageOut:
 
 
 async def _room_id(conn: AsyncConnection, user: Identity, room: str) -> int:
-    # `_…` rooms are the server's own and invalid names cannot exist: both answer as unknown.
+    # `_…` rooms are the server's own and invalid names cannot exist: both answer as unknown, as
+    # do private rooms the user is not a member of.
     if ROOM_NAME.fullmatch(room) and user.may_join(room):
-        found = await store.room_id(conn, name=room, create=False)
+        found = await membership.access(conn, room=room, user_id=user.user_id)
         if found is not None:
-            return found
+            return found.room_id
     raise Refused(404, "no such room")
 
 
@@ -125,9 +126,10 @@ async def rooms(
     after: Annotated[str | None, Query(max_length=64, pattern=r"^[^\x00]*$", description="the last name seen")] = None,
     limit: Annotated[int, Query(ge=1, le=ROOMS_MAX)] = 100,
 ) -> list[RoomOut]:
-    """The rooms this token may use, by name, each with its last seq."""
+    """The rooms this token may use, by name, each with its last seq: every public room, and the
+    private rooms (and DMs) this user is a member of."""
     async with engine.connect() as conn:
-        found = await store.visible_rooms(conn, only=user.rooms, after=after, limit=limit)
+        found = await store.visible_rooms(conn, user_id=user.user_id, only=user.rooms, after=after, limit=limit)
     return [RoomOut(name=r.name, last_seq=r.last_seq) for r in found]
 
 

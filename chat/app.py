@@ -19,7 +19,7 @@ from fastapi.exceptions import WebSocketRequestValidationError
 from fastapi.routing import APIWebSocketRoute
 from fastapi.staticfiles import StaticFiles
 
-from chat import api, http, ws
+from chat import api, http, roomapi, ws
 from chat.auth import Refused, refuse
 from chat.config import Settings, get_settings
 from chat.db import create_engine
@@ -28,6 +28,7 @@ from chat.limits import Limits
 from chat.logs import ClientAddress
 from chat.presence import Presence
 from chat.pubsub import PostgresBackend
+from chat.reads import ReadPositions
 from chat.redisbus import RedisBackend
 from chat.relay import Relay
 from chat.revocation import watch_tokens
@@ -153,6 +154,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 presence.publish = hub.publish  # join/leave through Redis, after commit
             stack.push_async_callback(presence.stop)  # also closes its own engine after a failed start
             await presence.start()
+            reads = hub.reads = ReadPositions(engine, hub.publish, interval=settings.read_interval_seconds)
+            reads.start()
+            stack.push_async_callback(reads.stop)
             tokens = asyncio.create_task(watch_tokens(hub, engine, interval=settings.token_check_seconds))
             stack.push_async_callback(_cancel, tokens)
             stack.callback(_drain_before_exit(hub, grace=SHUTDOWN_GRACE_SECONDS))
@@ -171,6 +175,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.include_router(http.router)
     app.include_router(api.router)
+    app.include_router(roomapi.router)
     _add_sockets(app, ws.router)
     if settings.chapter_routes:
         _add_sockets(app, ws.chapter)

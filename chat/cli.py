@@ -277,7 +277,109 @@ def token_revoke(token_ids: tuple[int, ...], user_name: str | None) -> None:
 
 @main.group()
 def room() -> None:
-    """List and delete rooms."""
+    """Make, list and delete rooms; invite and remove members."""
+
+
+@room.command("create")
+@click.argument("name")
+@click.option("--owner", required=True, help="The user who owns it (its first member).")
+@click.option("--private", is_flag=True, help="Only members see it; default: public.")
+@click.option("--topic", default="", help="Its topic.")
+def room_create(name: str, owner: str, private: bool, topic: str) -> None:
+    """Make room NAME owned by --owner (not counted against CHAT_MAX_ROOMS_PER_USER)."""
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from chat import membership
+    from chat.socket_frames import ROOM_NAME
+
+    if not ROOM_NAME.fullmatch(name) or name.startswith(membership.DM_PREFIX):
+        raise click.BadParameter(
+            "1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit, not dm.", param_hint="NAME"
+        )
+
+    async def run(conn: AsyncConnection) -> int | None:
+        owner_id = await membership.user_id(conn, name=owner)
+        if owner_id is None:
+            raise click.ClickException(f"no such user: {owner}")
+        visibility = membership.PRIVATE if private else membership.PUBLIC
+        return await membership.create(
+            conn, name=name, creator_id=owner_id, visibility=visibility, topic=topic, max_per_user=2**62
+        )
+
+    with database(get_settings()) as (url, _):
+        if asyncio.run(_with_conn(url, run)) is None:
+            raise click.ClickException(f"room name taken: {name}")
+    click.echo(f"created {'private' if private else 'public'} room {name}, owned by {owner}")
+
+
+async def _member_change(url: str, room: str, user: str, *, add: bool) -> bool:
+    """Invite or remove, as the API does: a notice in the room's stream; a removal also ends the
+    user's subscriptions to the room on every process (a `removed` event on its channel)."""
+    from sqlalchemy import func, select, text
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from chat import membership, notify, store
+    from chat.protocol import dumps
+
+    async def run(conn: AsyncConnection) -> bool:
+        room_id = await store.room_id(conn, name=room, create=False)
+        if room_id is None:
+            raise click.ClickException(f"no such room: {room}")
+        if add:
+            try:
+                changed = await membership.invite(conn, room_id=room_id, user_name=user)
+            except membership.NoSuchUser:
+                raise click.ClickException(f"no such user: {user}") from None
+            except membership.TooManyMembers as exc:
+                raise click.ClickException(str(exc)) from None
+        else:
+            removed = await membership.remove(conn, room_id=room_id, user_name=user)
+            changed = removed is not None
+        if changed:
+            async with conn.begin():
+                if not add:
+                    assert removed is not None
+                    event = notify.event_payload("removed", user, user_id=removed)
+                    await conn.execute(select(func.pg_notify(notify.room_channel(room_id), event)))
+                    # With Redis fan-out the servers hear the room through the relay (0007).
+                    relayed = dumps({"type": "removed", "user": user, "user_id": removed, "room_id": room_id})
+                    await conn.execute(select(func.pg_notify(notify.RELAY_CHANNEL, relayed)))
+                # The user's /socket connections read their room list again (chat/connection.py).
+                user_id = removed if not add else await membership.user_id(conn, name=user)
+                if user_id is not None:
+                    await conn.execute(select(func.pg_notify(notify.user_channel(user_id), notify.ROOMS_CHANGED)))
+                    told = dumps({"type": "rooms", "user_id": user_id})
+                    await conn.execute(select(func.pg_notify(notify.RELAY_CHANNEL, told)))
+                body = f"{user} was {'added' if add else 'removed'} by an administrator"
+                await conn.execute(
+                    text("INSERT INTO messages (room_id, author, kind, body) VALUES (:r, 'chat', 'notice', :b)"),
+                    {"r": room_id, "b": body},
+                )
+        return changed
+
+    return bool(await _with_conn(url, run))
+
+
+@room.command("invite")
+@click.argument("name")
+@click.argument("users", nargs=-1, required=True)
+def room_invite(name: str, users: tuple[str, ...]) -> None:
+    """Add USERS to room NAME."""
+    with database(get_settings()) as (url, _):
+        for user in users:
+            changed = asyncio.run(_member_change(url, name, user, add=True))
+            click.echo(f"{user}: {'added' if changed else 'already a member'}")
+
+
+@room.command("remove")
+@click.argument("name")
+@click.argument("users", nargs=-1, required=True)
+def room_remove(name: str, users: tuple[str, ...]) -> None:
+    """Remove USERS from room NAME; their open sockets leave the room at once."""
+    with database(get_settings()) as (url, _):
+        for user in users:
+            changed = asyncio.run(_member_change(url, name, user, add=False))
+            click.echo(f"{user}: {'removed' if changed else 'not a member'}")
 
 
 @room.command("list")
@@ -287,9 +389,12 @@ def room_list() -> None:
 
     with database(get_settings()) as (url, _):
         rows = asyncio.run(_with_conn(url, lambda c: store.list_rooms(c)))
-    click.echo(f"{'name':<30} {'last_seq':>10}  {'created':<17} created by")
+    click.echo(f"{'name':<30} {'last_seq':>10} {'visibility':<10} {'members':>7}  {'created':<17} created by")
     for r in rows:
-        click.echo(f"{r.name:<30} {r.last_seq:>10}  {r.created_at:%Y-%m-%d %H:%M} {r.created_by or '-'}")
+        click.echo(
+            f"{r.name:<30} {r.last_seq:>10} {r.visibility:<10} {r.members:>7}  "
+            f"{r.created_at:%Y-%m-%d %H:%M} {r.created_by or '-'}"
+        )
 
 
 @room.command("delete")

@@ -14,11 +14,14 @@ import logging
 import time
 from typing import Any
 
-from chat import logs, metrics, protocol, socket_frames
+from broadcaster._base import Unsubscribed
+
+from chat import logs, membership, metrics, notify, protocol, socket_frames
 from chat.client import Client
 from chat.config import Settings
 from chat.hub import Hub
 from chat.limits import FrameGuard
+from chat.membership import NoSuchRoom
 from chat.presence import Presence
 from chat.protocol import BadFrame, PingFrame
 from chat.service import RoomSession, admit, inflight_bound, open_room
@@ -28,6 +31,7 @@ from chat.socket_frames import (
     RoomFrame,
     RoomHistoryFrame,
     RoomReactFrame,
+    RoomReadFrame,
     RoomSendFrame,
     RoomUnreactFrame,
     SubscribeFrame,
@@ -68,6 +72,25 @@ class Connection:
         self.rooms: dict[str, RoomSession] = {}  # by name
         self._pending: dict[str, asyncio.Task[None]] = {}  # subscribes under way, by room
         self._slots: asyncio.Semaphore | None = None  # made on the first subscribe
+        self._leaving: set[asyncio.Task[None]] = set()  # presence updates of rooms removed from
+        # The user's room list changed (an invite, a new DM, a removal): the page reads it again.
+        self._rooms_changed = asyncio.create_task(self._hear_rooms_changed(), name=f"rooms-of-{identity.user_id}")
+
+    async def _hear_rooms_changed(self) -> None:
+        channel = notify.user_channel(self.identity.user_id)
+        while True:
+            try:
+                async with self.hub.broadcast.subscribe(channel) as subscriber:
+                    while True:
+                        event = await subscriber.get()
+                        # RESYNC: the fan-out reconnected, a change may have been missed.
+                        if event.message in (notify.ROOMS_CHANGED, notify.RESYNC):
+                            self.client.offer(notify.ROOMS_CHANGED)
+            except Unsubscribed:
+                return
+            except Exception as exc:  # the fan-out is away: the page reads the list on reconnect
+                log.warning("room list events of %r: %r", self.identity.name, exc)
+                await asyncio.sleep(1.0)
 
     def error(self, code: str, detail: str, **extra: Any) -> None:
         self.inflight.answer(protocol.error_frame(code, detail, **extra))
@@ -118,6 +141,8 @@ class Connection:
                 await session.change(frame)
             elif isinstance(frame, RoomHistoryFrame):
                 await session.history(frame)
+            elif isinstance(frame, RoomReadFrame):
+                session.read(frame.seq)
             else:
                 await session.typing()
         except BadFrame as exc:
@@ -168,7 +193,24 @@ class Connection:
                 return
             render = functools.partial(protocol.message_frame, room)
             sub = Subscription(self.client, room_id, room, render=render, tag=True, batch=True)
+            removed = asyncio.Event()  # until the room is this socket's (below), a removal only notes it
+            sub.on_removed = removed.set
             await self.hub.join(sub, timeout=self.settings.join_timeout_seconds)
+            # A removal that committed after open_room's check, and whose event this process
+            # handled before the join, reached no subscription: look again now that the feed
+            # has ours (a removal's event is published after its commit).
+            if not room.startswith("_") and not removed.is_set():
+                async with self.hub.engine.connect() as conn:
+                    if not await membership.is_member(conn, user_id=user.user_id, room_id=room_id):
+                        removed.set()
+            if removed.is_set():
+                self.hub.leave(sub)
+                raise NoSuchRoom(room)
+        except NoSuchRoom:
+            # A private room answers a non-member as a room that cannot be had, saying no more.
+            metrics.REFUSALS.labels("no such room").inc()
+            self.error("no_such_room", "no such room", room=room)
+            return
         except TimeoutError:
             metrics.REFUSALS.labels("room not ready").inc()
             self.error("unavailable", "room not ready: try again", room=room)
@@ -196,7 +238,12 @@ class Connection:
             self.hub.leave(sub)
             self.error("unavailable", "could not subscribe: try again", room=room)
             return
+        if removed.is_set():  # removed meanwhile (the hub has taken the subscription out already)
+            await self.presence.leave(room_id, user)
+            self.error("removed", "you were removed from this room", room=room)
+            return
         self.rooms[room] = session
+        sub.on_removed = functools.partial(self._removed, room, session)
         logs.event("open", room=room, user=user.name, token_id=user.token_id)
         await session.replay(after=frame.after, online=online)
 
@@ -215,8 +262,21 @@ class Connection:
         logs.event("close", room=room, user=self.identity.name, code=self.client.close_code, seconds=seconds)
         await self.presence.leave(session.room_id, self.identity)
 
+    def _removed(self, room: str, session: RoomSession) -> None:
+        """The user was removed from the room (the hub has taken the subscription out of the
+        feed): the room ends on this socket now, with an error frame saying why."""
+        if self.rooms.get(room) is not session:
+            return
+        del self.rooms[room]
+        self.error("removed", "you were removed from this room", room=room)
+        task = asyncio.create_task(self.presence.leave(session.room_id, self.identity))
+        self._leaving.add(task)
+        task.add_done_callback(self._leaving.discard)
+
     async def close(self) -> None:
         """The socket ended: stop the subscribes under way, and leave every room."""
+        self._rooms_changed.cancel()
+        await asyncio.gather(self._rooms_changed, return_exceptions=True)
         pending = list(self._pending.values())
         for task in pending:
             task.cancel()

@@ -53,6 +53,7 @@ class SessionIn(BaseModel):
 class Me(BaseModel):
     user: str
     expires_at: datetime | None
+    socket_rooms_max: int  # CHAT_SOCKET_ROOMS_MAX: the page subscribes to at most this many rooms
 
 
 @router.post("/api/session", responses={401: {"description": "the token is missing, unknown, expired or revoked"}})
@@ -73,7 +74,7 @@ async def sign_in(
         samesite="strict",
         secure=request.url.scheme == "https",
     )
-    return Me(user=who.name, expires_at=who.expires_at)
+    return Me(user=who.name, expires_at=who.expires_at, socket_rooms_max=settings.socket_rooms_max)
 
 
 @router.delete("/api/session", status_code=204)
@@ -84,11 +85,11 @@ async def sign_out(response: Response) -> Response:
 
 
 @router.get("/api/me", responses={401: {"description": "no valid session"}})
-async def me(engine: deps.Engine, session: Annotated[str | None, Cookie()] = None) -> Me:
+async def me(engine: deps.Engine, settings: deps.Settings, session: Annotated[str | None, Cookie()] = None) -> Me:
     if not session:
         raise Refused(401, "missing token")
     who = await identity_of(engine, session)
-    return Me(user=who.name, expires_at=who.expires_at)
+    return Me(user=who.name, expires_at=who.expires_at, socket_rooms_max=settings.socket_rooms_max)
 
 
 @router.get("/healthz")

@@ -19,6 +19,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from broadcaster import Broadcast
 from broadcaster._base import Unsubscribed
@@ -28,6 +29,7 @@ from chat import metrics, notify, store
 from chat.client import Client, RoomEvent
 from chat.notify import room_channel as channel_of
 from chat.protocol import dumps
+from chat.reads import ReadPositions
 from chat.store import MessageRecord
 from chat.subscription import Subscription
 
@@ -124,7 +126,13 @@ class RoomFeed:
 
     async def _notice(self, notice: notify.Notice) -> None:
         if isinstance(notice, notify.Event):
-            self._dispatch(RoomEvent(dumps({**notice.data, "room": self.name})))
+            kind = notice.data.get("type")
+            if kind == "read":
+                self._read(notice.data)
+            elif kind == "removed":
+                self._removed(notice.data)
+            else:
+                self._dispatch(RoomEvent(dumps({**notice.data, "room": self.name})))
         elif isinstance(notice, MessageRecord | notify.Ref) and notice.seq <= self.last_seq:
             return  # already dispatched (a backfill got there first)
         elif isinstance(notice, MessageRecord) and notice.seq == self.last_seq + 1:
@@ -167,6 +175,26 @@ class RoomFeed:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
+    def _of_user(self, data: dict[str, Any]) -> list[Subscription]:
+        user_id = data.get("user_id")
+        return [s for s in self.clients if s.identity is not None and s.identity.user_id == user_id]
+
+    def _read(self, data: dict[str, Any]) -> None:
+        """A user's read position moved: their own sockets hear it (a frame for each alone)."""
+        seq = data.get("read_seq")
+        if not isinstance(seq, int):
+            return
+        for subscription in self._of_user(data):
+            subscription.offer(dumps({"type": "read", "room": subscription.room, "seq": seq}))
+
+    def _removed(self, data: dict[str, Any]) -> None:
+        """A member was removed: their subscriptions leave the room now, in this process, before
+        anything else in the room's stream reaches them; the others hear who left."""
+        for subscription in self._of_user(data):
+            self.hub.leave(subscription)
+            subscription.removed()
+        self._dispatch(RoomEvent(dumps({"type": "removed", "user": str(data.get("user", "")), "room": self.name})))
+
     def _dispatch(self, item: MessageRecord | RoomEvent) -> None:
         if isinstance(item, MessageRecord):
             self.last_seq = item.seq
@@ -189,6 +217,7 @@ class Hub:
         self.closing = False  # shutting down: no new sockets
         self._idle = asyncio.Event()  # set while no socket is joined
         self._idle.set()
+        self.reads: ReadPositions | None = None  # set by the app's lifespan
 
     def attach(self, client: Client) -> None:
         self.sockets.add(client)
@@ -227,12 +256,21 @@ class Hub:
         feed = self.feeds.get(room_id)
         return feed.last_seq if feed is not None else 0
 
-    async def publish(self, room_id: int, kind: str, user: str) -> None:
-        """Fan out an ephemeral event (join, leave, typing) to the room in every process (best effort)."""
+    async def publish(self, room_id: int, kind: str, user: str, **extra: int) -> None:
+        """Fan out an ephemeral event (join, leave, typing, read, removed) to the room in every
+        process (best effort)."""
         try:
-            await self.broadcast.publish(channel_of(room_id), notify.event_payload(kind, user))
+            await self.broadcast.publish(channel_of(room_id), notify.event_payload(kind, user, **extra))
         except Exception as exc:
             log.warning("could not publish %s: %r", kind, exc)
+
+    async def rooms_changed(self, user_id: int) -> None:
+        """Tell the user's /socket connections, in every process, that their room list changed
+        (best effort: the page also reads the list at load and after each reconnect)."""
+        try:
+            await self.broadcast.publish(notify.user_channel(user_id), notify.ROOMS_CHANGED)
+        except Exception as exc:
+            log.warning("could not publish a room list change: %r", exc)
 
     async def published(self, room_id: int, records: Sequence[MessageRecord]) -> None:
         """Call after commit with one room's newly stored messages (seq order): one publish. A

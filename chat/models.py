@@ -8,6 +8,7 @@ from datetime import datetime
 from sqlalchemy import (
     ARRAY,
     BigInteger,
+    Boolean,
     CheckConstraint,
     Computed,
     DateTime,
@@ -18,6 +19,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     Text,
+    false,
     func,
     text,
 )
@@ -52,6 +54,7 @@ class Token(Base):
 
 class Room(Base):
     __tablename__ = "rooms"
+    __table_args__ = (CheckConstraint("visibility IN ('public', 'private')", name="rooms_visibility_check"),)
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     name: Mapped[str] = mapped_column(Text, unique=True)
@@ -60,6 +63,37 @@ class Room(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     # Who made it by joining it (migration 0006); None for the server's own and older rooms.
     created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    # Migration 0009: public rooms anyone may join; private ones only their members see.
+    visibility: Mapped[str] = mapped_column(Text, server_default="public")
+    topic: Mapped[str] = mapped_column(Text, server_default="")
+    dm: Mapped[bool] = mapped_column(Boolean, server_default=false())  # a private room of two
+
+
+class Membership(Base):
+    """A user in a room, with how far they have read (migration 0009)."""
+
+    __tablename__ = "memberships"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    room_id: Mapped[int] = mapped_column(ForeignKey("rooms.id", ondelete="CASCADE"), primary_key=True, index=True)
+    read_seq: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    joined_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Mention(Base):
+    """`@name` of a member in a message, resolved by the messages_mentions trigger (0009)."""
+
+    __tablename__ = "mentions"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["room_id", "seq"], ["messages.room_id", "messages.seq"], ondelete="CASCADE", name="mentions_message_fkey"
+        ),
+        Index("ix_mentions_room_id_seq", "room_id", "seq"),
+    )
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    room_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
 
 
 class Message(Base):

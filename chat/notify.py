@@ -12,11 +12,16 @@ A payload on a room's channel is one of:
 - a reference to one too big for NOTIFY's 8000 bytes: {"seq", "ref": true} (read the row);
 - a batch (Redis only): a JSON list of stored messages committed together, in seq order; a batch
   too big to carry is sent as a reference to its last seq instead;
-- an ephemeral room event without a seq: {"type": "join" | "leave" | "typing", "user"};
+- an ephemeral room event without a seq: {"type": "join" | "leave" | "typing", "user"}, or
+  {"type": "read", "user", "user_id", "read_seq"} / {"type": "removed", "user", "user_id"} (0009);
 - the empty string (RESYNC): notifications may have been missed, read the table.
 
+A user's channel (`user_<id>`) carries only ROOMS_CHANGED, to that user's `/socket` connections.
+
 The `chat_relay` channel (migration 0007) carries rows that other SQL clients inserted: a
-message payload with its "room_id" added, or {"room_id", "seq", "ref": true}. The relay of a
+message payload with its "room_id" added, or {"room_id", "seq", "ref": true}; and the events
+that the CLI sends (a `removed` with its "room_id"; {"type": "rooms", "user_id"} for a user's
+channel). The relay of a
 Redis deployment forwards each to its room's channel (`relayed`).
 """
 
@@ -36,7 +41,9 @@ MAX_PAYLOAD_BYTES = 8000  # Postgres refuses a longer payload; ours send a refer
 # A batch above this is replaced by a reference to its last seq: the subscribers read the rows
 # instead. Redis takes far more, but every subscriber buffers it.
 MAX_BATCH_BYTES = 256 * 1024
-EVENT_TYPES = frozenset({"join", "leave", "typing"})
+# "read" (a user's read position moved: for that user's sockets only) and "removed" (a member was
+# removed: their subscriptions end) come from chat/reads.py and the membership API (0009).
+EVENT_TYPES = frozenset({"join", "leave", "typing", "read", "removed"})
 # Sent by our listener itself after a reconnect: "you may have missed notifications, read the
 # table". Nothing we NOTIFY is empty, and an empty NOTIFY from anyone else costs a harmless read.
 RESYNC = ""
@@ -44,6 +51,16 @@ RESYNC = ""
 
 def room_channel(room_id: int) -> str:
     return f"{ROOM_PREFIX}{room_id}"
+
+
+USER_PREFIX = "user_"
+# On a user's channel: their room list changed (added to a room, a DM made with them, removed):
+# their /socket connections tell the page, which reads GET /api/me/rooms again.
+ROOMS_CHANGED = '{"type":"rooms"}'
+
+
+def user_channel(user_id: int) -> str:
+    return f"{USER_PREFIX}{user_id}"
 
 
 def room_of_channel(channel: str) -> int | None:
@@ -61,11 +78,13 @@ def _dumps(value: dict[str, Any]) -> str:
     return json.dumps(value, **_COMPACT)
 
 
-def event_payload(kind: str, user: str) -> str:
-    """An ephemeral room event (join, leave, typing)."""
+def event_payload(kind: str, user: str, **extra: int) -> str:
+    """An ephemeral room event (join, leave, typing; read and removed name the user_id too)."""
     if kind not in EVENT_TYPES:
         raise ValueError(f"not a room event: {kind!r}")
-    return _dumps({"type": kind, "user": user})
+    if "seq" in extra:
+        raise ValueError("an event has no seq: a payload with a seq is a stored message's")
+    return _dumps({"type": kind, "user": user, **extra})
 
 
 def _message_dict(message: MessageRecord) -> dict[str, Any]:
@@ -103,15 +122,22 @@ def batch_payload(messages: Sequence[MessageRecord], *, limit: int = MAX_BATCH_B
 
 
 def relayed(payload: str) -> tuple[str, str] | None:
-    """The room channel and payload for one `chat_relay` notification (None if unreadable)."""
+    """The channel (a room's; a user's for a `rooms` event) and payload for one `chat_relay`
+    notification (None if unreadable)."""
     try:
         data = json.loads(payload)
+        if data.get("type") == "rooms" and "room_id" not in data:  # the CLI's: a user's room list changed
+            user_id = data["user_id"]
+            ok = isinstance(user_id, int) and not isinstance(user_id, bool)
+            return (user_channel(user_id), ROOMS_CHANGED) if ok else None
         room_id = data.pop("room_id")
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
     if not isinstance(room_id, int) or isinstance(room_id, bool):
         return None
-    return room_channel(room_id), _dumps(data) if data.get("ref") else json.dumps([data], **_COMPACT)
+    if data.get("ref") or (data.get("seq") is None and data.get("type") in EVENT_TYPES):
+        return room_channel(room_id), _dumps(data)  # a reference, or an event (the CLI's `removed`)
+    return room_channel(room_id), json.dumps([data], **_COMPACT)
 
 
 # --- parsing -------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ CLOSE_TOO_BIG = 1009  # a frame over the hard frame limit (closed by uvicorn)
 CLOSE_TRY_AGAIN = 1013  # too many of this user's joins replaying at once: reconnect a little later
 CLOSE_SLOW_CONSUMER = 4000  # this socket's outgoing queue overflowed: reconnect with "after"
 CLOSE_TOKEN_REFUSED = 4001  # the token was revoked or expired while the socket was open
+CLOSE_REMOVED = 4003  # the user was removed from the room (room socket; /socket gets an error frame)
 CLOSE_IDLE = 4002  # the chapter's echo socket: nothing received for CHAT_ECHO_IDLE_SECONDS
 CLOSE_FLOOD = 4029  # kept sending while rate limited
 
@@ -89,7 +90,16 @@ class HistoryFrame(_Frame):
     limit: int = Field(default=50, ge=1, le=MAX_BIGINT)  # then clamped to CHAT_HISTORY_PAGE_MAX
 
 
-Incoming = SendFrame | PingFrame | HistoryFrame | TypingFrame | EditFrame | DeleteFrame | ReactFrame | UnreactFrame
+class ReadFrame(_Frame):
+    """Everything up to `seq` has been read (never moves back; written coalesced, chat/reads.py)."""
+
+    type: Literal["read"]
+    seq: int = Field(ge=0, le=MAX_BIGINT)
+
+
+Incoming = (
+    SendFrame | PingFrame | HistoryFrame | TypingFrame | EditFrame | DeleteFrame | ReactFrame | UnreactFrame | ReadFrame
+)
 _incoming: TypeAdapter[Incoming] = TypeAdapter(Annotated[Incoming, Field(discriminator="type")])
 
 
@@ -104,7 +114,7 @@ class BadFrame(Exception):
 
 def parse(text: str) -> Incoming:
     return validate(
-        _incoming, text, 'the frame needs a "type": send, edit, delete, react, unreact, history, typing or ping'
+        _incoming, text, 'the frame needs a "type": send, edit, delete, react, unreact, history, typing, read or ping'
     )
 
 

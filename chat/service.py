@@ -12,12 +12,13 @@ import asyncpg
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from chat import metrics, protocol, store
+from chat import membership, metrics, protocol, store
 from chat.client import SLOW_CONSUMER, Client
 from chat.config import Settings
 from chat.db import reading
 from chat.hub import Hub
 from chat.limits import FrameGuard, RateLimited, ReplayBusy
+from chat.membership import NoSuchRoom
 from chat.protocol import (
     CLOSE_FLOOD,
     CLOSE_SLOW_CONSUMER,
@@ -29,6 +30,7 @@ from chat.protocol import (
     HistoryFrame,
     PingFrame,
     ReactFrame,
+    ReadFrame,
     SendFrame,
     TypingFrame,
     UnreactFrame,
@@ -69,15 +71,35 @@ def inflight_bound(settings: Settings) -> int:
 
 
 async def open_room(engine: AsyncEngine, *, user: Identity, room: str, max_per_user: int) -> int | None:
-    """The room's id, made now if it is new; None when the user has made `max_per_user` rooms
-    already. Callers check everything else first, so that a refused join makes no room."""
-    async with reading(engine) as conn:
-        room_id = await store.room_id(conn, name=room, create=False)
-    if room_id is None:
-        async with engine.connect() as conn:  # a transaction: create_room locks the creator's row
-            creator = None if room.startswith("_") else user.user_id  # "_…": the server's own rooms
-            room_id = await store.create_room(conn, name=room, creator_id=creator, max_per_user=max_per_user)
-    return room_id
+    """The room's id, made now (public, owned by the user) if it is new; None when the user has
+    made `max_per_user` rooms already. Joining a public room makes the user a member; a private
+    room they are not in raises NoSuchRoom, as does a DM name (those are made by POST /api/dms
+    only). Callers check everything else first, so that a refused join makes no room."""
+    if not room.startswith("_"):
+        async with reading(engine) as conn:  # the common case, a member coming back: no transaction
+            seen = await membership.access(conn, room=room, user_id=user.user_id)
+        if seen is not None and seen.member:
+            return seen.room_id
+    async with engine.connect() as conn:
+        if room.startswith("_"):  # "_…": the server's own rooms, without members
+            room_id = await store.room_id(conn, name=room, create=False)
+            if room_id is None:
+                room_id = await store.create_room(conn, name=room, creator_id=None, max_per_user=max_per_user)
+            return room_id
+        found = await membership.access(conn, room=room, user_id=user.user_id)
+        if found is None:
+            if room.startswith(membership.DM_PREFIX):
+                raise NoSuchRoom(room)
+            # Made now, or found made (by someone else a moment ago, or private: then refused).
+            room_id = await store.create_room(conn, name=room, creator_id=user.user_id, max_per_user=max_per_user)
+            if room_id is None:
+                return None
+            found = await membership.access(conn, room=room, user_id=user.user_id)
+            if found is None:
+                raise NoSuchRoom(room)
+        if not found.member:
+            await membership.enter(conn, room_id=found.room_id, user_id=user.user_id)
+    return found.room_id
 
 
 def admit(guard: FrameGuard, client: Client | Subscription) -> RateLimited | None:
@@ -237,6 +259,8 @@ class RoomSession:
                 await self.history(frame)
             elif isinstance(frame, TypingFrame):
                 await self.typing()
+            elif isinstance(frame, ReadFrame):
+                self.read(frame.seq)
             elif isinstance(frame, PingFrame):
                 self.reply({"type": "pong"})
         except BadFrame as exc:
@@ -324,6 +348,15 @@ class RoomSession:
             return
         self._typed_at = now
         await self.hub.publish(self.room_id, "typing", self.identity.name)
+
+    def read(self, seq: int) -> None:
+        """Everything up to `seq` is read: written coalesced (chat/reads.py); every socket of
+        this user in the room hears the new position as a `read` frame once it is stored."""
+        reads = self.hub.reads
+        if reads is None or not reads.advance(
+            user_id=self.identity.user_id, user=self.identity.name, room_id=self.room_id, seq=seq
+        ):
+            raise BadFrame("unavailable", "read positions are not being taken now: try again")
 
     async def history(self, frame: HistoryFrame) -> None:
         """A page of older messages. If it would be over CHAT_HISTORY_REPLY_BYTES, its oldest

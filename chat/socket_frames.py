@@ -17,6 +17,7 @@ from chat.protocol import (
     HistoryFrame,
     PingFrame,
     ReactFrame,
+    ReadFrame,
     SendFrame,
     TypingFrame,
     UnreactFrame,
@@ -67,6 +68,10 @@ class RoomUnreactFrame(UnreactFrame):
     room: str = Field(max_length=64)
 
 
+class RoomReadFrame(ReadFrame):
+    room: str = Field(max_length=64)
+
+
 RoomChangeFrame = RoomEditFrame | RoomDeleteFrame | RoomReactFrame | RoomUnreactFrame
 Incoming = (
     SubscribeFrame
@@ -78,9 +83,10 @@ Incoming = (
     | RoomDeleteFrame
     | RoomReactFrame
     | RoomUnreactFrame
+    | RoomReadFrame
     | PingFrame
 )
-RoomFrame = RoomSendFrame | RoomHistoryFrame | RoomTypingFrame | RoomChangeFrame
+RoomFrame = RoomSendFrame | RoomHistoryFrame | RoomTypingFrame | RoomChangeFrame | RoomReadFrame
 _incoming: TypeAdapter[Incoming] = TypeAdapter(Annotated[Incoming, Field(discriminator="type")])
 
 
@@ -89,7 +95,7 @@ def parse(text: str) -> Incoming:
         _incoming,
         text,
         (
-            'the frame needs a "type": subscribe, unsubscribe, send, edit, delete, react, unreact, history, typing or'
-            " ping"
+            'the frame needs a "type": subscribe, unsubscribe, send, edit, delete, react, unreact, history, typing,'
+            " read or ping"
         ),
     )

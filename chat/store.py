@@ -21,6 +21,7 @@ from sqlalchemy import (
     func,
     insert,
     literal_column,
+    or_,
     select,
     tuple_,
     update,
@@ -30,7 +31,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import aliased
 
-from chat.models import Message, MessageReaction, Room, Token, User
+from chat.models import Membership, Message, MessageReaction, Room, Token, User
 
 TOKEN_PREFIX = "chat_"
 
@@ -180,16 +181,22 @@ class RoomRow:
     last_seq: int
     created_at: datetime
     created_by: str | None
+    visibility: str = "public"
+    members: int = 0
 
 
 async def list_rooms(conn: AsyncConnection) -> list[RoomRow]:
-    """Every room, by name, with its creator (for `chat room list`)."""
+    """Every room, by name, with its creator, visibility and member count (`chat room list`)."""
+    members = select(func.count()).select_from(Membership).where(Membership.room_id == Room.id).scalar_subquery()
     rows = await conn.execute(
-        select(Room.name, Room.last_seq, Room.created_at, User.name.label("creator"))
+        select(
+            Room.name, Room.last_seq, Room.created_at, User.name.label("creator"), Room.visibility,
+            members.label("members"),
+        )
         .outerjoin(User, User.id == Room.created_by)
         .order_by(Room.name)
-    )
-    return [RoomRow(r.name, r.last_seq, r.created_at, r.creator) for r in rows]
+    )  # fmt: skip
+    return [RoomRow(r.name, r.last_seq, r.created_at, r.creator, r.visibility, r.members) for r in rows]
 
 
 async def delete_rooms(conn: AsyncConnection, *, names: list[str]) -> list[str]:
@@ -401,11 +408,15 @@ class RoomSummary:
 
 
 async def visible_rooms(
-    conn: AsyncConnection, *, only: tuple[str, ...] | None, after: str | None, limit: int
+    conn: AsyncConnection, *, user_id: int, only: tuple[str, ...] | None, after: str | None, limit: int
 ) -> list[RoomSummary]:
-    """Rooms by name after `after` (a name cursor), restricted to `only` when given. Rooms named
-    `_…` are the server's own (the chapter's) and never listed."""
-    query = select(Room.name, Room.last_seq).where(func.left(Room.name, 1) != "_")
+    """Rooms by name after `after` (a name cursor), restricted to `only` when given: the public
+    ones, and the private ones `user_id` is a member of. Rooms named `_…` are the server's own
+    (the chapter's) and never listed."""
+    member = select(Membership.room_id).where(Membership.room_id == Room.id, Membership.user_id == user_id).exists()
+    query = select(Room.name, Room.last_seq).where(
+        func.left(Room.name, 1) != "_", or_(Room.visibility == "public", member)
+    )
     if only is not None:
         query = query.where(Room.name.in_(only))
     if after is not None:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from chat.client import Client, RoomEvent
+from chat.protocol import CLOSE_REMOVED
 from chat.store import Identity, MessageRecord
 
 Item = MessageRecord | RoomEvent | str  # str: a frame for this socket alone (ack, error, ...)
@@ -29,6 +30,7 @@ class Subscription:
         "cursor",
         "events",
         "live_only",
+        "on_removed",
         "render",
         "replaying",
         "room",
@@ -62,6 +64,9 @@ class Subscription:
         self.batch = batch  # replay in `messages` frames (the multiplexed socket)
         self._held: list[str] | None = None
         self.since = time.monotonic()
+        # The user was removed from the room (the hub has taken this out of the feed already):
+        # a socket of many rooms drops the room; by default the socket is closed.
+        self.on_removed: Callable[[], None] | None = None
 
     @property
     def identity(self) -> Identity | None:
@@ -136,6 +141,12 @@ class Subscription:
 
     def go_away(self) -> None:
         self.client.go_away()
+
+    def removed(self) -> None:
+        if self.on_removed is not None:
+            self.on_removed()
+        else:
+            self.client.kick(CLOSE_REMOVED, "removed from the room", flush=True)
 
 
 def chapter_render(message: MessageRecord) -> str | None:

@@ -17,13 +17,15 @@ from fastapi.exceptions import WebSocketRequestValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import HTTPConnection
 
-from chat import deps, logs, metrics, protocol, socket_frames
+from chat import deps, logs, membership, metrics, protocol, socket_frames
 from chat.auth import Refused, SocketToken, SocketUser, check_origin, refuse
 from chat.client import Client
 from chat.config import Settings
 from chat.connection import Connection
+from chat.db import reading
 from chat.hub import Hub
 from chat.limits import FrameGuard, Limits, TokenBucket, TooManyConnections
+from chat.membership import NoSuchRoom
 from chat.protocol import CLOSE_FLOOD, CLOSE_IDLE, MAX_BIGINT
 from chat.service import RoomSession, admit, check_body, inflight_bound, open_room
 from chat.store import TOKEN_PREFIX, Identity
@@ -104,11 +106,23 @@ async def _join(
         raise Refused(403, "room not allowed for this token")
     guard = _connect(shared.hub, shared.limits, user, client)
     try:
-        room_id = await open_room(shared.engine, user=user, room=room, max_per_user=shared.settings.max_rooms_per_user)
+        try:
+            room_id = await open_room(
+                shared.engine, user=user, room=room, max_per_user=shared.settings.max_rooms_per_user
+            )
+        except NoSuchRoom:
+            raise Refused(404, "no such room") from None
         if room_id is None:
             raise Refused(429, "too many rooms created by this user")
         sub = Subscription(client, room_id, room, render=render, live_only=live_only, events=events)
         await _enter(shared, sub)
+        # As on /socket (chat/connection.py): a removal that committed after open_room's check
+        # and whose event came before the join reached no subscription: look again.
+        if not room.startswith("_"):
+            async with reading(shared.engine) as conn:
+                if not await membership.is_member(conn, user_id=user.user_id, room_id=room_id):
+                    shared.hub.leave(sub)
+                    raise Refused(404, "no such room")
     except BaseException:
         _disconnect(shared.hub, shared.limits, user, client)
         raise

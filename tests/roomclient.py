@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 Frame = dict[str, Any]
 
@@ -89,6 +89,11 @@ class RoomClient:
     async def close(self) -> None:
         await self.ws.close()
         await asyncio.gather(self._reader, return_exceptions=True)
+
+    @staticmethod
+    def refused() -> type[Exception]:
+        """What open() raises for a socket refused before accept (an HTTP status)."""
+        return InvalidStatus
 
     async def __aenter__(self) -> RoomClient:
         return self

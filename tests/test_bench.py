@@ -26,6 +26,8 @@ def test_bench_smoke(database_url: str, tmp_path: Path) -> None:
     for kind in results["multiroom"]["memory"].values():
         if isinstance(kind, dict):
             assert kind["failed"] == {} and kind["opened"] == kind["users"], kind
+    sidebar = results["multiroom"]["sidebar_ms"]  # issue 11: the room list, then one socket for all its rooms
+    assert sidebar["rooms"] == results["multiroom"]["rooms"] and sidebar["total"]["n"] > 0, sidebar
     assert results["limits"]["single_commit"]["commits"] > 0
     assert {"chat", "inmemory"} <= results["idle"].keys()
     if with_redis:

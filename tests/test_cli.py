@@ -292,3 +292,29 @@ def test_sign_in_link_is_printed_only_to_a_terminal(tmp_root: Path) -> None:
         proc.terminate()
         proc.wait(30)
         os.close(controller)
+
+
+async def test_room_create_invite_remove(server_a: Server, database_url: str, make_token: MakeToken) -> None:
+    """Issue 11: private rooms and their members from the command line; a removal ends the
+    member's socket at once."""
+    env = clean_env(DATABASE_URL=database_url)
+    owner, member = unique("boss"), unique("staff")
+    await make_token(owner)
+    token = await make_token(member)
+    room = unique("board")
+    assert "created private room" in chat("room", "create", room, "--owner", owner, "--private", env=env).stdout
+    line = next(line for line in chat("room", "list", env=env).stdout.splitlines() if line.startswith(room))
+    assert line.split()[1:4] == ["0", "private", "1"] and line.split()[-1] == owner
+    with pytest.raises(RoomClient.refused()):
+        await RoomClient.open(server_a.ws(f"/rooms/{room}/ws"), token)
+    assert f"{member}: added" in chat("room", "invite", room, member, env=env).stdout
+    async with await RoomClient.open(server_a.ws(f"/rooms/{room}/ws"), token) as client:
+        await client.ready()
+        assert f"{member}: removed" in chat("room", "remove", room, member, env=env).stdout
+        assert await client.wait_closed() == 4003
+    assert [(m["kind"], m["body"]) for m in client.frames if m["type"] == "message"] == [
+        ("notice", f"{member} was added by an administrator")
+    ]
+    with pytest.raises(subprocess.CalledProcessError) as missing:
+        chat("room", "invite", room, unique("ghost"), env=env)
+    assert "no such user" in missing.value.stderr

@@ -7,7 +7,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy import Connection, inspect
+from sqlalchemy import Connection, inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from chat.cli import ROOT, run_migrations
@@ -97,3 +97,61 @@ def test_message_changes_go_down_and_up_with_data(postgres: Database) -> None:
     _, diff = _inspect(url)
     assert diff == []
     assert asyncio.run(check()) == [(1, "text", "one, edited")]
+
+
+def test_membership_migration_on_a_filled_database(postgres: Database) -> None:
+    """0009 on data written by 0008: rooms become public, writers and creators become members
+    (read up to the head), and the downgrade gives the old schema back with the data."""
+    url = postgres.create("chat_membership")
+    run_migrations(url, "0008")
+
+    async def fill() -> None:
+        engine = create_async_engine(url)
+        async with engine.begin() as conn:
+            await conn.execute(text("INSERT INTO users (name) VALUES ('ann'), ('ben'), ('cat')"))
+            await conn.execute(
+                text(
+                    "INSERT INTO rooms (name, created_by) VALUES "
+                    "('general', (SELECT id FROM users WHERE name = 'cat')), ('quiet', NULL)"
+                )
+            )
+            for author, room in (("ann", "general"), ("ann", "general"), ("ben", "quiet"), ("ann", "quiet")):
+                await conn.execute(
+                    text(
+                        "INSERT INTO messages (room_id, author_id, author, body) SELECT r.id, u.id, u.name, 'hi @ben' "
+                        "FROM rooms r, users u WHERE r.name = :r AND u.name = :a"
+                    ),
+                    {"r": room, "a": author},
+                )
+        await engine.dispose()
+
+    async def look() -> tuple[list[tuple[str, str]], list[tuple[str, str, int]]]:
+        engine = create_async_engine(url)
+        async with engine.connect() as conn:
+            rooms = [
+                (r.name, r.visibility)
+                for r in await conn.execute(text("SELECT name, visibility FROM rooms ORDER BY name"))
+            ]
+            members = [
+                (r.name, r.room, r.read_seq)
+                for r in await conn.execute(
+                    text(
+                        "SELECT u.name, r.name AS room, m.read_seq FROM memberships m "
+                        "JOIN users u ON u.id = m.user_id JOIN rooms r ON r.id = m.room_id ORDER BY 2, 1"
+                    )
+                )
+            ]
+        await engine.dispose()
+        return rooms, members
+
+    asyncio.run(fill())
+    run_migrations(url)
+    rooms, members = asyncio.run(look())
+    assert rooms == [("general", "public"), ("quiet", "public")]
+    assert members == [("ann", "general", 2), ("cat", "general", 2), ("ann", "quiet", 2), ("ben", "quiet", 2)]
+
+    command.downgrade(_config(url), "0008")
+    tables, _ = _inspect(url)
+    assert "memberships" not in tables and "mentions" not in tables and "messages" in tables
+    run_migrations(url)
+    assert asyncio.run(look())[0] == rooms

@@ -123,6 +123,12 @@ def test_relay_payloads_go_to_their_room_channel() -> None:
     assert notify.relayed('{"seq": 8}') is None
     assert notify.relayed('{"room_id": "3", "seq": 8}') is None
     assert notify.relayed("[1]") is None
+    # The CLI's events: a removal on the room's channel, a room list change on the user's.
+    removed = '{"type":"removed","user":"bob","user_id":5}'
+    assert notify.relayed('{"type": "removed", "user": "bob", "user_id": 5, "room_id": 3}') == ("room_3", removed)
+    assert notify.relayed('{"type": "rooms", "user_id": 5}') == ("user_5", notify.ROOMS_CHANGED)
+    assert notify.relayed('{"type": "rooms", "user_id": "5"}') is None
+    assert notify.relayed('{"type": "rooms"}') is None
 
 
 def test_a_batch_parses_item_by_item_and_never_raises() -> None:

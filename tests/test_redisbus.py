@@ -341,3 +341,65 @@ async def test_redis_subscriber_connection_killed(
 
     await run_with_fault(redis_pair, make_token, database_url, fault, label="CLIENT KILL (redis subscriber)")
     assert all("redis reconnected" in server.log() for server in redis_pair)
+
+
+async def test_membership_events_cross_processes_on_redis(
+    redis_pair: list[Server], make_token: MakeToken, database_url: str
+) -> None:
+    """Issue 11 on Redis fan-out: a read position moved on one process reaches the user's socket
+    on the other; a removal through the API ends the member's subscriptions on both processes;
+    a removal from the CLI (a NOTIFY, brought to Redis by the relay) too, and its invitation
+    tells the member's /socket that their room list changed."""
+    from tests.test_cli import chat, clean_env
+    from tests.test_membership import my_rooms, send, subscribe, users
+
+    one, two = redis_pair
+    async with users(one, make_token, "owner", "member") as (owner, member):
+        room = unique("priv")
+        assert (await owner.api.post("/rooms", json={"name": room, "visibility": "private"})).status_code == 201
+        assert (await owner.api.post(f"/rooms/{room}/members", json={"user": member.name})).json()["changed"]
+        async with await RoomClient.open(one.ws(f"/rooms/{room}/ws"), owner.token) as speaker:
+            await speaker.ready()
+            await speaker.send(f"hello @{member.name}", client_id="hi")
+            await speaker.until("ack", client_id="hi")
+            head = (await speaker.until("message", body=f"hello @{member.name}"))["seq"]
+            laptop, ready = await subscribe(two, member, room)
+            phone, _ = await subscribe(one, member, room)
+            assert ready["type"] == "ready"
+            assert (await my_rooms(member))[room]["mentions"] == 1
+            await send(phone, type="read", room=room, seq=head)
+            assert (await laptop.until("read", room=room))["seq"] == head  # from process one to two
+            assert (await my_rooms(member))[room]["mentions"] == 0
+
+            single = await RoomClient.open(two.ws(f"/rooms/{room}/ws"), member.token)
+            await single.ready()
+            removed = await owner.api.delete(f"/rooms/{room}/members/{member.name}")
+            assert removed.json()["changed"] is True
+            for client in (laptop, phone):
+                assert (await client.until("error", code="removed"))["room"] == room
+            assert await single.wait_closed() == 4003
+            await speaker.until("removed", user=member.name)
+            await speaker.send("after the removal", client_id="after")
+            await speaker.until("message", body="after the removal")
+
+            # Again from the command line: its NOTIFY reaches Redis through the relay, and the
+            # member's sockets hear that their room list changed (their user channel, relayed).
+            watcher = await RoomClient.open(two.ws("/socket"), member.token)
+            await watcher.ws.send(json.dumps({"type": "ping"}))
+            await watcher.until("pong")  # its user channel is subscribed by now
+            env = clean_env(DATABASE_URL=database_url)
+            assert f"{member.name}: added" in chat("room", "invite", room, member.name, env=env).stdout
+            await watcher.until("rooms")
+            await watcher.close()
+            again, ready = await subscribe(two, member, room)
+            assert ready["type"] == "ready"
+            assert f"{member.name}: removed" in chat("room", "remove", room, member.name, env=env).stdout
+            assert (await again.until("error", code="removed"))["room"] == room
+            await speaker.until("message", body=f"{member.name} was removed by an administrator")
+            await speaker.send("after the second removal", client_id="after2")
+            await speaker.until("message", body="after the second removal")
+            for client in (laptop, phone, again):
+                assert "after the removal" not in [m.get("body") for m in client.frames if m.get("room") == room]
+                assert not any(f.get("body") == "after the second removal" for f in client.frames)
+                await client.close()
+            await single.close()

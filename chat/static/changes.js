@@ -7,7 +7,9 @@
 window.ChatChanges = (function () {
   const EMOJI = ['👍', '❤️', '😂', '🎉', '😮'];
   const QUOTE_CHARS = 80;
-  let hooks = null; // {me: () => name, send: (frame) => bool, list: <ol>, input: <textarea>, bar: <div>}
+  // {me: () => name, send: (frame) => bool, list: <ol>, input: <textarea>, bar: <div>,
+  //  body?: (li, text) => void renders an edited body}
+  let hooks = null;
   let mode = null; // {kind: 'edit' | 'reply', seq, author, body}
   let counter = 0;
 
@@ -116,7 +118,8 @@ window.ChatChanges = (function () {
     if (!li || li.classList.contains('deleted')) return;
     if (li.dataset.asOf && f.seq <= Number(li.dataset.asOf)) return;
     if (f.kind === 'edit') {
-      li.querySelector('.body').textContent = f.body;
+      if (hooks.body) hooks.body(li, f.body); // the page's links and mentions
+      else li.querySelector('.body').textContent = f.body;
       markEdited(li);
     } else if (f.kind === 'delete') {
       markDeleted(li);

@@ -1,6 +1,14 @@
-// The chat page: sign-in, rooms, one room socket at a time, resume by seq, pending sends.
-// Every piece of user-controlled text goes through textContent, never innerHTML.
-'use strict';
+// The chat page: sign-in, rooms on ONE /socket (js/connection.js: every room the sidebar follows,
+// resumed per room by seq), pending sends; the sidebar from the server's room list with unread
+// badges kept live from that socket, read positions, mentions, search. Every piece of
+// user-controlled text goes through textContent, never innerHTML. ES modules: the API client
+// (js/api.js), the connection (js/connection.js), room state as pure functions (js/rooms.js,
+// js/text.js; tested by node --test) and rendering (js/render.js); this module wires them.
+import * as http from './js/api.js';
+import { Connection, wanted } from './js/connection.js';
+import * as render from './js/render.js';
+import * as roomList from './js/rooms.js';
+import { mentions } from './js/text.js';
 
 const ROOM_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
 const HISTORY_LIMIT = 50;
@@ -11,11 +19,13 @@ const LABELS = { connecting: 'Connecting…', connected: 'Connected', reconnecti
 
 const el = {};
 let me = null; // the signed-in user's name
-let rooms = []; // the rooms in the sidebar
+let rooms = []; // the rooms in the sidebar, by name
+let entries = new Map(); // name -> the room list's entry (js/rooms.js): label, unread, mentions, readSeq
+let maxRooms = 50; // the server's CHAT_SOCKET_ROOMS_MAX (GET /api/me)
 let current = null; // the room being shown
 let shown = null; // the room whose nodes are in #messages and #outbox
 const roomState = new Map(); // room name -> state, see stateOf
-let conn = null; // {ws, room, opened, ready, inflight: [client_id, ...], lastHeard}
+let conn = null; // the one socket (js/connection.js), or null while reconnecting
 const retry = { attempt: 0, failures: 0, timer: null, tick: null };
 let pingTimer = null;
 
@@ -32,12 +42,7 @@ function save(key, value) {
   try { localStorage.setItem(key, JSON.stringify(value)); } catch (e) { /* storage off: fine */ }
 }
 
-function node(tag, className, text) {
-  const n = document.createElement(tag);
-  n.className = className;
-  if (text !== undefined) n.textContent = text == null ? '' : String(text);
-  return n;
-}
+const node = render.node;
 
 function newClientId() {
   if (window.crypto && typeof crypto.randomUUID === 'function') return crypto.randomUUID();
@@ -50,17 +55,7 @@ function detailOf(data, fallback) {
   return fallback;
 }
 
-async function api(method, path, body) {
-  const init = { method, credentials: 'same-origin', headers: {} };
-  if (body !== undefined) {
-    init.headers['Content-Type'] = 'application/json';
-    init.body = JSON.stringify(body);
-  }
-  const res = await fetch(path, init);
-  let data = null;
-  try { data = await res.json(); } catch (e) { /* 204, or not JSON */ }
-  return { ok: res.ok, status: res.status, data };
-}
+const api = http.api;
 
 function showText(target, text) {
   target.textContent = text || '';
@@ -99,7 +94,10 @@ function tokenFromHash() {
 async function checkMe() {
   try {
     const r = await api('GET', '/api/me');
-    if (r.ok && r.data && typeof r.data.user === 'string') return { user: r.data.user };
+    if (r.ok && r.data && typeof r.data.user === 'string') {
+      if (Number.isInteger(r.data.socket_rooms_max) && r.data.socket_rooms_max > 0) maxRooms = r.data.socket_rooms_max;
+      return { user: r.data.user };
+    }
     return r.status === 401 ? { signedOut: true } : { error: `the server answered ${r.status}` };
   } catch (e) { return { error: 'cannot reach the server' }; }
 }
@@ -111,6 +109,7 @@ async function signIn(token) {
     const r = await api('POST', '/api/session', { token });
     if (r.ok && r.data && typeof r.data.user === 'string') {
       el.tokenInput.value = '';
+      await checkMe(); // the server's limits (socket_rooms_max)
       startChat(r.data.user);
     } else {
       showSignin(`Sign-in failed: ${detailOf(r.data, `the server answered ${r.status}`)}.`);
@@ -172,10 +171,12 @@ function startChat(user) {
   if (!rooms.includes(room)) rooms.push(room);
   save(roomsKey(), rooms);
   current = null;
+  entries = new Map(roomList.fromServer([], rooms).map((r) => [r.name, r]));
   renderRoomList();
   showView('chat');
   fitComposer();
   openRoom(room);
+  refreshRooms();
   if (window.matchMedia('(pointer: fine)').matches) el.messageInput.focus(); // no on-screen keyboard popping up
 }
 
@@ -197,16 +198,82 @@ function stateOf(name) {
   return roomState.get(name);
 }
 
+// The server's room list (every device sees the same), then the names only this browser knows.
+// Read at load, after each reconnect, when the tab comes back, and when the socket says the
+// list changed (`rooms`: an invitation, a new DM, a removal); never polled. Between reads the
+// badges of the rooms on the socket move with its frames.
+let listing = null; // {user, again}: one read at a time per user, and one more after it
+async function refreshRooms() {
+  if (!me) return;
+  if (listing && listing.user === me) { listing.again = true; return; }
+  const mine = listing = { user: me, again: false };
+  try {
+    const r = await http.myRooms();
+    if (listing !== mine || me !== mine.user) return; // signed out, or another account, meanwhile
+    if (r.ok && Array.isArray(r.data)) {
+      const local = rooms.filter((name) => !r.data.some((s) => s.name === name) && !entries.get(name)?.known);
+      const fresh = roomList.fromServer(r.data, local);
+      for (const entry of fresh) {
+        const old = entries.get(entry.name);
+        // What this page heard live is never older than the list's snapshot.
+        if (old && old.readSeq > entry.readSeq) Object.assign(entry, roomList.onRead(entry, old.readSeq));
+        if (old && old.lastSeq > entry.lastSeq) Object.assign(entry, { lastSeq: old.lastSeq, unread: Math.max(entry.unread, old.unread) });
+      }
+      entries = new Map(fresh.map((e) => [e.name, e]));
+      rooms = fresh.map((e) => e.name);
+      save(roomsKey(), rooms);
+      renderRoomList();
+      holdRooms();
+    }
+  } catch (e) { /* offline: read again after the reconnect */ }
+  if (listing !== mine) return;
+  listing = null;
+  if (mine.again) refreshRooms();
+}
+
+// The rooms on the socket: the shown one, then the most recently active of the server's list,
+// CHAT_SOCKET_ROOMS_MAX in all. Past that, a room's badge is the room list's as last read (it is
+// followed live once it is opened, in place of the least recently active).
+function holdRooms() {
+  // Only rooms the server listed: subscribing joins a room (or makes one), so a name only this
+  // browser remembers is subscribed to when it is opened, not in the background.
+  if (conn) conn.hold(wanted(rooms.filter((name) => entries.get(name)?.known), current, maxRooms));
+}
+
 function renderRoomList() {
-  el.roomList.replaceChildren(...rooms.map((name) => {
-    const li = node('li', 'room-item');
-    const btn = node('button', 'room', name);
-    btn.type = 'button';
-    btn.dataset.room = name;
-    li.append(btn);
-    return li;
-  }));
+  const entryOf = (name) => entries.get(name) || roomList.fromServer([], [name])[0];
+  el.roomList.replaceChildren(...render.roomItems(rooms, entryOf, current));
   markCurrentRoom();
+}
+
+function updateEntry(name, fn) {
+  const entry = entries.get(name);
+  if (!entry) return;
+  const next = fn(entry);
+  if (next === entry) return;
+  entries.set(name, next);
+  renderRoomList();
+}
+
+// Everything on screen is read once the tab is visible and the newest message is in view.
+let readTimer = null;
+function markRead() {
+  clearTimeout(readTimer);
+  readTimer = setTimeout(() => {
+    if (!conn || !current || !conn.isReady(current) || document.hidden) return;
+    const s = el.scroller;
+    if (s.scrollHeight - s.scrollTop - s.clientHeight > 80) return; // reading older messages
+    const entry = entries.get(current);
+    const seq = entry ? roomList.toReport(entry, stateOf(current).lastSeq) : null;
+    if (seq === null) return;
+    if (!conn.send({ type: 'read', room: current, seq })) return;
+    updateEntry(current, (en) => roomList.onRead(en, seq));
+  }, 300);
+}
+
+function onRead(f) { // this user's read position moved (here or on another device)
+  if (!Number.isInteger(f.seq)) return;
+  updateEntry(f.room, (en) => roomList.onRead(en, f.seq));
 }
 
 function markCurrentRoom() {
@@ -235,6 +302,7 @@ function onRoomSubmit(e) {
   if (!rooms.includes(name)) {
     rooms.push(name);
     save(roomsKey(), rooms);
+    entries.set(name, roomList.fromServer([], [name])[0]);
     renderRoomList();
   }
   openRoom(name);
@@ -242,8 +310,7 @@ function onRoomSubmit(e) {
 }
 
 function openRoom(name) {
-  if (name === current && conn) return;
-  stopSocket();
+  if (name === current && conn && conn.isReady(name)) return;
   online.clear(); // the next ready frame says who is online in the new room
   typists.clear();
   renderOnline();
@@ -252,21 +319,48 @@ function openRoom(name) {
     if (shown) {
       stateOf(shown).stash.messages.append(...el.messages.childNodes);
       stateOf(shown).stash.outbox.append(...el.outbox.childNodes);
+      stateOf(shown).loadingOlder = false;
     }
     el.messages.append(...stateOf(name).stash.messages.childNodes);
     el.outbox.append(...stateOf(name).stash.outbox.childNodes);
     shown = name;
   }
   current = name;
-  delete el.scroller.dataset.ready; // until the room's history is in: no "no messages yet"
+  delete el.scroller.dataset.ready; // until the room's replay is in: no "no messages yet"
   save(roomKey(), name);
-  el.currentRoom.textContent = name;
-  markCurrentRoom();
+  const entry = entries.get(name);
+  el.currentRoom.textContent = entry ? entry.label : name;
+  state0(name);
+  renderRoomList();
   el.banner.hidden = true;
   updateLoadOlder();
   scrollToBottom();
-  retry.attempt = retry.failures = 0;
-  connect();
+  if (!conn) {
+    if (!retry.timer) { retry.attempt = retry.failures = 0; connect(); }
+    return;
+  }
+  setStatus('connecting');
+  // In the background a room is heard, not drawn: subscribe again from what is drawn, for its
+  // replay and who is online (once a subscribe under way is answered).
+  const held = conn.held.get(name);
+  stateOf(name).refresh = held === 'subscribing';
+  if (held === 'ready') conn.refresh(name);
+  holdRooms();
+}
+
+// The "new messages" line: where the room's unread messages begin when it is opened.
+function state0(name) {
+  const entry = entries.get(name);
+  const state = stateOf(name);
+  if (state.readAtOpen === undefined) state.readAtOpen = entry ? entry.readSeq : null;
+}
+
+function placeUnreadLine(state) {
+  for (const old of el.messages.querySelectorAll('.unread-line')) old.remove();
+  if (state.readAtOpen === null || state.readAtOpen === undefined) return;
+  const msgs = [...el.messages.getElementsByClassName('msg')];
+  const first = msgs.find((n) => Number(n.dataset.seq) > state.readAtOpen && !n.classList.contains('mine'));
+  if (first) el.messages.insertBefore(node('li', 'unread-line', 'New messages'), first);
 }
 
 // --- the socket ------------------------------------------------------------------------------
@@ -275,31 +369,46 @@ function connect() {
   clearRetry();
   if (!me || !current) return;
   if (navigator.onLine === false) return setStatus('offline'); // the 'online' event reconnects
-  const state = stateOf(current);
   const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
-  const url = `${scheme}://${location.host}/rooms/${encodeURIComponent(current)}/ws` +
-    (state.lastSeq ? `?after=${state.lastSeq}` : '');
   setStatus('connecting');
-  const c = { ws: null, room: current, opened: false, ready: false, inflight: [], lastHeard: Date.now() };
+  let c;
   try {
-    c.ws = new WebSocket(url);
+    c = new Connection({
+      url: `${scheme}://${location.host}/socket`,
+      seqOf,
+      onFrame: (f) => { if (conn === c) onFrame(c, f); },
+      onOpen: () => {
+        if (conn !== c) return;
+        retry.failures = 0;
+        clearInterval(pingTimer);
+        pingTimer = setInterval(() => ping(c), PING_MS);
+        refreshRooms(); // what changed while away
+      },
+      onClose: (ev) => { if (conn === c) onClose(c, ev); },
+    });
   } catch (e) {
     return scheduleReconnect();
   }
   conn = c;
-  c.ws.onopen = () => { if (conn === c) { c.opened = true; retry.failures = 0; } };
-  c.ws.onmessage = (ev) => { if (conn === c) onFrame(c, ev.data); };
-  c.ws.onclose = (ev) => { if (conn === c) onClose(c, ev); };
+  stateOf(current).refresh = false; // subscribed from what is drawn
+  holdRooms();
+}
+
+// Where a room resumes: the shown room from what is drawn (none yet: the recent history); a
+// room in the background from the last seq heard (the room list's, then its frames').
+function seqOf(room) {
+  if (room === shown) return stateOf(room).lastSeq;
+  const entry = entries.get(room);
+  return entry ? entry.lastSeq : 0;
 }
 
 function stopSocket() {
   clearRetry();
   clearInterval(pingTimer);
   if (!conn) return;
-  const ws = conn.ws;
+  const c = conn;
   conn = null;
-  ws.onopen = ws.onmessage = ws.onclose = null;
-  try { ws.close(1000); } catch (e) { /* already closed */ }
+  c.close();
 }
 
 function clearRetry() {
@@ -329,7 +438,7 @@ function scheduleReconnect(delay) {
 function onClose(c, ev) {
   conn = null;
   clearInterval(pingTimer);
-  const state = stateOf(c.room);
+  const state = stateOf(current);
   state.loadingOlder = false;
   updateLoadOlder();
   if (ev.code === 1009) { // a frame of ours was too big (the longest unanswered one): never resend it
@@ -359,24 +468,70 @@ function ping(c) {
     stopSocket();
     return scheduleReconnect(0);
   }
-  try { c.ws.send(JSON.stringify({ type: 'ping' })); } catch (e) { /* closing */ }
+  c.send({ type: 'ping' });
 }
 
-function onFrame(c, data) {
-  c.lastHeard = Date.now();
-  let f;
-  try { f = JSON.parse(data); } catch (e) { return; }
-  if (!f || typeof f !== 'object') return;
-  const state = stateOf(c.room);
-  if (f.type === 'message' && Number.isInteger(f.target_seq)) onChange(state, f);
-  else if (f.type === 'message') keepBottom(() => addMessage(state, f, false));
+// Every frame of the socket. The shown room's are drawn; the other rooms' move their badges.
+function onFrame(c, f) {
+  if (f.type === 'rooms') return refreshRooms(); // the user's room list changed
+  if (f.type === 'pong') return;
+  if (typeof f.room !== 'string') { // an error about a frame that could not be read
+    if (f.type === 'error') onServerError(c, stateOf(current), f);
+    return;
+  }
+  if (f.type === 'read') return onRead(f);
+  if (f.room !== shown) return onBackground(f);
+  const state = stateOf(f.room);
+  if (state.refresh) { // subscribed while in the background: heard, then again from what is drawn
+    if (f.type === 'ready') { state.refresh = false; c.refresh(f.room); } else onBackground(f);
+    return;
+  }
+  if (f.type === 'messages') {
+    keepBottom(() => { for (const m of Array.isArray(f.messages) ? f.messages : []) onMessage(state, m); });
+  } else if (f.type === 'message') keepBottom(() => onMessage(state, f));
   else if (f.type === 'ready') onReady(c, state, f);
   else if (f.type === 'join' || f.type === 'leave') onPresence(f);
   else if (f.type === 'typing') onTyping(f);
   else if (f.type === 'ack') onAck(c, state, f);
   else if (f.type === 'history') onHistory(state, f);
   else if (f.type === 'error') onServerError(c, state, f);
-  // pong, and anything newer than this page: nothing to do
+  // unsubscribed, removed, and anything newer than this page: nothing to draw
+  if (f.type === 'error' && (f.code === 'removed' || f.code === 'no_such_room') && typeof f.client_id !== 'string') {
+    refreshRooms();
+  }
+}
+
+function onMessage(state, m) {
+  if (!m || typeof m !== 'object') return;
+  if (Number.isInteger(m.target_seq)) onChange(state, m);
+  else addMessage(state, m, false);
+  updateEntry(shown, (en) => roomList.onMessage(en, m, me, mentions(m.body, me)));
+}
+
+// A room in the background: its messages count (unread, mentions, a notification), nothing drawn.
+function onBackground(f) {
+  const entry = entries.get(f.room);
+  if (!entry) return;
+  if (f.type === 'message' || f.type === 'messages') {
+    const list = f.type === 'message' ? [f] : (Array.isArray(f.messages) ? f.messages : []);
+    for (const m of list) {
+      if (!m || !Number.isInteger(m.seq)) continue;
+      // A replay of a room the server did not list (a room only this browser knew) is history, not news.
+      if (f.type === 'messages' && !entry.known) { updateEntry(f.room, (en) => roomList.heard(en, m.seq)); continue; }
+      const mine = !Number.isInteger(m.target_seq) && mentions(m.body, me);
+      const before = entries.get(f.room);
+      updateEntry(f.room, (en) => roomList.onMessage(en, m, me, mine));
+      if (mine && m.author !== me && entries.get(f.room) !== before) notify(f.room, m);
+    }
+  } else if (f.type === 'ack') {
+    onAck(conn, stateOf(f.room), f); // a send made before the room went to the background
+  } else if (f.type === 'ready') {
+    updateEntry(f.room, (en) => roomList.heard(en, f.last_seq));
+    // Sends typed in this room before it went to the background: the same client_id again.
+    for (const p of stateOf(f.room).pending) transmit(conn, p);
+  } else if (f.type === 'error' && (f.code === 'removed' || f.code === 'no_such_room') && typeof f.client_id !== 'string') {
+    refreshRooms();
+  }
 }
 
 function onChange(state, f) { // an edit, delete, react or unreact: its own seq, applied once, in order
@@ -429,10 +584,10 @@ function renderTyping() {
 }
 
 function sendTyping() {
-  if (!el.messageInput.value.trim() || !conn || !conn.ready) return;
+  if (!el.messageInput.value.trim() || !conn || !conn.isReady(current)) return;
   if (Date.now() - typingSentAt < TYPING_EVERY_MS) return;
   typingSentAt = Date.now();
-  try { conn.ws.send(JSON.stringify({ type: 'typing' })); } catch (e) { /* reconnecting */ }
+  conn.send({ type: 'typing', room: current });
 }
 
 function onReady(c, state, f) {
@@ -441,10 +596,8 @@ function onReady(c, state, f) {
     Object.assign(state, { lastSeq: 0, minSeq: null, exhausted: false });
     state.seen.clear();
     el.messages.replaceChildren();
-    stopSocket();
-    return connect();
+    return c.refresh(f.room);
   }
-  c.ready = true;
   el.scroller.dataset.ready = 'true';
   online.clear();
   for (const user of Array.isArray(f.online) ? f.online : []) online.add(user);
@@ -453,17 +606,14 @@ function onReady(c, state, f) {
   setStatus('connected');
   for (const p of state.pending) transmit(c, p); // the same client_id: the server stores it once
   updateLoadOlder();
-  clearInterval(pingTimer);
-  pingTimer = setInterval(() => ping(c), PING_MS);
+  placeUnreadLine(state);
+  markRead();
 }
 
 function transmit(c, p) {
-  try {
-    const frame = { type: 'send', body: p.body, client_id: p.clientId };
-    if (p.replyTo) frame.reply_to = p.replyTo;
-    c.ws.send(JSON.stringify(frame));
-    c.inflight.push(p.clientId);
-  } catch (e) { /* closing: resent after the reconnect */ }
+  const frame = { type: 'send', room: p.room, body: p.body, client_id: p.clientId };
+  if (p.replyTo) frame.reply_to = p.replyTo;
+  if (c.send(frame)) c.inflight.push(p.clientId); // else: resent after the reconnect
 }
 
 function takePending(state, clientId) {
@@ -508,7 +658,7 @@ function onServerError(c, state, f) {
   if (p && f.code === 'unavailable' && p.retries < 5) { // not stored: the same client_id again, later
     p.retries += 1;
     p.el.querySelector('.state').textContent = 'retrying…';
-    setTimeout(() => { if (conn === c && state.pending.includes(p)) transmit(c, p); }, 1000 * 2 ** p.retries);
+    setTimeout(() => { if (conn === c && c.isReady(p.room) && state.pending.includes(p)) transmit(c, p); }, 1000 * 2 ** p.retries);
     return;
   }
   if (p && SEND_ERRORS.has(f.code)) dropPending(state, clientId); // never sent: the text goes back to the composer
@@ -536,24 +686,19 @@ function keepBottom(fn) { // follow new messages only when the reader is at the 
 }
 
 function renderMessage(m) {
-  const li = node('li', 'msg');
-  if (m.kind === 'notice') li.classList.add('notice');
-  if (m.author === me) li.classList.add('mine');
-  li.dataset.seq = String(m.seq);
-  const time = node('time', 'time');
-  const date = new Date(m.sent_at);
-  if (typeof m.sent_at === 'string' && !Number.isNaN(date.getTime())) {
-    time.dateTime = m.sent_at;
-    const hm = `${String(date.getHours()).padStart(2, '0')}:${String(date.getMinutes()).padStart(2, '0')}`;
-    const today = date.toDateString() === new Date().toDateString();
-    time.textContent = today ? hm : `${date.toLocaleDateString(undefined, { day: 'numeric', month: 'short' })} ${hm}`;
-    time.title = date.toLocaleString();
-  }
-  const meta = node('div', 'meta');
-  meta.append(node('span', 'author', m.author), time);
-  li.append(meta, node('div', 'body', m.body));
-  ChatChanges.decorate(li, m);
-  return li;
+  return render.renderMessage(m, me, ChatChanges.decorate);
+}
+
+function renderBody(li, body, text) {
+  render.renderBody(li, body, text, me);
+}
+
+function decorate(li) {
+  render.decorate(el.messages, li);
+}
+
+function decorateAll() {
+  render.decorateAll(el.messages);
 }
 
 function addMessage(state, m, older) {
@@ -565,8 +710,19 @@ function addMessage(state, m, older) {
   const msgs = el.messages.getElementsByClassName('msg');
   let i = msgs.length - 1;
   while (i >= 0 && Number(msgs[i].dataset.seq) > m.seq) i -= 1;
-  if (msgs[i + 1]) el.messages.insertBefore(renderMessage(m), msgs[i + 1]);
-  else el.messages.append(renderMessage(m));
+  const li = renderMessage(m);
+  const next = msgs[i + 1];
+  if (next) {
+    el.messages.insertBefore(li, next.previousElementSibling && next.previousElementSibling.classList.contains('day') ? next.previousElementSibling : next);
+  } else {
+    el.messages.append(li);
+  }
+  decorate(li);
+  if (next) decorate(next);
+  if (!older && shown) {
+    if (m.author !== me && document.hidden && mentions(m.body, me)) notify(shown, m);
+    markRead();
+  }
   state.lastSeq = Math.max(state.lastSeq, m.seq);
   state.minSeq = state.minSeq === null ? m.seq : Math.min(state.minSeq, m.seq);
   const acked = state.awaiting.get(m.seq);
@@ -597,7 +753,7 @@ function sendComposer() {
     return;
   }
   const state = stateOf(current);
-  const p = { clientId: newClientId(), body, retries: 0, el: node('li', 'pending'), replyTo: change.replyTo };
+  const p = { clientId: newClientId(), room: current, body, retries: 0, el: node('li', 'pending'), replyTo: change.replyTo };
   const meta = node('div', 'meta');
   meta.append(node('span', 'pending-author', me), node('span', 'state', 'sending…'));
   p.el.append(meta, node('div', 'pending-body', body));
@@ -608,7 +764,7 @@ function sendComposer() {
   fitComposer();
   el.banner.hidden = true; // the last error was about an earlier message
   scrollToBottom();
-  if (conn && conn.ready && conn.room === current) transmit(conn, p);
+  if (conn && conn.isReady(current)) transmit(conn, p);
 }
 
 function fitComposer() { // grow with the text, wrapped lines included, up to the CSS max-height
@@ -626,16 +782,16 @@ function updateLoadOlder() {
   if (hide && document.activeElement === el.loadOlder) el.scroller.focus();
   el.loadOlder.hidden = hide;
   // aria-disabled, not disabled: a disabled button drops the keyboard focus to <body>
-  el.loadOlder.setAttribute('aria-disabled', String(!!(s && s.loadingOlder) || !(conn && conn.ready)));
+  el.loadOlder.setAttribute('aria-disabled', String(!!(s && s.loadingOlder) || !(conn && conn.isReady(current))));
   el.loadOlder.textContent = s && s.loadingOlder ? 'Loading…' : 'Load older messages';
 }
 
 function loadOlder() {
   const s = stateOf(current);
-  if (!conn || !conn.ready || s.loadingOlder || s.minSeq === null || s.minSeq <= 1) return;
+  if (!conn || !conn.isReady(current) || s.loadingOlder || s.minSeq === null || s.minSeq <= 1) return;
+  if (!conn.send({ type: 'history', room: current, before: s.minSeq, limit: HISTORY_LIMIT })) return;
   s.loadingOlder = true;
   updateLoadOlder();
-  conn.ws.send(JSON.stringify({ type: 'history', before: s.minSeq, limit: HISTORY_LIMIT }));
 }
 
 function onHistory(state, f) {
@@ -644,11 +800,93 @@ function onHistory(state, f) {
   const s = el.scroller;
   const fromBottom = s.scrollHeight - s.scrollTop; // keep the view where it was
   for (const m of list) addMessage(state, Number.isInteger(f.as_of) ? { ...m, as_of: f.as_of } : m, true);
+  decorateAll();
   s.scrollTop = s.scrollHeight - fromBottom;
   // The beginning: never ask again. Not "fewer than asked": the server clamps a page to
   // CHAT_HISTORY_PAGE_MAX (and to a byte budget), so a short page may still have more before it.
   if (f.has_more === false || (f.has_more === undefined && !list.length)) state.exhausted = true;
   updateLoadOlder();
+}
+
+// --- notifications, DMs, search ----------------------------------------------------------------
+
+function notify(room, m) {
+  if (!('Notification' in window) || Notification.permission !== 'granted') return;
+  const entry = entries.get(room);
+  try {
+    const n = new Notification(`${m.author} in ${entry ? entry.label : room}`, { body: m.body.slice(0, 200), tag: `${room}:${m.seq}` });
+    n.onclick = () => { window.focus(); openRoom(room); n.close(); };
+  } catch (e) { /* not allowed here */ }
+}
+
+function updateNotifyButton() {
+  const supported = 'Notification' in window;
+  el.notifyEnable.hidden = !supported || Notification.permission !== 'default';
+}
+
+async function onDmSubmit(e) {
+  e.preventDefault();
+  const user = el.dmInput.value.trim();
+  if (!user) return;
+  const r = await http.openDm(user);
+  if (!r.ok || !r.data) {
+    showText(el.dmError, `Cannot message ${user}: ${detailOf(r.data, `the server answered ${r.status}`)}.`);
+    return;
+  }
+  showText(el.dmError, '');
+  el.dmInput.value = '';
+  if (!rooms.includes(r.data.name)) rooms.push(r.data.name);
+  if (!entries.has(r.data.name)) entries.set(r.data.name, roomList.fromServer([{ ...r.data, last_seq: 0, read_seq: 0 }])[0]);
+  renderRoomList();
+  openRoom(r.data.name);
+  refreshRooms();
+}
+
+async function onSearchSubmit(e) {
+  e.preventDefault();
+  const q = el.searchInput.value.trim();
+  if (!q) return;
+  const where = el.searchScope.value === 'all' ? rooms.slice(0, 20) : [current];
+  el.searchResults.replaceChildren(node('li', 'search-note', 'Searching…'));
+  el.searchResults.hidden = false;
+  const found = [];
+  for (const room of where) { // one at a time: the server runs a few searches per user at once
+    const r = await http.search(room, q);
+    if (r.ok && r.data && Array.isArray(r.data.results)) found.push(...r.data.results);
+  }
+  found.sort((a, b) => b.rank - a.rank || b.seq - a.seq);
+  const items = found.slice(0, 30).map((m) => {
+    const li = node('li', 'search-hit');
+    const btn = node('button', 'search-open');
+    btn.type = 'button';
+    btn.dataset.room = m.room;
+    btn.dataset.seq = String(m.seq);
+    const entry = entries.get(m.room);
+    btn.append(node('span', 'search-where', `${entry ? entry.label : m.room} · ${m.author}`), node('span', 'search-body', m.body));
+    li.append(btn);
+    return li;
+  });
+  el.searchResults.replaceChildren(...(items.length ? items : [node('li', 'search-note', 'Nothing found.')]));
+}
+
+// Open a search result: its room, with the messages around it loaded, scrolled to it.
+async function openAt(room, seq) {
+  openRoom(room);
+  const state = stateOf(room);
+  const r = await http.around(room, seq);
+  if (r.ok && r.data && Array.isArray(r.data.messages) && shown === room) {
+    for (const m of r.data.messages) addMessage(state, m, true);
+    decorateAll();
+    updateLoadOlder();
+  }
+  const target = el.messages.querySelector(`.msg[data-seq="${seq}"]`);
+  if (!target) return;
+  for (const old of el.messages.querySelectorAll('.hit')) old.classList.remove('hit');
+  target.classList.add('hit');
+  target.tabIndex = -1;
+  target.scrollIntoView({ block: 'center' });
+  target.focus({ preventScroll: true });
+  el.searchResults.hidden = true;
 }
 
 // --- start -----------------------------------------------------------------------------------
@@ -671,16 +909,33 @@ function bind() {
     if (btn) openRoom(btn.dataset.room);
   });
   el.loadOlder.addEventListener('click', loadOlder);
+  el.dmForm.addEventListener('submit', onDmSubmit);
+  el.searchForm.addEventListener('submit', onSearchSubmit);
+  el.searchResults.addEventListener('click', (e) => {
+    const btn = e.target.closest('button[data-seq]');
+    if (btn) openAt(btn.dataset.room, Number(btn.dataset.seq));
+  });
+  el.notifyEnable.addEventListener('click', async () => {
+    try { await Notification.requestPermission(); } catch (e) { /* refused */ }
+    updateNotifyButton();
+  });
+  updateNotifyButton();
+  el.scroller.addEventListener('scroll', markRead, { passive: true });
+  document.addEventListener('visibilitychange', () => { if (!document.hidden) { markRead(); refreshRooms(); } });
+  // Signed out in another tab, or the session ended: a reconnect finds out (verifySession).
   el.errorDismiss.addEventListener('click', () => { el.banner.hidden = true; el.messageInput.focus(); });
   el.composer.addEventListener('submit', (e) => { e.preventDefault(); sendComposer(); });
   ChatChanges.install({
     me: () => me,
     send: (frame) => {
-      if (!conn || !conn.ready || conn.room !== current) { showBanner('Not connected: try again in a moment.'); return false; }
-      conn.ws.send(JSON.stringify(frame));
+      if (!conn || !conn.isReady(current) || !conn.send({ ...frame, room: current })) {
+        showBanner('Not connected: try again in a moment.');
+        return false;
+      }
       return true;
     },
     list: el.messages,
+    body: (li, text) => renderBody(li, li.querySelector('.body'), text),
     input: el.messageInput,
     bar: el.composeMode,
   });
