@@ -585,6 +585,31 @@ async def test_beyond_the_inflight_bound_the_socket_stops_reading(
         assert seen.index(("pong", None)) > seen.index(("ack", "q0"))
 
 
+async def test_by_default_a_socket_reads_on_past_a_stalled_commit(
+    server_a: Server, make_token: MakeToken, database_url: str
+) -> None:
+    """With the default in-flight bound (CHAT_SOCKET_INFLIGHT), a socket whose commits stall (a
+    locked room row, as a checkpoint's sync holds every commit) reads on through 200 sends: the
+    ping after them is answered before any is stored, so the whole backlog is waiting for the
+    writer when the stall ends. Then every send is acked, in order, with consecutive seqs."""
+    room = unique("stall")
+    lock = RoomLock(database_url)
+    async with await RoomClient.open(server_a.ws(f"/rooms/{room}/ws"), await make_token()) as client:
+        await client.ready()
+        await lock.take(room)
+        try:
+            for n in range(200):
+                await client.send(f"m{n}", client_id=f"s{n}")
+            await send_ping(client)
+            await client.until("pong", timeout=30)
+            assert not any(t == "ack" for t, _ in types(client))  # nothing could be stored yet
+        finally:
+            await lock.release()
+        acks = [await client.until("ack", client_id=f"s{n}", timeout=60) for n in range(200)]
+        assert [a["seq"] for a in acks] == list(range(1, 201))
+        assert [c for t, c in types(client) if t == "ack"] == [f"s{n}" for n in range(200)]
+
+
 async def test_many_sends_in_flight_are_acked_in_order(server_a: Server, make_token: MakeToken) -> None:
     """200 sends written back to back, with duplicates and a bad one among them: every answer
     comes in the order sent, the ping after them is answered, and seqs follow the send order."""
