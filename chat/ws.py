@@ -21,7 +21,7 @@ from chat.client import Client
 from chat.connection import Connection
 from chat.limits import FrameGuard, TokenBucket, TooManyConnections
 from chat.protocol import CLOSE_FLOOD, CLOSE_IDLE, MAX_BIGINT
-from chat.service import RoomSession, admit, check_body, inflight_bound, open_room
+from chat.service import RoomSession, admit, check_body, inflight_bound, inflight_bytes, open_room
 from chat.store import TOKEN_PREFIX, Identity
 from chat.subscription import Render, Subscription, chapter_render
 from chat.writer import UNAVAILABLE, InFlight, NotStored, Stored, writer_of
@@ -311,7 +311,7 @@ async def clients(websocket: WebSocket, client_id: Bigint, user: SocketUser) -> 
         room_id = sub.room_id
         # Pipelined like the room socket: each message goes to the writer and the loop reads on;
         # a message the database did not take gets a line saying so (in the order sent).
-        inflight = InFlight(inflight_bound(state.settings), client.offer)
+        inflight = InFlight(inflight_bound(state.settings), client.offer, max_bytes=inflight_bytes(state.settings))
         client.settle = inflight.settle
 
         async def handle(data: str | None) -> None:
@@ -335,7 +335,7 @@ async def clients(websocket: WebSocket, client_id: Bigint, user: SocketUser) -> 
                 author=user.name,
                 body=f"Client #{client_id} says: {data}",
             )
-            inflight.add(stored, lambda done: not_stored(done, data))
+            inflight.add(stored, lambda done: not_stored(done, data), len(data))
 
         await websocket.accept()
         await client.serve(handle)

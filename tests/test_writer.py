@@ -9,7 +9,7 @@ import json
 import random
 import signal
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,43 @@ async def test_inflight_answers_in_order_and_is_bounded() -> None:
     assert out == ["first:down", "second:2", "an error, after both"]
     inflight.answer("nothing in flight: at once")
     assert out[-1] == "nothing in flight: at once"
+
+
+async def test_inflight_is_bounded_in_bytes_too() -> None:
+    """Under the count bound, sends stop being read once their text in flight reaches
+    `max_bytes` (the echoes of a batch reach the socket's queue at once); one send always goes."""
+    loop = asyncio.get_running_loop()
+    out: list[str] = []
+    inflight = InFlight(100, out.append, max_bytes=1000)
+
+    def render(text: str) -> Callable[[asyncio.Future[Stored]], str]:
+        return lambda _: text
+
+    big: asyncio.Future[Stored] = loop.create_future()
+    await asyncio.wait_for(inflight.reserve(), 5)  # nothing in flight: room for any size
+    inflight.add(big, render("big"), 1500)
+    blocked = asyncio.create_task(inflight.reserve())
+    await asyncio.sleep(0.01)
+    assert not blocked.done()  # 1 of 100 slots taken, but 1,500 characters in flight
+    big.set_result(Stored(1, False))
+    await asyncio.wait_for(blocked, 5)
+    small: list[asyncio.Future[Stored]] = []
+    for n in range(3):  # 3 x 400: the third goes (800 < 1,000 before it), a fourth waits
+        if n:
+            await asyncio.wait_for(inflight.reserve(), 5)
+        small.append(loop.create_future())
+        inflight.add(small[-1], render(f"small {n}"), 400)
+    fourth = asyncio.create_task(inflight.reserve())
+    await asyncio.sleep(0.01)
+    assert not fourth.done()
+    fourth.cancel()  # its socket closed while it waited
+    with contextlib.suppress(asyncio.CancelledError):
+        await fourth
+    for future in small:
+        future.set_result(Stored(2, False))
+    await asyncio.wait_for(inflight.settle(), 5)
+    assert out == ["big", "small 0", "small 1", "small 2"]
+    assert inflight.count == 0
 
 
 # --- the writer, against a real Postgres ---------------------------------------------------------
