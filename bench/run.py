@@ -175,6 +175,7 @@ class Run:
         room), `rate` messages/s in all. Returns latency (send -> delivery at the other members),
         deliveries, loss and CPU."""
         knobs, gen = self.knobs, self.gen
+        checkpoints_before = asyncio.run(self.db.checkpoint())  # start from a settled database
         workers = len(gen)
         n_rooms = knobs.rooms if rooms is None else rooms
         n_members = knobs.members if members is None else members
@@ -227,6 +228,7 @@ class Run:
         drains = gen.all("drain", [{"final": final, "timeout": knobs.drain_timeout}] * workers)
         gen.all("close", [{}] * workers)
         settled = self.settle()
+        checkpoints_after = asyncio.run(self.db.checkpoints())
         latencies, acks = array("q"), array("q")
         for d in drains:
             latencies.frombytes(d["latencies_ns"])
@@ -273,6 +275,11 @@ class Run:
             },
             "cpu": cpu,
             "settle_s": settled,  # how long the servers kept busy after the run
+            # Checkpoints Postgres started during the run (after the one made before it): each
+            # can hold a commit on this disk, so a stall in the timeline may be one of them.
+            "checkpoints": None
+            if checkpoints_before is None or checkpoints_after is None
+            else checkpoints_after - checkpoints_before,
             "timeline_step_ms": 100,
             "timeline_max_ms": [round(x, 2) for x in timeline],  # worst delivery latency per 100 ms of send time
             "ack_timeline_max_ms": [round(x, 2) for x in ack_timeline],  # worst send -> ack per 100 ms

@@ -75,6 +75,7 @@ def machine_limits(run: Run) -> dict[str, Any]:
         )
         batched.append(row)
     result["insert_batched"] = batched
+    asyncio.run(run.db.checkpoint())  # measured as the load runs are: after a checkpoint
     result["single_commit"] = asyncio.run(
         limits.single_commit(dsn, rate=knobs.single_commit_rate, seconds=max(1.0, knobs.limits_seconds))
     )
@@ -110,7 +111,7 @@ def latency(run: Run) -> list[dict[str, Any]]:
             log(
                 f"  {system} @ {rate}/s: p50 {_f(lat['p50'])} p99 {_f(lat['p99'])} ms, "
                 f"{row['deliveries_per_s']:.0f} deliveries/s, lost {row['lost']}, "
-                f"loadgen CPU {row['cpu'].get('loadgen')}%"
+                f"loadgen CPU {row['cpu'].get('loadgen')}%, checkpoints {row['checkpoints']}"
             )
             rows.append(row)
     return rows
@@ -131,6 +132,9 @@ def hot_sender(run: Run) -> list[dict[str, Any]]:
     rows = []
     for rate in knobs.hot_rates:
         for system, servers in (("chat", run.chat), ("inmemory", [run.inmemory])):
+            profile_to = None
+            if knobs.profile and system == "chat" and rate == max(knobs.hot_rates):
+                profile_to = run.log_dir / f"profile-hot-{rate}.txt"  # server 0 holds the sender
             row = run.load_run(
                 system,
                 servers,
@@ -138,6 +142,7 @@ def hot_sender(run: Run) -> list[dict[str, Any]]:
                 rate=rate,
                 duration=knobs.duration,
                 warmup=knobs.warmup,
+                profile_to=profile_to,
                 rooms=1,
                 members=knobs.hot_members,
                 senders_per_room=1,
@@ -145,7 +150,7 @@ def hot_sender(run: Run) -> list[dict[str, Any]]:
             lat = row["latency_ms"]
             log(
                 f"  hot sender, {system} @ {rate}/s: p50 {_f(lat['p50'])} p99 {_f(lat['p99'])} ms, "
-                f"ack p99 {_f(row['ack_ms']['p99'])} ms, lost {row['lost']}"
+                f"ack p99 {_f(row['ack_ms']['p99'])} ms, lost {row['lost']}, checkpoints {row['checkpoints']}"
             )
             rows.append(row)
     return rows

@@ -24,7 +24,7 @@ from chat.limits import FrameGuard
 from chat.membership import NoSuchRoom
 from chat.presence import Presence
 from chat.protocol import BadFrame, PingFrame
-from chat.service import RoomSession, admit, inflight_bound, open_room
+from chat.service import RoomSession, admit, inflight_bound, inflight_bytes, open_room
 from chat.socket_frames import (
     RoomDeleteFrame,
     RoomEditFrame,
@@ -64,7 +64,7 @@ class Connection:
         self.writer = writer
         # One bound on sends in flight for the whole socket, whatever the room; their answers,
         # and the errors that answer frames, go out in the order the frames came in.
-        self.inflight = InFlight(inflight_bound(settings), client.offer)
+        self.inflight = InFlight(inflight_bound(settings), client.offer, max_bytes=inflight_bytes(settings))
         client.settle = self.inflight.settle  # a graceful close flushes their acks first
         self.identity = identity
         self.client = client

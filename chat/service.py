@@ -70,6 +70,12 @@ def inflight_bound(settings: Settings) -> int:
     return max(1, min(settings.socket_inflight, settings.socket_queue // 4))
 
 
+def inflight_bytes(settings: Settings) -> int:
+    """Characters of text one socket may have in flight: a quarter of its queue's byte bound, so
+    that the echoes of a whole batch of its sends fit beside what is queued already."""
+    return max(1, settings.socket_queue_bytes // 4)
+
+
 async def open_room(engine: AsyncEngine, *, user: Identity, room: str, max_per_user: int) -> int | None:
     """The room's id, made now (public, owned by the user) if it is new; None when the user has
     made `max_per_user` rooms already. Joining a public room makes the user a member; a private
@@ -150,7 +156,7 @@ class RoomSession:
         # Sends awaiting their commit: the receive loop goes on reading meanwhile, up to the
         # bound, and their answers go out in the order the sends came in. A socket of many rooms
         # shares one among its rooms; its owner has a graceful close flush their acks first.
-        self.inflight = inflight or InFlight(inflight_bound(settings), client.offer)
+        self.inflight = inflight or InFlight(inflight_bound(settings), client.offer, max_bytes=inflight_bytes(settings))
         self.engine = engine
         self.hub = hub
         self.identity = identity
@@ -293,7 +299,7 @@ class RoomSession:
             client_id=frame.client_id,
             reply_to=frame.reply_to,
         )
-        self._answer(future, frame.client_id)
+        self._answer(future, frame.client_id, len(frame.body))
 
     async def change(self, frame: ChangeFrame) -> None:
         """An edit, delete, react or unreact: stored by the same writer, in the same batches, as
@@ -317,9 +323,9 @@ class RoomSession:
             client_id=frame.client_id,
             target_seq=frame.target_seq,
         )
-        self._answer(future, frame.client_id)
+        self._answer(future, frame.client_id, len(body))
 
-    def _answer(self, future: asyncio.Future[Stored], client_id: str | None) -> None:
+    def _answer(self, future: asyncio.Future[Stored], client_id: str | None, size: int) -> None:
         room = self.room if self.client.tag else None  # a socket of many rooms: name it
 
         def answer(done: asyncio.Future[Stored]) -> str:
@@ -337,7 +343,7 @@ class RoomSession:
                 text = protocol.error_frame(code, detail, client_id=client_id)
             return text if room is None else tagged(text, room)
 
-        self.inflight.add(future, answer)
+        self.inflight.add(future, answer, size)
 
     async def typing(self) -> None:
         """Ephemeral: fanned out (NOTIFY or Redis), never stored, at most one per interval per

@@ -526,21 +526,27 @@ Render = Callable[["asyncio.Future[Stored]"], str | None]  # the answer to a sen
 
 
 class InFlight:
-    """One socket's sends in flight: at most `limit` at a time, answered in the order they were
-    received. `reserve()` waits for a free slot, so a socket at its limit stops reading and TCP
-    pushes back on the client. `settle()` waits until every answer has gone out (a graceful close
-    flushes the acks of sends still in flight)."""
+    """One socket's sends in flight: at most `limit` at a time, and about `max_bytes` of their
+    text, answered in the order they were received. `reserve()` waits for a free slot (and for
+    the bytes in flight to fall under `max_bytes`), so a socket at its bound stops reading and
+    TCP pushes back on the client. `settle()` waits until every answer has gone out (a graceful
+    close flushes the acks of sends still in flight)."""
 
-    # One per socket, and most sockets are idle: slots, and the semaphore, the queue and the
-    # event are made when first needed (an idle socket keeps none of them).
-    __slots__ = ("_deliver", "_empty", "_limit", "_queue", "_slots")
+    # One per socket, and most sockets are idle: the semaphore, the queue and the events are
+    # made when first needed (an idle socket keeps none of them).
+    __slots__ = ("_bytes", "_deliver", "_empty", "_limit", "_queue", "_room", "_slots", "max_bytes")
 
-    def __init__(self, limit: int, deliver: Callable[[str], object]) -> None:
+    def __init__(self, limit: int, deliver: Callable[[str], object], *, max_bytes: int | None = None) -> None:
         self._limit = limit
         self._deliver = deliver
+        # A batch's commit brings this socket the echoes of all its sends in it at once: their
+        # text must fit its queue's byte bound beside what is queued already. None: unbounded.
+        self.max_bytes = max_bytes
+        self._bytes = 0
         self._slots: asyncio.Semaphore | None = None
-        self._queue: deque[tuple[asyncio.Future[Stored] | None, Render | str | None]] | None = None
+        self._queue: deque[tuple[asyncio.Future[Stored] | None, Render | str | None, int]] | None = None
         self._empty: asyncio.Event | None = None  # set when the queue empties, for settle()
+        self._room: asyncio.Event | None = None  # made when a reserve first waits for bytes
 
     @property
     def count(self) -> int:
@@ -551,13 +557,25 @@ class InFlight:
         if slots is None:
             slots = self._slots = asyncio.Semaphore(self._limit)
         await slots.acquire()
+        try:
+            # Over the byte bound only while something is in flight, whose answer makes room.
+            while self.max_bytes is not None and self._bytes >= self.max_bytes:
+                if self._room is None:
+                    self._room = asyncio.Event()
+                self._room.clear()
+                await self._room.wait()
+        except BaseException:
+            slots.release()
+            raise
 
-    def add(self, future: asyncio.Future[Stored], render: Render) -> None:
-        """A send now in flight (after `reserve()`): its answer goes out after every earlier one."""
+    def add(self, future: asyncio.Future[Stored], render: Render, size: int = 0) -> None:
+        """A send now in flight (after `reserve()`), `size` characters of text: its answer goes
+        out after every earlier one."""
         queue = self._queue
         if queue is None:
             queue = self._queue = deque()
-        queue.append((future, render))
+        queue.append((future, render, size))
+        self._bytes += size
         future.add_done_callback(self._flush)
 
     def answer(self, text: str) -> None:
@@ -565,18 +583,21 @@ class InFlight:
         if not self._queue:
             self._deliver(text)
             return
-        self._queue.append((None, text))
+        self._queue.append((None, text, 0))
 
     def _flush(self, _: object = None) -> None:
         queue = self._queue
         while queue:
-            future, reply = queue[0]
+            future, reply, size = queue[0]
             if future is not None and not future.done():
                 return
             queue.popleft()
             if future is not None:
                 assert self._slots is not None
                 self._slots.release()
+                self._bytes -= size
+                if self._room is not None:
+                    self._room.set()
                 assert callable(reply)
                 text = reply(future)
             else:

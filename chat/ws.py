@@ -27,7 +27,7 @@ from chat.hub import Hub
 from chat.limits import FrameGuard, Limits, TokenBucket, TooManyConnections
 from chat.membership import NoSuchRoom
 from chat.protocol import CLOSE_FLOOD, CLOSE_IDLE, MAX_BIGINT
-from chat.service import RoomSession, admit, check_body, inflight_bound, open_room
+from chat.service import RoomSession, admit, check_body, inflight_bound, inflight_bytes, open_room
 from chat.store import TOKEN_PREFIX, Identity
 from chat.subscription import Render, Subscription, chapter_render
 from chat.writer import UNAVAILABLE, InFlight, NotStored, Stored
@@ -359,7 +359,7 @@ async def clients(
         room_id = sub.room_id
         # Pipelined like the room socket: each message goes to the writer and the loop reads on;
         # a message the database did not take gets a line saying so (in the order sent).
-        inflight = InFlight(inflight_bound(settings), client.offer)
+        inflight = InFlight(inflight_bound(settings), client.offer, max_bytes=inflight_bytes(settings))
         client.settle = inflight.settle
 
         async def handle(data: str | None) -> None:
@@ -383,7 +383,7 @@ async def clients(
                 author=user.name,
                 body=f"Client #{client_id} says: {data}",
             )
-            inflight.add(stored, lambda done: not_stored(done, data))
+            inflight.add(stored, lambda done: not_stored(done, data), len(data))
 
         await websocket.accept()
         await client.serve(handle)

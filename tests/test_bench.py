@@ -21,6 +21,8 @@ def test_bench_smoke(database_url: str, tmp_path: Path) -> None:
     assert failed == []
     for run in results["latency"]:
         assert run["lost"] == 0, run
+        # Each run starts from a CHECKPOINT and counts the checkpoints started during it.
+        assert isinstance(run["checkpoints"], int) and run["checkpoints"] >= 0, run
     for run in results["hot"]:
         assert run["lost"] == 0 and run["senders"] == 1, run
     for kind in results["multiroom"]["memory"].values():

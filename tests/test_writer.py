@@ -9,7 +9,7 @@ import json
 import random
 import signal
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -161,6 +161,43 @@ async def test_an_idle_inflight_keeps_nothing_and_settles_at_once() -> None:
     assert out == ["stored 7"]
     assert (inflight._queue, inflight._empty) == (None, None)
     await asyncio.wait_for(inflight.reserve(), 5)  # its slot came back
+
+
+async def test_inflight_is_bounded_in_bytes_too() -> None:
+    """Under the count bound, sends stop being read once their text in flight reaches
+    `max_bytes` (the echoes of a batch reach the socket's queue at once); one send always goes."""
+    loop = asyncio.get_running_loop()
+    out: list[str] = []
+    inflight = InFlight(100, out.append, max_bytes=1000)
+
+    def render(text: str) -> Callable[[asyncio.Future[Stored]], str]:
+        return lambda _: text
+
+    big: asyncio.Future[Stored] = loop.create_future()
+    await asyncio.wait_for(inflight.reserve(), 5)  # nothing in flight: room for any size
+    inflight.add(big, render("big"), 1500)
+    blocked = asyncio.create_task(inflight.reserve())
+    await asyncio.sleep(0.01)
+    assert not blocked.done()  # 1 of 100 slots taken, but 1,500 characters in flight
+    big.set_result(Stored(1, False))
+    await asyncio.wait_for(blocked, 5)
+    small: list[asyncio.Future[Stored]] = []
+    for n in range(3):  # 3 x 400: the third goes (800 < 1,000 before it), a fourth waits
+        if n:
+            await asyncio.wait_for(inflight.reserve(), 5)
+        small.append(loop.create_future())
+        inflight.add(small[-1], render(f"small {n}"), 400)
+    fourth = asyncio.create_task(inflight.reserve())
+    await asyncio.sleep(0.01)
+    assert not fourth.done()
+    fourth.cancel()  # its socket closed while it waited
+    with contextlib.suppress(asyncio.CancelledError):
+        await fourth
+    for future in small:
+        future.set_result(Stored(2, False))
+    await asyncio.wait_for(inflight.settle(), 5)
+    assert out == ["big", "small 0", "small 1", "small 2"]
+    assert inflight.count == 0
 
 
 # --- the writer, against a real Postgres ---------------------------------------------------------
@@ -605,6 +642,31 @@ async def test_beyond_the_inflight_bound_the_socket_stops_reading(
         seen = types(client)
         assert [c for t, c in seen if t == "ack"] == [f"q{n}" for n in range(6)]
         assert seen.index(("pong", None)) > seen.index(("ack", "q0"))
+
+
+async def test_by_default_a_socket_reads_on_past_a_stalled_commit(
+    server_a: Server, make_token: MakeToken, database_url: str
+) -> None:
+    """With the default in-flight bound (CHAT_SOCKET_INFLIGHT), a socket whose commits stall (a
+    locked room row, as a checkpoint's sync holds every commit) reads on through 200 sends: the
+    ping after them is answered before any is stored, so the whole backlog is waiting for the
+    writer when the stall ends. Then every send is acked, in order, with consecutive seqs."""
+    room = unique("stall")
+    lock = RoomLock(database_url)
+    async with await RoomClient.open(server_a.ws(f"/rooms/{room}/ws"), await make_token()) as client:
+        await client.ready()
+        await lock.take(room)
+        try:
+            for n in range(200):
+                await client.send(f"m{n}", client_id=f"s{n}")
+            await send_ping(client)
+            await client.until("pong", timeout=30)
+            assert not any(t == "ack" for t, _ in types(client))  # nothing could be stored yet
+        finally:
+            await lock.release()
+        acks = [await client.until("ack", client_id=f"s{n}", timeout=60) for n in range(200)]
+        assert [a["seq"] for a in acks] == list(range(1, 201))
+        assert [c for t, c in types(client) if t == "ack"] == [f"s{n}" for n in range(200)]
 
 
 async def test_many_sends_in_flight_are_acked_in_order(server_a: Server, make_token: MakeToken) -> None:
