@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -45,7 +46,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chat import metrics
-from chat.store import MessageRecord
+from chat.store import QUOTE_CHARS, MessageRecord
 
 log = logging.getLogger("chat.writer")
 
@@ -216,8 +217,9 @@ def never_sent(exc: BaseException) -> bool:
 # by (room, arrival) so that seqs follow arrival order and rooms are locked in one global order.
 # $9 is the fan-out mark ('room' or 'off', migration 0007): set_config(..., true) is local to the
 # statement's transaction (so also safe through a transaction-mode pooler), and runs on every
-# input row before that row can reach the trigger. {created_at}: what publishing needs besides
-# what the writer already holds; left out under NOTIFY.
+# input row before that row can reach the trigger. {returning}: what publishing needs besides
+# what the writer already holds (a reply's quote as the trigger builds it, from the original,
+# committed before: its seq was acked before anyone could reply to it); left out under NOTIFY.
 _INSERT_BATCH = """
 WITH input AS (
     SELECT * FROM unnest(
@@ -228,19 +230,28 @@ WITH input AS (
     SELECT i.ord, m.seq FROM input i
     JOIN messages m ON m.room_id = i.room_id AND m.author_id = i.author_id AND m.client_id = i.client_id
 ), inserted AS (
-    INSERT INTO messages (room_id, author_id, author, body, kind, client_id, target_seq, reply_to)
+    INSERT INTO messages AS new (room_id, author_id, author, body, kind, client_id, target_seq, reply_to)
     SELECT room_id, author_id, author, body, kind, client_id, target_seq, reply_to FROM input
     WHERE ord NOT IN (SELECT ord FROM existing)
         AND (kind <> 'edit' OR chat_edit_window_check(room_id, target_seq, kind, $10::float8))
     ORDER BY room_id, ord
-    RETURNING room_id, seq{created_at}
+    RETURNING room_id, seq{returning}
 )
-SELECT 0 AS existing, room_id, seq, 0::bigint AS ord{created_at} FROM inserted
+SELECT 0 AS existing, room_id, seq, 0::bigint AS ord{columns} FROM inserted
 UNION ALL
-SELECT 1, 0, seq, ord{no_created_at} FROM existing
+SELECT 1, 0, seq, ord{no_columns} FROM existing
 """
-INSERT_BATCH = _INSERT_BATCH.format(created_at="", no_created_at="")
-INSERT_BATCH_TIMED = _INSERT_BATCH.format(created_at=", created_at", no_created_at=", NULL::timestamptz")
+INSERT_BATCH = _INSERT_BATCH.format(returning="", columns="", no_columns="")
+_QUOTE = f"""(
+    SELECT json_build_object(
+        'author', o.author, 'body', left(o.body, {QUOTE_CHARS}), 'deleted', o.deleted_at IS NOT NULL
+    ) FROM messages o WHERE o.room_id = new.room_id AND o.seq = new.reply_to
+)::text"""
+INSERT_BATCH_TIMED = _INSERT_BATCH.format(
+    returning=f", created_at, {_QUOTE} AS quote",
+    columns=", created_at, quote",
+    no_columns=", NULL::timestamptz, NULL::text",
+)
 NOTIFY_MARK = "room"  # the trigger NOTIFYs the room's channel (and not the relay's)
 PUBLISH_MARK = "off"  # no NOTIFY: on_commit publishes the batch
 
@@ -262,14 +273,18 @@ def batch_arguments(rows: Sequence[Pending]) -> tuple[list[Any], ...]:
     )
 
 
+Returned = tuple[datetime, str | None]  # what INSERT_BATCH_TIMED returns of a new row
+
+
 def new_messages(
-    rows: Sequence[Pending], results: Sequence[Stored | NotStored], times: dict[tuple[int, int], datetime]
+    rows: Sequence[Pending], results: Sequence[Stored | NotStored], times: dict[tuple[int, int], Returned]
 ) -> dict[int, list[MessageRecord]]:
     """Per room, in seq order, the messages a batch newly stored (no duplicates, no failures);
-    `times`: (room_id, seq) -> created_at, as the statement returned them."""
+    `times`: (room_id, seq) -> (created_at, a reply's quote), as the statement returned them."""
     rooms: dict[int, list[MessageRecord]] = defaultdict(list)
     for row, result in zip(rows, results, strict=True):
         if isinstance(result, Stored) and not result.duplicate:
+            sent_at, quote = times[(row.room_id, result.seq)]
             rooms[row.room_id].append(
                 MessageRecord(
                     seq=result.seq,
@@ -278,9 +293,10 @@ def new_messages(
                     kind=row.kind,
                     author_id=row.author_id,
                     client_id=row.client_id,
-                    sent_at=times[(row.room_id, result.seq)],
+                    sent_at=sent_at,
                     target_seq=row.target_seq,
                     reply_to=row.reply_to,
+                    quote=None if quote is None else json.loads(quote),
                 )
             )
     for records in rooms.values():
@@ -315,7 +331,7 @@ class Writer:
         # under NOTIFY, where the trigger fans out and the statement returns no more than seqs.
         self.on_commit = on_commit
         self.publish_timeout = publish_timeout
-        self._times: dict[tuple[int, int], datetime] = {}  # (room, seq) -> created_at, this batch
+        self._times: dict[tuple[int, int], Returned] = {}  # (room, seq) -> created_at, quote: this batch
         self.edit_window_seconds = edit_window_seconds  # 0: edits at any age (CHAT_EDIT_WINDOW_SECONDS)
         # Behind a transaction-mode pooler, asyncpg's prepare and execute (two round trips) must
         # share one transaction, or the pooler may run them on two server connections.
@@ -477,7 +493,9 @@ class Writer:
         inserted = [(int(r["room_id"]), int(r["seq"])) for r in records if not r["existing"]]
         if publish:
             self._times.update(
-                ((int(r["room_id"]), int(r["seq"])), r["created_at"]) for r in records if not r["existing"]
+                ((int(r["room_id"]), int(r["seq"])), (r["created_at"], r["quote"]))
+                for r in records
+                if not r["existing"]
             )
         self.batches += 1
         return assign_seqs(rows, existing, inserted)

@@ -405,6 +405,33 @@ async def test_on_commit_gets_each_rooms_new_messages_once_per_batch_and_nothing
         await engine.dispose()
 
 
+async def test_published_replies_carry_the_quote_the_trigger_would_send(database_url: str) -> None:
+    """Redis fan-out has no trigger payload: the statement itself returns a reply's quote (the
+    original's author, the start of its body, deleted or not), as NOTIFY's payload has it."""
+    calls: list[MessageRecord] = []
+
+    async def on_commit(room_id: int, records: list[MessageRecord]) -> None:
+        calls.extend(records)
+
+    engine = new_engine(database_url)
+    writer = Writer(engine, max_rows=50, max_bytes=1 << 20, queue_rows=1000, queue_bytes=1 << 20, on_commit=on_commit)
+    writer.start()
+    room, user = await new_room(database_url), await make_user(database_url)
+    try:
+        original = await writer.submit(room_id=room, author_id=user, author="ann", body="o" * 300)
+        plain = await writer.submit(room_id=room, author_id=user, author="ann", body="not a reply")
+        reply = await writer.submit(room_id=room, author_id=user, author="bo", body="re", reply_to=original.seq)
+        async with asyncio.timeout(10):
+            while len(calls) < 3:
+                await asyncio.sleep(0.01)
+        quotes = {r.seq: r.quote for r in calls}
+        assert quotes[plain.seq] is None and quotes[original.seq] is None
+        assert quotes[reply.seq] == {"author": "ann", "body": "o" * 200, "deleted": False}
+    finally:
+        await writer.stop()
+        await engine.dispose()
+
+
 async def test_a_fan_out_that_does_not_answer_holds_the_writer_up_only_a_bounded_time(database_url: str) -> None:
     never = asyncio.Event()
     calls: list[int] = []
