@@ -97,8 +97,7 @@ class Connection:
 
     async def handle(self, text: str | None) -> None:
         if refused := admit(self.guard, self.client):
-            detail = f"slow down: retry in {refused.retry_after:.1f}s"
-            self.error("rate_limited", detail, retry_after=round(refused.retry_after, 2))
+            self.inflight.answer(refused.frame())
             return
         if text is None:
             self.error("binary_not_supported", "send JSON text frames")

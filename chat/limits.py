@@ -11,12 +11,14 @@ a bucket per user of its own. Replays (a join's history) run a few at a time per
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from chat import protocol
 from chat.config import Settings
 
 
@@ -63,6 +65,12 @@ class RateLimited(Exception):
         super().__init__(f"rate limited; retry in {retry_after:.2f}s")
         self.retry_after = retry_after
         self.flood = flood  # refused so often in a row that the socket should be closed
+
+    def frame(self) -> str:
+        """The error frame that tells a client when to try again: in hundredths of a second,
+        rounded up, so that a wait of a few milliseconds is never told as 0."""
+        wait = max(0.01, math.ceil(self.retry_after * 100) / 100)
+        return protocol.error_frame("rate_limited", f"slow down: retry in {wait:.2f}s", retry_after=wait)
 
 
 class FrameGuard:

@@ -246,10 +246,7 @@ class RoomSession:
     async def handle(self, text: str | None) -> None:
         # Errors answer frames that may be sends: in order behind the sends in flight.
         if refused := admit(self.guard, self.client):
-            detail = f"slow down: retry in {refused.retry_after:.1f}s"
-            self.inflight.answer(
-                protocol.error_frame("rate_limited", detail, retry_after=round(refused.retry_after, 2))
-            )
+            self.inflight.answer(refused.frame())
             return
         if text is None:
             self.inflight.answer(protocol.error_frame("binary_not_supported", "send JSON text frames"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -167,3 +168,16 @@ def test_slots_cap_per_key() -> None:
     slots.give_back("a")
     slots.give_back("a")
     assert "a" not in slots.open
+
+
+def test_a_wait_of_a_few_milliseconds_is_never_told_as_zero() -> None:
+    """retry_after is rounded up to hundredths: a client told 0 would retry at once, and be
+    refused again."""
+    for wait, told in ((0.0001, 0.01), (0.004, 0.01), (0.011, 0.02), (1.5, 1.5)):
+        frame = json.loads(RateLimited(wait, flood=False).frame())
+        assert frame == {
+            "type": "error",
+            "code": "rate_limited",
+            "detail": f"slow down: retry in {told:.2f}s",
+            "retry_after": told,
+        }
