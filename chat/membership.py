@@ -77,14 +77,19 @@ async def enter(conn: AsyncConnection, *, room_id: int, user_id: int) -> bool:
     a crash comes back with the next join."""
     async with _write(conn):
         await conn.execute(text("SET LOCAL synchronous_commit TO off"))
-        result = await conn.execute(
-            pg_insert(Membership)
-            .from_select(
-                ["user_id", "room_id", "read_seq"],
-                select(literal(user_id), Room.id, Room.last_seq).where(Room.id == room_id),
-            )
-            .on_conflict_do_nothing()
+        return await _add(conn, room_id=room_id, user_id=user_id)
+
+
+async def _add(conn: AsyncConnection, *, room_id: int, user_id: int) -> bool:
+    """The membership row, read up to the room's head (a new member's unread starts at 0); True if new."""
+    result = await conn.execute(
+        pg_insert(Membership)
+        .from_select(
+            ["user_id", "room_id", "read_seq"],
+            select(literal(user_id), Room.id, Room.last_seq).where(Room.id == room_id),
         )
+        .on_conflict_do_nothing()
+    )
     return bool(result.rowcount)
 
 
@@ -141,15 +146,7 @@ async def invite(conn: AsyncConnection, *, room_id: int, user_name: str) -> bool
         count = await conn.scalar(select(func.count()).select_from(Membership).where(Membership.room_id == room_id))
         if (count or 0) >= MEMBERS_MAX:
             raise TooManyMembers(f"a room has at most {MEMBERS_MAX} members")
-        result = await conn.execute(
-            pg_insert(Membership)
-            .from_select(
-                ["user_id", "room_id", "read_seq"],
-                select(literal(target), Room.id, Room.last_seq).where(Room.id == room_id),
-            )
-            .on_conflict_do_nothing()
-        )
-    return bool(result.rowcount)
+        return await _add(conn, room_id=room_id, user_id=target)
 
 
 async def remove(conn: AsyncConnection, *, room_id: int, user_name: str) -> int | None:
