@@ -383,6 +383,8 @@ class Worker:
                     self.clients[gid] = client
                     client.wanted = len(rooms)
                     client.subscribed = asyncio.get_running_loop().create_future()
+                    if not rooms:
+                        client.subscribed.set_result(None)  # nothing to wait for
                     for room in rooms:
                         client.send_text(b'{"type":"subscribe","room":"%s"}' % room.encode())
                     await asyncio.wait_for(asyncio.shield(client.subscribed), timeout)

@@ -14,8 +14,6 @@ import logging
 import time
 from typing import Any
 
-from broadcaster._base import Unsubscribed
-
 from chat import logs, membership, metrics, notify, protocol, socket_frames
 from chat.client import Client
 from chat.config import Settings
@@ -74,23 +72,10 @@ class Connection:
         self._slots: asyncio.Semaphore | None = None  # made on the first subscribe
         self._leaving: set[asyncio.Task[None]] = set()  # presence updates of rooms removed from
         # The user's room list changed (an invite, a new DM, a removal): the page reads it again.
-        self._rooms_changed = asyncio.create_task(self._hear_rooms_changed(), name=f"rooms-of-{identity.user_id}")
+        hub.follow_user(identity.user_id, self._rooms_changed)
 
-    async def _hear_rooms_changed(self) -> None:
-        channel = notify.user_channel(self.identity.user_id)
-        while True:
-            try:
-                async with self.hub.broadcast.subscribe(channel) as subscriber:
-                    while True:
-                        event = await subscriber.get()
-                        # RESYNC: the fan-out reconnected, a change may have been missed.
-                        if event.message in (notify.ROOMS_CHANGED, notify.RESYNC):
-                            self.client.offer(notify.ROOMS_CHANGED)
-            except Unsubscribed:
-                return
-            except Exception as exc:  # the fan-out is away: the page reads the list on reconnect
-                log.warning("room list events of %r: %r", self.identity.name, exc)
-                await asyncio.sleep(1.0)
+    def _rooms_changed(self) -> None:
+        self.client.offer(notify.ROOMS_CHANGED)
 
     def error(self, code: str, detail: str, **extra: Any) -> None:
         self.inflight.answer(protocol.error_frame(code, detail, **extra))
@@ -274,8 +259,7 @@ class Connection:
 
     async def close(self) -> None:
         """The socket ended: stop the subscribes under way, and leave every room."""
-        self._rooms_changed.cancel()
-        await asyncio.gather(self._rooms_changed, return_exceptions=True)
+        self.hub.unfollow_user(self.identity.user_id, self._rooms_changed)
         pending = list(self._pending.values())
         for task in pending:
             task.cancel()

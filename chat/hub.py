@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -202,6 +202,37 @@ class RoomFeed:
             subscription.offer(item)
 
 
+class UserFeed:
+    """One user's channel in this process: one subscription however many of their `/socket`
+    connections are open here (broadcaster's subscribe is not safe for two first subscribers of
+    one channel at once: the second replaces the first's queue)."""
+
+    def __init__(self, hub: Hub, user_id: int) -> None:
+        self.hub = hub
+        self.user_id = user_id
+        self.listeners: set[Callable[[], object]] = set()
+        self.task = asyncio.create_task(self._run(), name=f"user-{user_id}")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with self.hub.broadcast.subscribe(notify.user_channel(self.user_id)) as subscriber:
+                    while True:
+                        event = await subscriber.get()
+                        # RESYNC: the fan-out reconnected, a change may have been missed.
+                        if event.message in (notify.ROOMS_CHANGED, notify.RESYNC):
+                            for listener in list(self.listeners):
+                                listener()
+            except Unsubscribed:
+                return
+            except Exception as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # stopping: an error in the unsubscribe must not keep the feed alive
+                log.warning("room list events of user %d: %r; resubscribing", self.user_id, exc)
+                await asyncio.sleep(1.0)
+
+
 class Hub:
     def __init__(
         self, broadcast: Broadcast, engine: AsyncEngine, *, database_notifies: bool = True, gap_wait: float = 0.0
@@ -213,6 +244,7 @@ class Hub:
         self.database_notifies = database_notifies
         self.gap_wait = gap_wait  # seconds a feed waits for a missing seq before reading the table
         self.feeds: dict[int, RoomFeed] = {}
+        self.user_feeds: dict[int, UserFeed] = {}
         self.sockets: set[Client] = set()  # every open socket, in rooms or not
         self.closing = False  # shutting down: no new sockets
         self._idle = asyncio.Event()  # set while no socket is joined
@@ -264,6 +296,22 @@ class Hub:
         except Exception as exc:
             log.warning("could not publish %s: %r", kind, exc)
 
+    def follow_user(self, user_id: int, listener: Callable[[], object]) -> None:
+        """Call `listener` when the user's room list changes (through any process)."""
+        feed = self.user_feeds.get(user_id)
+        if feed is None:
+            feed = self.user_feeds[user_id] = UserFeed(self, user_id)
+        feed.listeners.add(listener)
+
+    def unfollow_user(self, user_id: int, listener: Callable[[], object]) -> None:
+        feed = self.user_feeds.get(user_id)
+        if feed is None:
+            return
+        feed.listeners.discard(listener)
+        if not feed.listeners:
+            del self.user_feeds[user_id]
+            feed.task.cancel()
+
     async def rooms_changed(self, user_id: int) -> None:
         """Tell the user's /socket connections, in every process, that their room list changed
         (best effort: the page also reads the list at load and after each reconnect)."""
@@ -300,9 +348,10 @@ class Hub:
             await asyncio.wait_for(self._idle.wait(), timeout)
 
     async def close(self) -> None:
-        feeds, self.feeds = list(self.feeds.values()), {}
-        for feed in feeds:
-            feed.task.cancel()
-        for feed in feeds:
+        tasks = [feed.task for feed in self.feeds.values()] + [feed.task for feed in self.user_feeds.values()]
+        self.feeds, self.user_feeds = {}, {}
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await feed.task
+                await task

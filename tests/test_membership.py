@@ -501,3 +501,39 @@ async def test_the_users_sockets_hear_that_their_room_list_changed(
         assert not [f for f in owners.frames if f["type"] == "rooms"]
         await theirs.close()
         await owners.close()
+
+
+async def test_every_socket_of_a_user_hears_it_however_they_open_and_close(
+    server_a: Server, make_token: MakeToken
+) -> None:
+    """Several /socket connections of one user in one process, opened at once, share one
+    subscription to the user's channel: each hears every change, also after some have closed and
+    others opened again (the process subscribes once per user, not once per socket)."""
+    async with users(server_a, make_token, "owner", "member") as (owner, member):
+
+        async def opened() -> RoomClient:
+            socket = await RoomClient.open(server_a.ws("/socket"), member.token)
+            for _ in range(5):  # LISTENs of new rooms queue on the listener beside the user's channel
+                await socket.ws.send(json.dumps({"type": "subscribe", "room": unique("busy")}))
+            return socket
+
+        first = await asyncio.gather(*(opened() for _ in range(12)))
+
+        async def invited(sockets: list[RoomClient], count: int) -> None:
+            room = unique("many")
+            await owner.api.post("/rooms", json={"name": room, "visibility": "private"})
+            await owner.api.post(f"/rooms/{room}/members", json={"user": member.name})
+            async with asyncio.timeout(15):
+                for socket in sockets:
+                    while sum(f["type"] == "rooms" for f in socket.frames) < count:
+                        await asyncio.sleep(0.05)
+
+        await invited(first, 1)
+        await asyncio.gather(*(socket.close() for socket in first[:11]))
+        again = await asyncio.gather(*(opened() for _ in range(4)))
+        await invited([first[11]], 2)
+        await invited(again, 2)  # the second and third invitations both reached the new sockets
+        for socket in [first[11], *again]:
+            await socket.close()
+    log = server_a.log()
+    assert "room list events" not in log, log[-2000:]
