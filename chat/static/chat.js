@@ -274,6 +274,8 @@ function onRead(f) { // this user's read position moved (here or on another devi
 }
 
 function markCurrentRoom() {
+  const entry = entries.get(current);
+  ChatChanges.setOwner(!!me && !!entry && entry.owner === me); // the server checks it again on delete
   for (const btn of el.roomList.querySelectorAll('button.room')) {
     if (btn.dataset.room === current) {
       btn.setAttribute('aria-current', 'true');
@@ -477,6 +479,9 @@ function onFrame(c, f) {
     return;
   }
   if (f.type === 'read') return onRead(f);
+  // Subscribed to a room the server did not list: now a member, so the list has it (and the room
+  // stays on the socket, its badge live, once it goes to the background).
+  if (f.type === 'ready' && entries.get(f.room)?.known === false) refreshRooms();
   if (f.room !== shown) return onBackground(f);
   const state = stateOf(f.room);
   if (state.refresh) { // subscribed while in the background: heard, then again from what is drawn
