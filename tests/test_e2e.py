@@ -572,4 +572,15 @@ async def test_the_owner_deletes_anyones_message_and_a_background_badge_follows(
     listed = await bob.page.evaluate("() => fetch('/api/me/rooms').then((r) => r.json())")
     [entry] = [r for r in listed if r["name"] == room]
     assert (entry["unread"], entry["mentions"]) == (1, 0)
+
+    # After a reload the badge is the list's count (whose messages, the page does not know): a
+    # delete of one of them reads the list again.
+    await bob.page.reload()
+    await bob.wait_connected()
+    await expect(bob.page.locator("#current-room")).to_have_text(elsewhere)
+    await expect(badge).to_have_text("1")
+    await question.focus()
+    await question.locator(".act.delete").click()
+    await expect(alice.page.locator("#messages .msg.deleted")).to_have_count(2)
+    await expect(badge).to_have_count(0)
     assert_clean(alice, bob, carol)

@@ -248,8 +248,9 @@ function updateEntry(name, fn) {
   if (next === entry) return;
   entries.set(name, next);
   renderRoomList();
-  // A delete (or an edit) of a message the list's snapshot counted: only the server knows whose.
-  if (next.stale) refreshRooms();
+  // A delete (or an edit) just heard of a message the list's snapshot counted: only the server
+  // knows whose it was.
+  if (next.stale && next.lastSeq > entry.lastSeq) refreshRooms();
 }
 
 // Everything on screen is read once the tab is visible and the newest message is in view.
