@@ -513,3 +513,74 @@ async def test_edit_delete_react_reply_live_and_after_reload(
     assert overflow <= 0, f"the page scrolls sideways by {overflow}px"
     await screenshot(carol.page, "changes-phone")
     assert_clean(alice, bob, carol)
+
+
+async def test_the_owner_deletes_anyones_message_and_a_background_badge_follows(
+    open_page: OpenPage, server_a: Server, server_b: Server
+) -> None:
+    """The room's owner (alice, the first to join) gets Delete on every message, behind the same
+    confirm; nobody else does. Bob has the room in the background: the deleted message leaves his
+    unread and mention badge at once, as GET /api/me/rooms counts it."""
+    room, elsewhere = unique("owned"), unique("elsewhere")
+    alice = await open_page(server_a, "alice")
+    await alice.join(room)
+    await alice.send("welcome")
+    bob = await open_page(server_b, "bob")
+    await bob.join(room)
+    await bob.wait_body("welcome", mine=False)
+    welcome = bob.page.locator("#messages .msg").filter(has=bob.page.locator(".body", has_text="welcome"))
+    await welcome.focus()
+    await expect(welcome.locator(".act.reply")).to_be_visible()
+    await expect(welcome.locator(".act.delete")).to_be_hidden()  # bob does not own the room
+    await bob.join(elsewhere)
+
+    carol = await open_page(server_a, "carol")
+    await carol.join(room)
+    await carol.send(f"@{bob.user} buy now")
+    await carol.send("a real question")
+    badge = bob.page.locator(f'#room-list [data-room="{room}"] .badge')
+    await expect(badge).to_have_text("2")
+    await expect(badge).to_have_class("badge mention-badge")
+    await expect(
+        carol.page.locator("#messages .msg")
+        .filter(has=carol.page.locator(".body", has_text="welcome"))
+        .locator(".act.delete")
+    ).to_be_hidden()
+
+    await alice.page.evaluate(
+        "() => { window.asked = []; window.confirm = (text) => { window.asked.push(text); return true; }; }"
+    )
+    question = alice.page.locator("#messages .msg").filter(has=alice.page.locator(".body", has_text="a real question"))
+    await question.focus()
+    await expect(question.locator(".act.delete")).to_be_visible()
+    await expect(question.locator(".act.edit")).to_have_count(0)  # an owner deletes, only the author edits
+    spam = alice.page.locator("#messages .msg").filter(has=alice.page.locator(".body", has_text="buy now"))
+    await spam.focus()
+    await spam.locator(".act.delete").click()
+    assert await alice.page.evaluate("window.asked") == ["Delete this message for everyone?"]
+    for page in (alice, carol):
+        tombstone = page.page.locator("#messages .msg.deleted")
+        await expect(tombstone.locator(".body")).to_have_text("This message was deleted.")
+        await expect(tombstone.locator(".act")).to_have_count(0)
+    await question.focus()
+    await screenshot(alice.page, "owner-deletes")
+
+    # Bob's badge follows live: one unread left, no mention; the server's list says the same.
+    await expect(badge).to_have_text("1")
+    await expect(badge).to_have_class("badge")
+    await screenshot(bob.page, "owner-deleted-background-badge")
+    listed = await bob.page.evaluate("() => fetch('/api/me/rooms').then((r) => r.json())")
+    [entry] = [r for r in listed if r["name"] == room]
+    assert (entry["unread"], entry["mentions"]) == (1, 0)
+
+    # After a reload the badge is the list's count (whose messages, the page does not know): a
+    # delete of one of them reads the list again.
+    await bob.page.reload()
+    await bob.wait_connected()
+    await expect(bob.page.locator("#current-room")).to_have_text(elsewhere)
+    await expect(badge).to_have_text("1")
+    await question.focus()
+    await question.locator(".act.delete").click()
+    await expect(alice.page.locator("#messages .msg.deleted")).to_have_count(2)
+    await expect(badge).to_have_count(0)
+    assert_clean(alice, bob, carol)

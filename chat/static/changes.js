@@ -1,7 +1,8 @@
 // Messages that change (README "Messages that change"): edit, delete, react, reply.
 // Self-contained: the page calls ChatChanges.install() once, decorate() on each message it
-// renders, apply() on each change frame (a message frame with target_seq), and submit()/onKey()
-// from its composer. User text goes through textContent only.
+// renders, setOwner() with whether the user owns the room shown, apply() on each change frame
+// (a message frame with target_seq), and submit()/onKey() from its composer. User text goes
+// through textContent only.
 'use strict';
 
 window.ChatChanges = (function () {
@@ -28,6 +29,9 @@ window.ChatChanges = (function () {
   function find(seq) { return hooks.list.querySelector(`li.msg[data-seq="${Number(seq)}"]`); }
 
   function short(text) { return text.length > QUOTE_CHARS ? `${text.slice(0, QUOTE_CHARS)}…` : text; }
+
+  // Whether this user owns the room shown: its others' messages get a Delete action.
+  function setOwner(owner) { if (hooks) hooks.list.classList.toggle('owns-room', !!owner); }
 
   function install(h) {
     hooks = h;
@@ -69,6 +73,12 @@ window.ChatChanges = (function () {
       const del = el('button', 'act delete', 'Delete');
       edit.type = del.type = 'button';
       actions.append(edit, del);
+    } else if (m.kind === 'text' || m.kind === 'notice') {
+      // The room's owner may delete anyone's message: shown while the list has setOwner(true)
+      // (the page learns the owner from the room list, possibly after the messages are drawn).
+      const del = el('button', 'act delete as-owner', 'Delete');
+      del.type = 'button';
+      actions.append(del);
     }
     li.append(el('div', 'reactions'), actions);
     renderReactions(li);
@@ -203,5 +213,5 @@ window.ChatChanges = (function () {
     return false;
   }
 
-  return { install, decorate, apply, submit, onKey };
+  return { install, setOwner, decorate, apply, submit, onKey };
 })();

@@ -213,13 +213,8 @@ async function refreshRooms() {
     if (r.ok && Array.isArray(r.data)) {
       const local = rooms.filter((name) => !r.data.some((s) => s.name === name) && !entries.get(name)?.known);
       const fresh = roomList.fromServer(r.data, local);
-      for (const entry of fresh) {
-        const old = entries.get(entry.name);
-        // What this page heard live is never older than the list's snapshot.
-        if (old && old.readSeq > entry.readSeq) Object.assign(entry, roomList.onRead(entry, old.readSeq));
-        if (old && old.lastSeq > entry.lastSeq) Object.assign(entry, { lastSeq: old.lastSeq, unread: Math.max(entry.unread, old.unread) });
-      }
-      entries = new Map(fresh.map((e) => [e.name, e]));
+      // What this page heard live is never older than the list's snapshot.
+      entries = new Map(fresh.map((e) => [e.name, roomList.merge(e, entries.get(e.name))]));
       rooms = fresh.map((e) => e.name);
       save(roomsKey(), rooms);
       renderRoomList();
@@ -253,6 +248,9 @@ function updateEntry(name, fn) {
   if (next === entry) return;
   entries.set(name, next);
   renderRoomList();
+  // A delete (or an edit) just heard of a message the list's snapshot counted: only the server
+  // knows whose it was.
+  if (next.stale && next.lastSeq > entry.lastSeq) refreshRooms();
 }
 
 // Everything on screen is read once the tab is visible and the newest message is in view.
@@ -277,6 +275,8 @@ function onRead(f) { // this user's read position moved (here or on another devi
 }
 
 function markCurrentRoom() {
+  const entry = entries.get(current);
+  ChatChanges.setOwner(!!me && !!entry && entry.owner === me); // the server checks it again on delete
   for (const btn of el.roomList.querySelectorAll('button.room')) {
     if (btn.dataset.room === current) {
       btn.setAttribute('aria-current', 'true');
@@ -480,6 +480,9 @@ function onFrame(c, f) {
     return;
   }
   if (f.type === 'read') return onRead(f);
+  // Subscribed to a room the server did not list: now a member, so the list has it (and the room
+  // stays on the socket, its badge live, once it goes to the background).
+  if (f.type === 'ready' && entries.get(f.room)?.known === false) refreshRooms();
   if (f.room !== shown) return onBackground(f);
   const state = stateOf(f.room);
   if (state.refresh) { // subscribed while in the background: heard, then again from what is drawn
@@ -505,7 +508,12 @@ function onMessage(state, m) {
   if (!m || typeof m !== 'object') return;
   if (Number.isInteger(m.target_seq)) onChange(state, m);
   else addMessage(state, m, false);
-  updateEntry(shown, (en) => roomList.onMessage(en, m, me, mentions(m.body, me)));
+  updateEntry(shown, (en) => roomList.onMessage(en, m, me, mentionsMe(m)));
+}
+
+// Whether a message (or an edit's new text) mentions this user, as the server counts it.
+function mentionsMe(m) {
+  return (!Number.isInteger(m.target_seq) || m.kind === 'edit') && m.author !== me && mentions(m.body, me);
 }
 
 // A room in the background: its messages count (unread, mentions, a notification), nothing drawn.
@@ -518,10 +526,10 @@ function onBackground(f) {
       if (!m || !Number.isInteger(m.seq)) continue;
       // A replay of a room the server did not list (a room only this browser knew) is history, not news.
       if (f.type === 'messages' && !entry.known) { updateEntry(f.room, (en) => roomList.heard(en, m.seq)); continue; }
-      const mine = !Number.isInteger(m.target_seq) && mentions(m.body, me);
+      const mine = mentionsMe(m);
       const before = entries.get(f.room);
       updateEntry(f.room, (en) => roomList.onMessage(en, m, me, mine));
-      if (mine && m.author !== me && entries.get(f.room) !== before) notify(f.room, m);
+      if (mine && !Number.isInteger(m.target_seq) && entries.get(f.room) !== before) notify(f.room, m);
     }
   } else if (f.type === 'ack') {
     onAck(conn, stateOf(f.room), f); // a send made before the room went to the background
