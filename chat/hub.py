@@ -77,6 +77,15 @@ class Overtaken:
             del self.held[seq]
 
 
+def _stopping() -> bool:
+    """This feed's task is being cancelled. broadcaster's subscribe can turn a cancellation into
+    a KeyError (cancelled while its first subscriber waited for the LISTEN, it removes a queue it
+    never added): a feed that took that for a failure would resubscribe, a task left running for
+    a room or user nobody follows any more."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class RoomFeed:
     def __init__(self, hub: Hub, room_id: int, name: str) -> None:
         self.hub = hub
@@ -116,7 +125,9 @@ class RoomFeed:
                         await self._handle(event.message)
             except Unsubscribed:
                 return
-            except Exception:
+            except Exception as exc:
+                if _stopping():
+                    raise asyncio.CancelledError from exc
                 log.exception("feed for room %r failed; resubscribing", self.name)
                 await asyncio.sleep(1.0)
 
@@ -226,9 +237,8 @@ class UserFeed:
             except Unsubscribed:
                 return
             except Exception as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # stopping: an error in the unsubscribe must not keep the feed alive
+                if _stopping():
+                    raise asyncio.CancelledError from exc
                 log.warning("room list events of user %d: %r; resubscribing", self.user_id, exc)
                 await asyncio.sleep(1.0)
 
