@@ -620,30 +620,36 @@ def inflight_server(database_url: str, tmp_root: Path) -> Iterator[Server]:
     server.stop()
 
 
-async def test_the_receive_loop_never_waits_for_a_commit(
-    inflight_server: Server, make_token: MakeToken, database_url: str
-) -> None:
-    """While the database holds every send of the room (a locked room row), the socket keeps
-    reading: a ping sent after the sends is answered before any of them is stored. Once they
-    are, the acks come in the order sent, with consecutive seqs."""
-    room = unique("pipe")
+async def reads_on_past_a_stalled_commit(server: Server, token: str, database_url: str, *, sends: int) -> None:
+    """While the database holds every send of a room (a locked room row, as a checkpoint's sync
+    holds every commit), the socket keeps reading: a ping sent after `sends` sends is answered
+    before any of them is stored. Once they are, the acks come in the order sent, with
+    consecutive seqs."""
+    room = unique("stall")
     lock = RoomLock(database_url)
-    async with await RoomClient.open(inflight_server.ws(f"/rooms/{room}/ws"), await make_token()) as client:
+    async with await RoomClient.open(server.ws(f"/rooms/{room}/ws"), token) as client:
         await client.ready()
         await lock.take(room)
         try:
-            for n in range(4):
-                await client.send(f"m{n}", client_id=f"p{n}")
+            for n in range(sends):
+                await client.send(f"m{n}", client_id=f"s{n}")
             await send_ping(client)
-            await client.until("pong")
+            await client.until("pong", timeout=30)
             assert not any(t == "ack" for t, _ in types(client))  # nothing could be stored yet
         finally:
             await lock.release()
-        acks = [await client.until("ack", client_id=f"p{n}") for n in range(4)]
-        assert types(client) == [("pong", None)] + [("ack", f"p{n}") for n in range(4)]
-        assert [a["seq"] for a in acks] == [1, 2, 3, 4]
-        await client.until_seq(4)
-        assert client.bodies() == ["m0", "m1", "m2", "m3"]
+        acks = [await client.until("ack", client_id=f"s{n}", timeout=60) for n in range(sends)]
+        assert [a["seq"] for a in acks] == list(range(1, sends + 1))
+        assert types(client) == [("pong", None)] + [("ack", f"s{n}") for n in range(sends)]
+        await client.until_seq(sends)
+        assert client.bodies() == [f"m{n}" for n in range(sends)]
+
+
+async def test_the_receive_loop_never_waits_for_a_commit(
+    inflight_server: Server, make_token: MakeToken, database_url: str
+) -> None:
+    """4 sends under a bound of 4 (CHAT_SOCKET_INFLIGHT=4)."""
+    await reads_on_past_a_stalled_commit(inflight_server, await make_token(), database_url, sends=4)
 
 
 async def test_beyond_the_inflight_bound_the_socket_stops_reading(
@@ -674,26 +680,9 @@ async def test_beyond_the_inflight_bound_the_socket_stops_reading(
 async def test_by_default_a_socket_reads_on_past_a_stalled_commit(
     server_a: Server, make_token: MakeToken, database_url: str
 ) -> None:
-    """With the default in-flight bound (CHAT_SOCKET_INFLIGHT), a socket whose commits stall (a
-    locked room row, as a checkpoint's sync holds every commit) reads on through 200 sends: the
-    ping after them is answered before any is stored, so the whole backlog is waiting for the
-    writer when the stall ends. Then every send is acked, in order, with consecutive seqs."""
-    room = unique("stall")
-    lock = RoomLock(database_url)
-    async with await RoomClient.open(server_a.ws(f"/rooms/{room}/ws"), await make_token()) as client:
-        await client.ready()
-        await lock.take(room)
-        try:
-            for n in range(200):
-                await client.send(f"m{n}", client_id=f"s{n}")
-            await send_ping(client)
-            await client.until("pong", timeout=30)
-            assert not any(t == "ack" for t, _ in types(client))  # nothing could be stored yet
-        finally:
-            await lock.release()
-        acks = [await client.until("ack", client_id=f"s{n}", timeout=60) for n in range(200)]
-        assert [a["seq"] for a in acks] == list(range(1, 201))
-        assert [c for t, c in types(client) if t == "ack"] == [f"s{n}" for n in range(200)]
+    """With the default in-flight bound (CHAT_SOCKET_INFLIGHT), through 200 sends: the whole
+    backlog is waiting for the writer when the stall ends."""
+    await reads_on_past_a_stalled_commit(server_a, await make_token(), database_url, sends=200)
 
 
 async def test_many_sends_in_flight_are_acked_in_order(server_a: Server, make_token: MakeToken) -> None:
