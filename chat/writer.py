@@ -43,7 +43,7 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from chat import metrics
 from chat.store import QUOTE_CHARS, MessageRecord
@@ -347,6 +347,7 @@ class Writer:
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._conn: tuple[AsyncConnection, asyncpg.Connection] | None = None  # see _driver()
         self.batches = 0  # statements that stored a batch (for tests and the bench)
 
     # --- for sockets -----------------------------------------------------------------------------
@@ -394,6 +395,7 @@ class Writer:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        await self._release_connection()
         while self._waiting:
             item = self._waiting.popleft()
             if not item.future.done():
@@ -501,27 +503,62 @@ class Writer:
         return assign_seqs(rows, existing, inserted)
 
     async def _run_statement(self, sql: str, *args: Any, fetch: str) -> Any:
-        """Run one autocommit statement on a pooled connection: its implicit transaction holds
-        the seq bumps, the rows and the NOTIFYs, and commits them together, in one round trip.
-        A statement that never reached the server (its connection was found closed) is tried
-        once more on a fresh connection."""
+        """Run one autocommit statement on the writer's pooled connection: its implicit
+        transaction holds the seq bumps, the rows and the NOTIFYs, and commits them together, in
+        one round trip. A statement that never reached the server (its connection was found
+        closed) is tried once more on a fresh connection."""
         for attempt in (1, 2):
-            async with self.engine.connect() as conn:
-                raw = await conn.get_raw_connection()
-                driver: asyncpg.Connection = raw.driver_connection
-                try:
-                    async with driver.transaction() if self.transactional else contextlib.nullcontext():
-                        if fetch == "all":
-                            return await driver.fetch(sql, *args)
-                        return await driver.fetchval(sql, *args)
-                except Exception as exc:
-                    if driver.is_closed() or never_sent(exc) or isinstance(exc, (OSError, asyncpg.InterfaceError)):
-                        await conn.invalidate()  # never hand this connection out again
-                    if attempt == 1 and never_sent(exc):
-                        log.info("retrying a statement that never reached the server")
-                        continue
-                    raise
+            driver = await self._driver()
+            try:
+                async with driver.transaction() if self.transactional else contextlib.nullcontext():
+                    if fetch == "all":
+                        return await driver.fetch(sql, *args)
+                    return await driver.fetchval(sql, *args)
+            except Exception as exc:
+                if driver.is_closed() or never_sent(exc) or isinstance(exc, (OSError, asyncpg.InterfaceError)):
+                    await self._drop_connection()  # never use this connection again
+                if attempt == 1 and never_sent(exc):
+                    log.info("retrying a statement that never reached the server")
+                    continue
+                raise
         raise AssertionError("unreachable")
+
+    async def _driver(self) -> asyncpg.Connection:
+        """The writer's connection, checked out of the pool once and kept: a checkout and a
+        check-in per batch (SQLAlchemy's pool, through greenlets) cost more CPU than the
+        statement. One found closed (its backend was terminated, Postgres restarted) is dropped
+        and a fresh one checked out, as the pool's checkout does."""
+        held = self._conn
+        if held is not None:
+            conn, driver = held
+            if not driver.is_closed():
+                return driver
+            await self._drop_connection()
+        conn = await self.engine.connect()
+        try:
+            raw = await conn.get_raw_connection()
+            driver = raw.driver_connection
+            assert isinstance(driver, asyncpg.Connection)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.close()
+            raise
+        self._conn = (conn, driver)
+        return driver
+
+    async def _drop_connection(self) -> None:
+        held, self._conn = self._conn, None
+        if held is not None:
+            with contextlib.suppress(Exception):
+                await held[0].invalidate()
+            with contextlib.suppress(Exception):
+                await held[0].close()
+
+    async def _release_connection(self) -> None:
+        held, self._conn = self._conn, None
+        if held is not None:
+            with contextlib.suppress(Exception):
+                await held[0].close()
 
 
 def _settle(future: asyncio.Future[Stored], result: Stored | NotStored) -> None:
