@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import types
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,30 @@ class RoomEvent:
 
 Handler = Callable[[str | None], Coroutine[Any, Any, None]]  # one received frame; None if binary
 Start = Callable[[], Coroutine[Any, Any, None]]
+
+
+@types.coroutine
+def resume(coroutine: Coroutine[Any, Any, Any], waiting_on: Any) -> Generator[Any, Any, Any]:
+    """Await the rest of `coroutine`, which was stepped once by hand (`send(None)`) and yielded
+    `waiting_on` (the future it waits for): the task awaiting this runs it on from there, as if
+    it had awaited it from the start (results, exceptions and cancellation pass through)."""
+    value = waiting_on
+    while True:
+        try:
+            received = yield value
+        except GeneratorExit:
+            coroutine.close()
+            raise
+        except BaseException as exc:  # a cancellation, or the future's exception: theirs to handle
+            try:
+                value = coroutine.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                value = coroutine.send(received)
+            except StopIteration as stop:
+                return stop.value
 
 
 class Client:
@@ -100,14 +125,24 @@ class Client:
     def queued_bytes(self) -> int:
         return self._bytes
 
-    def offer(self, text: str) -> bool:
-        """Queue one frame; False if it was dropped (the socket is closing, or just overflowed)."""
+    def offer(self, text: str, messages: int = 0) -> bool:
+        """Queue one frame (holding `messages` message frames, counted in `sent`); False if it
+        was dropped (the socket is closing, or just overflowed).
+
+        With nothing queued and no writer running, the frame is sent at once, in this call: a
+        send normally completes without suspending (the transport takes it), so most deliveries
+        cost no task. If the send does suspend (the transport is paused), the frame stays first
+        in the queue, counted in its bounds, and a writer task finishes that very send first."""
         if self._broken or (self._kicked is not None and not self._flush):
             return False
         out = self._out
-        if out is None:
-            out = self._out = deque()
         size = len(text)
+        if out is None:
+            if self._serving and self._writer is None and size <= self.max_bytes and self.max_items > 0:
+                self.sent += messages
+                self._send_now(text)
+                return True
+            out = self._out = deque()
         if len(out) >= self.max_items or self._bytes + size > self.max_bytes:
             log.info("closing a slow consumer (%d frames, %d bytes queued)", len(out), self._bytes)
             self.overflowed = True
@@ -115,18 +150,41 @@ class Client:
             return False
         out.append(text)
         self._bytes += size
+        self.sent += messages
         if self._serving and self._writer is None:
             self._writer = asyncio.create_task(self._drain())
         return True
 
-    async def put(self, text: str, *, timeout: float) -> None:
+    def _send_now(self, text: str) -> None:
+        """Start sending `text` (nothing queued, no writer): one step of the send coroutine."""
+        send = self.ws.send_text(text)
+        try:
+            waiting_on = send.send(None)
+        except StopIteration:
+            self._count()
+            return
+        except Exception as exc:  # the socket is gone; the receive loop hears of it
+            log.debug("send failed: %r", exc)
+            self._broken = True
+            return
+        # Suspended mid-send: the frame is queued (first) until the writer has finished it.
+        self._out = deque((text,))
+        self._bytes = len(text)
+        self._writer = asyncio.create_task(self._drain(resume(send, waiting_on)))
+
+    def _count(self) -> None:
+        if self.sent != self._counted:
+            metrics.MESSAGES_OUT.inc(self.sent - self._counted)
+            self._counted = self.sent
+
+    async def put(self, text: str, *, timeout: float, messages: int = 0) -> None:
         """Queue one frame of a replay: wait (up to `timeout`: TimeoutError) while the queue is
         half full, so that a replay never overflows a client that reads."""
         out = self._out
         if out and (self._bytes + len(text) > self.max_bytes // 2 or len(out) >= self.max_items // 2):
             async with asyncio.timeout(timeout):
                 await self.drained()
-        self.offer(text)
+        self.offer(text, messages)
 
     async def drained(self) -> None:
         """Until the queue is empty (or the socket is closing)."""
@@ -136,9 +194,15 @@ class Client:
                 event = self._drained = asyncio.Event()
             await event.wait()
 
-    async def _drain(self) -> None:
+    async def _drain(self, started: Awaitable[None] | None = None) -> None:
+        """Send what is queued, in order; `started`: the rest of a send of the first frame that
+        offer() began and that suspended."""
         out = self._out
         try:
+            if started is not None:
+                await started
+                if out:
+                    self._bytes -= len(out.popleft())
             while out:
                 text = out[0]
                 await self.ws.send_text(text)
@@ -151,9 +215,7 @@ class Client:
             self._writer = None
             if not out and self._out is out:
                 self._out = None  # an idle socket keeps no queue
-            if self.sent != self._counted:
-                metrics.MESSAGES_OUT.inc(self.sent - self._counted)
-                self._counted = self.sent
+            self._count()
             if self._drained is not None and not (out and not self._broken):
                 self._drained.set()
 

@@ -83,8 +83,8 @@ class Subscription:
                 return  # replay sends it (or already did)
             self.cursor = item.seq
             text = self.render(item)
-            if text is not None and self.client.offer(text):
-                self.client.sent += 1
+            if text is not None:
+                self.client.offer(text, 1)
         elif type(item) is RoomEvent:
             if self.events:
                 if self.replaying:
@@ -112,8 +112,7 @@ class Subscription:
             if text is None:
                 continue
             if not self.batch:
-                await client.put(text, timeout=timeout)
-                client.sent += 1
+                await client.put(text, timeout=timeout, messages=1)
                 continue
             if frames and size + len(text) > REPLAY_BATCH_BYTES:
                 await self._put_batch(frames, timeout)
@@ -126,8 +125,8 @@ class Subscription:
     async def _put_batch(self, frames: list[str], timeout: float) -> None:
         # Each message is its own frame's JSON, so the batch is joined, not encoded again.
         room = json.dumps(self.room, ensure_ascii=False)
-        await self.client.put(f'{{"type":"messages","room":{room},"messages":[{",".join(frames)}]}}', timeout=timeout)
-        self.client.sent += len(frames)
+        batch = f'{{"type":"messages","room":{room},"messages":[{",".join(frames)}]}}'
+        await self.client.put(batch, timeout=timeout, messages=len(frames))
 
     def go_live(self) -> None:
         """Replay has caught up with the feed: from now on the feed's messages are queued."""

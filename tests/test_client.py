@@ -15,6 +15,7 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator
+from importlib.util import find_spec
 from pathlib import Path
 
 import httpx
@@ -25,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from chat.client import resume as resume_send
 from chat.protocol import CLOSE_SLOW_CONSUMER
 from tests.conftest import MakeToken, unique
 from tests.roomclient import RoomClient
@@ -41,14 +43,14 @@ async def fill_room(engine: AsyncEngine, room: str, *, count: int, body: str) ->
         )
 
 
-async def insert_live(engine: AsyncEngine, room: str, *, count: int, batch: int = 10) -> None:
+async def insert_live(engine: AsyncEngine, room: str, *, count: int, batch: int = 10, body: str = "") -> None:
     """`count` more messages, a few per transaction: each is NOTIFYed to the listening servers."""
     for start in range(0, count, batch):
         async with engine.begin() as conn:
             room_id = await conn.scalar(text("SELECT id FROM rooms WHERE name = :n"), {"n": room})
             await conn.execute(
                 text("INSERT INTO messages (room_id, author, body) VALUES (:r, 'live', :b)"),
-                [{"r": room_id, "b": f"live {i}"} for i in range(start, min(start + batch, count))],
+                [{"r": room_id, "b": f"live {i} {body}"} for i in range(start, min(start + batch, count))],
             )
 
 
@@ -245,3 +247,109 @@ async def test_history_amplification_stays_bounded(
     growth = await memory.stop()
     assert 429 in statuses, "the HTTP API has no per-user limit"
     assert growth < 128, f"the server grew by {growth:.0f} MB"
+
+
+# --- sends started in offer(): what happens when one has to wait (chat/client.py resume) ------------
+
+
+async def test_a_send_stepped_by_hand_finishes_in_a_task_with_its_result() -> None:
+    waited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def send() -> int:
+        return await waited + 1
+
+    coroutine = send()
+    pending = coroutine.send(None)  # suspends on `waited`
+    assert pending is waited
+    task = asyncio.create_task(resume_send(coroutine, pending))
+    await asyncio.sleep(0)
+    assert not task.done()
+    waited.set_result(41)
+    assert await asyncio.wait_for(task, 10) == 42
+
+
+async def test_a_send_stepped_by_hand_passes_errors_and_cancellation_through() -> None:
+    loop = asyncio.get_running_loop()
+    failing: asyncio.Future[None] = loop.create_future()
+    cleaned: list[str] = []
+
+    async def send(waited: asyncio.Future[None]) -> None:
+        try:
+            await waited
+        finally:
+            cleaned.append("done")
+
+    coroutine = send(failing)
+    task = asyncio.create_task(resume_send(coroutine, coroutine.send(None)))
+    failing.set_exception(OSError("gone"))
+    with pytest.raises(OSError, match="gone"):
+        await asyncio.wait_for(task, 10)
+
+    hanging: asyncio.Future[None] = loop.create_future()
+    coroutine = send(hanging)
+    task = asyncio.create_task(resume_send(coroutine, coroutine.send(None)))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert hanging.cancelled() and cleaned == ["done", "done"]
+
+
+WSPROTO = pytest.param(
+    "wsproto", marks=pytest.mark.skipif(find_spec("wsproto") is None, reason="wsproto is not installed (optional)")
+)
+
+
+@pytest.fixture(scope="module", params=["websockets-sansio", "websockets", WSPROTO])
+def roomy_server(request: pytest.FixtureRequest, database_url: str, tmp_root: Path) -> Iterator[Server]:
+    """Each of uvicorn's websocket implementations, with queues big enough to hold what the
+    kernel's socket buffers cannot."""
+    env = {"CHAT_WS": request.param, "CHAT_SOCKET_QUEUE": "100000", "CHAT_SOCKET_QUEUE_BYTES": str(256 * 1024 * 1024)}
+    server = Server(database_url, tmp_root, env=env)
+    yield server
+    server.stop()
+
+
+async def test_a_paused_transport_gets_every_frame_in_order(
+    roomy_server: Server, engine: AsyncEngine, make_token: MakeToken
+) -> None:
+    """A client that stops reading while 16 MB of live messages arrive: the kernel's buffers fill,
+    the transport pauses, sends that offer() began suspend and the rest queue behind them. Once
+    it reads again it gets every message, once each, in seq order."""
+    room = unique("paused")
+    count = 4000
+    await fill_room(engine, room, count=0, body="")
+    ws = await open_raw(roomy_server.ws(f"/rooms/{room}/ws"), await make_token())
+    try:
+        while json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] != "ready":
+            pass
+        await insert_live(engine, room, count=count, batch=100, body="y" * 4000)
+        seqs: list[int] = []
+        while len(seqs) < count:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            if frame["type"] == "message":
+                seqs.append(frame["seq"])
+        assert seqs == list(range(1, count + 1))
+    finally:
+        await ws.close()
+
+
+async def test_a_live_overflow_still_closes_the_socket_4000(
+    small_queue_server: Server, engine: AsyncEngine, make_token: MakeToken
+) -> None:
+    """Live messages to a socket that does not read: past the queue's bound (64 frames here) it
+    is closed with 4000, and what it got before the close has no gap."""
+    room = unique("overflow")
+    await fill_room(engine, room, count=0, body="")
+    ws = await open_raw(small_queue_server.ws(f"/rooms/{room}/ws"), await make_token())
+    while json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] != "ready":
+        pass
+    await insert_live(engine, room, count=4000, batch=100, body="z" * 4000)
+    seqs: list[int] = []
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            if frame["type"] == "message":
+                seqs.append(frame["seq"])
+    assert ws.close_code == CLOSE_SLOW_CONSUMER
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) < 4000
