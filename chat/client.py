@@ -70,11 +70,28 @@ def resume(coroutine: Coroutine[Any, Any, Any], waiting_on: Any) -> Generator[An
                 return stop.value
 
 
+_uncounted = 0  # message frames queued since the metrics last heard (this event loop turn)
+
+
+def _count(messages: int) -> None:
+    """Count queued message frames in the metrics once per turn of the event loop, not once per
+    frame: a message fanned out to a room's sockets is one increment."""
+    global _uncounted
+    if not _uncounted:
+        asyncio.get_running_loop().call_soon(_report)
+    _uncounted += messages
+
+
+def _report() -> None:
+    global _uncounted
+    count, _uncounted = _uncounted, 0
+    metrics.MESSAGES_OUT.inc(count)
+
+
 class Client:
     __slots__ = (
         "_broken",
         "_bytes",
-        "_counted",
         "_drained",
         "_flush",
         "_kicked",
@@ -104,7 +121,6 @@ class Client:
         self.overflowed = False
         self._out: deque[str] | None = None  # made on first use: most idle sockets never need one
         self._bytes = 0
-        self._counted = 0  # of `sent`, how many the metrics have
         self._kicked: tuple[int, str] | None = None  # close code and reason, once cut off
         self._flush = False  # send what is queued before closing
         self._serving = False  # accepted: the writer may run
@@ -139,7 +155,9 @@ class Client:
         size = len(text)
         if out is None:
             if self._serving and self._writer is None and size <= self.max_bytes and self.max_items > 0:
-                self.sent += messages
+                if messages:
+                    _count(messages)
+                    self.sent += messages
                 self._send_now(text)
                 return True
             out = self._out = deque()
@@ -150,7 +168,9 @@ class Client:
             return False
         out.append(text)
         self._bytes += size
-        self.sent += messages
+        if messages:
+            _count(messages)
+            self.sent += messages
         if self._serving and self._writer is None:
             self._writer = asyncio.create_task(self._drain())
         return True
@@ -161,7 +181,6 @@ class Client:
         try:
             waiting_on = send.send(None)
         except StopIteration:
-            self._count()
             return
         except Exception as exc:  # the socket is gone; the receive loop hears of it
             log.debug("send failed: %r", exc)
@@ -171,11 +190,6 @@ class Client:
         self._out = deque((text,))
         self._bytes = len(text)
         self._writer = asyncio.create_task(self._drain(resume(send, waiting_on)))
-
-    def _count(self) -> None:
-        if self.sent != self._counted:
-            metrics.MESSAGES_OUT.inc(self.sent - self._counted)
-            self._counted = self.sent
 
     async def put(self, text: str, *, timeout: float, messages: int = 0) -> None:
         """Queue one frame of a replay: wait (up to `timeout`: TimeoutError) while the queue is
@@ -215,7 +229,6 @@ class Client:
             self._writer = None
             if not out and self._out is out:
                 self._out = None  # an idle socket keeps no queue
-            self._count()
             if self._drained is not None and not (out and not self._broken):
                 self._drained.set()
 

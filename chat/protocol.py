@@ -138,8 +138,12 @@ def validate(adapter: TypeAdapter[T], text: str, unknown_type: str) -> T:
 # --- frames out ----------------------------------------------------------------------------------
 
 
+# One encoder for every frame: json.dumps with options builds a new JSONEncoder on each call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def dumps(frame: dict[str, Any]) -> str:
-    return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODER.encode(frame)
 
 
 def _time(moment: datetime) -> str:
