@@ -17,12 +17,11 @@ from fastapi.exceptions import WebSocketRequestValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import HTTPConnection
 
-from chat import deps, logs, membership, metrics, protocol, socket_frames
+from chat import deps, logs, metrics, protocol, socket_frames
 from chat.auth import Refused, SocketToken, SocketUser, check_origin, refuse
 from chat.client import Client
 from chat.config import Settings
 from chat.connection import Connection
-from chat.db import reading
 from chat.hub import Hub
 from chat.limits import FrameGuard, Limits, TokenBucket, TooManyConnections
 from chat.membership import NoSuchRoom
@@ -116,13 +115,6 @@ async def _join(
             raise Refused(429, "too many rooms created by this user")
         sub = Subscription(client, room_id, room, render=render, live_only=live_only, events=events)
         await _enter(shared, sub)
-        # As on /socket (chat/connection.py): a removal that committed after open_room's check
-        # and whose event came before the join reached no subscription: look again.
-        if not room.startswith("_"):
-            async with reading(shared.engine) as conn:
-                if not await membership.is_member(conn, user_id=user.user_id, room_id=room_id):
-                    shared.hub.leave(sub)
-                    raise Refused(404, "no such room")
     except BaseException:
         _disconnect(shared.hub, shared.limits, user, client)
         raise
@@ -208,9 +200,16 @@ async def room_socket(
         )
         client.settle = session.inflight.settle  # a graceful close flushes the acks of sends in flight
         handle = functools.partial(_weighed, session, guard)
+        # As on /socket (chat/connection.py): a removal that committed after open_room's check
+        # and whose event came before the join reached no subscription. The presence enter looks
+        # again, under its lock, in the same round trip (None: not a member, nothing counted).
+        online = await presence.enter(sub.room_id, user, members_only=True)
+        if online is None:
+            raise Refused(404, "no such room")
         # Who is online goes to the replay alone (its `ready` frame), not into a variable of this
         # frame, which lives as long as the socket: a room of 20 would keep 20 names per socket.
-        start = [functools.partial(session.replay, after=after, online=await presence.enter(sub.room_id, user))]
+        start = [functools.partial(session.replay, after=after, online=online)]
+        del online
         try:
             await websocket.accept()
             await client.serve(handle, start=start.pop())
