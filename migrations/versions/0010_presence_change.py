@@ -38,8 +38,12 @@ BEGIN
     -- Presence is ephemeral and reconciled every beat: its transactions need not wait for the disk.
     PERFORM set_config('synchronous_commit', 'off', true);
     -- The process's row (reaped after a long stall) is put back first, then the (room, user) lock
-    -- (the key chat/presence.py's _LOCK takes too).
-    INSERT INTO chat_processes (id) VALUES (p_process_id) ON CONFLICT (id) DO NOTHING;
+    -- (the key chat/presence.py's _LOCK takes too). Only when it is missing: an INSERT ... ON
+    -- CONFLICT DO NOTHING waits for the heartbeat's update of the row to commit, and that commit
+    -- waits for the disk (joins queued behind each beat's fsync: 50-700 ms).
+    IF NOT EXISTS (SELECT 1 FROM chat_processes WHERE id = p_process_id) THEN
+        INSERT INTO chat_processes (id) VALUES (p_process_id) ON CONFLICT (id) DO NOTHING;
+    END IF;
     PERFORM pg_advisory_xact_lock(hashtextextended(p_room_id::text || ':' || p_user_id::text, 0));
     -- A join's recheck: a removal committed since the join's access check leaves no trace here.
     IF p_members_only AND NOT EXISTS (
