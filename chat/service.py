@@ -76,14 +76,18 @@ def inflight_bytes(settings: Settings) -> int:
     return max(1, settings.socket_queue_bytes // 4)
 
 
-async def open_room(engine: AsyncEngine, *, user: Identity, room: str, max_per_user: int) -> int | None:
+async def open_room(
+    engine: AsyncEngine, *, user: Identity, room: str, max_per_user: int, seen: membership.RoomAccess | None = None
+) -> int | None:
     """The room's id, made now (public, owned by the user) if it is new; None when the user has
     made `max_per_user` rooms already. Joining a public room makes the user a member; a private
     room they are not in raises NoSuchRoom, as does a DM name (those are made by POST /api/dms
-    only). Callers check everything else first, so that a refused join makes no room."""
+    only). Callers check everything else first, so that a refused join makes no room. `seen`:
+    the room as the caller has just read it (membership.token_and_access), when it did."""
     if not room.startswith("_"):
-        async with reading(engine) as conn:  # the common case, a member coming back: no transaction
-            seen = await membership.access(conn, room=room, user_id=user.user_id)
+        if seen is None:
+            async with reading(engine) as conn:  # the common case, a member coming back: no transaction
+                seen = await membership.access(conn, room=room, user_id=user.user_id)
         if seen is not None and seen.member:
             return seen.room_id
     async with engine.connect() as conn:

@@ -18,13 +18,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import HTTPConnection
 
 from chat import deps, logs, metrics, protocol, socket_frames
-from chat.auth import Refused, SocketToken, SocketUser, check_origin, refuse
+from chat.auth import Refused, SocketToken, SocketUser, check_origin, refuse, room_identity
 from chat.client import Client
 from chat.config import Settings
 from chat.connection import Connection
 from chat.hub import Hub
 from chat.limits import FrameGuard, Limits, TokenBucket, TooManyConnections
-from chat.membership import NoSuchRoom
+from chat.membership import NoSuchRoom, RoomAccess
 from chat.protocol import CLOSE_FLOOD, CLOSE_IDLE, MAX_BIGINT
 from chat.service import RoomSession, admit, check_body, inflight_bound, inflight_bytes, open_room
 from chat.store import TOKEN_PREFIX, Identity
@@ -97,17 +97,19 @@ async def _join(
     render: Render,
     live_only: bool = False,
     events: bool = True,
+    seen: RoomAccess | None = None,
 ) -> tuple[FrameGuard, Subscription]:
     """A socket of one room: its connection, and its place in the room's feed. Taken before
     accept, so that a connected client hears every message; give it back with _leave. The room
-    is made last, once every other check has passed: a refused join leaves nothing behind."""
+    is made last, once every other check has passed: a refused join leaves nothing behind.
+    `seen`: the room as read with the user's token (room_identity)."""
     if not user.may_join(room):
         raise Refused(403, "room not allowed for this token")
     guard = _connect(shared.hub, shared.limits, user, client)
     try:
         try:
             room_id = await open_room(
-                shared.engine, user=user, room=room, max_per_user=shared.settings.max_rooms_per_user
+                shared.engine, user=user, room=room, max_per_user=shared.settings.max_rooms_per_user, seen=seen
             )
         except NoSuchRoom:
             raise Refused(404, "no such room") from None
@@ -171,7 +173,7 @@ async def _weighed(session: RoomSession, guard: FrameGuard, text: str | None) ->
 async def room_socket(
     websocket: WebSocket,
     room: str,
-    user: SocketUser,
+    token: SocketToken,
     settings: deps.Settings,
     engine: deps.Engine,
     hub: deps.Hub,
@@ -180,12 +182,17 @@ async def room_socket(
     writer: deps.Writer,
     after: Annotated[int | None, Query(ge=0, le=MAX_BIGINT)] = None,
 ) -> None:
-    if not ROOM_NAME.fullmatch(room):
+    # The token and the room in one read (a 401 still comes before any other refusal); a name
+    # that is not a room's never reaches the database.
+    valid = ROOM_NAME.fullmatch(room) is not None
+    user, seen = await room_identity(engine, token, room if valid else None)
+    if not valid:
         raise Refused(400, "invalid room name: 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
     shared = _Room(settings, engine, hub, limits)
     client = _client(websocket, settings, user)
     render = functools.partial(protocol.message_frame, room)
-    guard, sub = await _join(shared, user, room, client, render=render)
+    guard, sub = await _join(shared, user, room, client, render=render, seen=seen)
+    del seen
     try:
         session = RoomSession(
             settings=settings,
