@@ -39,8 +39,8 @@ BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     -- The process's row (reaped after a long stall) is put back first, then the (room, user) lock
     -- (the key chat/presence.py's _LOCK takes too). Only when it is missing: an INSERT ... ON
-    -- CONFLICT DO NOTHING waits for the heartbeat's update of the row to commit, and that commit
-    -- waits for the disk (joins queued behind each beat's fsync: 50-700 ms).
+    -- CONFLICT DO NOTHING waits for an uncommitted update of the row, and the heartbeat updates
+    -- it in a transaction that waits for the disk.
     IF NOT EXISTS (SELECT 1 FROM chat_processes WHERE id = p_process_id) THEN
         INSERT INTO chat_processes (id) VALUES (p_process_id) ON CONFLICT (id) DO NOTHING;
     END IF;
