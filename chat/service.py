@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 import logging
 import time
@@ -76,8 +77,22 @@ def inflight_bytes(settings: Settings) -> int:
     return max(1, settings.socket_queue_bytes // 4)
 
 
+class Unseen(enum.Enum):
+    """open_room's `seen` when the caller has not read the room (None: read, and not there)."""
+
+    UNSEEN = enum.auto()
+
+
+UNSEEN = Unseen.UNSEEN
+
+
 async def open_room(
-    engine: AsyncEngine, *, user: Identity, room: str, max_per_user: int, seen: membership.RoomAccess | None = None
+    engine: AsyncEngine,
+    *,
+    user: Identity,
+    room: str,
+    max_per_user: int,
+    seen: membership.RoomAccess | Unseen | None = UNSEEN,
 ) -> int | None:
     """The room's id, made now (public, owned by the user) if it is new; None when the user has
     made `max_per_user` rooms already. Joining a public room makes the user a member; a private
@@ -85,7 +100,7 @@ async def open_room(
     only). Callers check everything else first, so that a refused join makes no room. `seen`:
     the room as the caller has just read it (membership.token_and_access), when it did."""
     if not room.startswith("_"):
-        if seen is None:
+        if seen is UNSEEN:
             async with reading(engine) as conn:  # the common case, a member coming back: no transaction
                 seen = await membership.access(conn, room=room, user_id=user.user_id)
         if seen is not None and seen.member:

@@ -26,7 +26,7 @@ from chat.hub import Hub
 from chat.limits import FrameGuard, Limits, TokenBucket, TooManyConnections
 from chat.membership import NoSuchRoom, RoomAccess
 from chat.protocol import CLOSE_FLOOD, CLOSE_IDLE, MAX_BIGINT
-from chat.service import RoomSession, admit, check_body, inflight_bound, inflight_bytes, open_room
+from chat.service import UNSEEN, RoomSession, Unseen, admit, check_body, inflight_bound, inflight_bytes, open_room
 from chat.store import TOKEN_PREFIX, Identity
 from chat.subscription import Render, Subscription, chapter_render
 from chat.writer import UNAVAILABLE, InFlight, NotStored, Stored
@@ -97,7 +97,7 @@ async def _join(
     render: Render,
     live_only: bool = False,
     events: bool = True,
-    seen: RoomAccess | None = None,
+    seen: RoomAccess | Unseen | None = UNSEEN,
 ) -> tuple[FrameGuard, Subscription]:
     """A socket of one room: its connection, and its place in the room's feed. Taken before
     accept, so that a connected client hears every message; give it back with _leave. The room
