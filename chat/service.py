@@ -258,7 +258,7 @@ class RoomSession:
                 sub.go_live()
                 return
             seen = self.hub.last_seq(self.room_id)
-            async with self.engine.connect() as conn:
+            async with reading(self.engine) as conn:  # one statement: no BEGIN, no ROLLBACK
                 rows = await store.messages_after(conn, room_id=self.room_id, after=sub.cursor, limit=REPLAY_PAGE)
             complete = len(rows) < REPLAY_PAGE
 
@@ -384,7 +384,7 @@ class RoomSession:
         """A page of older messages. If it would be over CHAT_HISTORY_REPLY_BYTES, its oldest
         messages are left out (has_more says so); its size is charged to the rate limits."""
         limit = min(frame.limit, self.settings.history_page_max)
-        async with self.engine.connect() as conn:
+        async with reading(self.engine) as conn:  # one statement (its head is of the same snapshot)
             rows, as_of = await store.history_page(
                 conn, room_id=self.room_id, before=frame.before, limit=limit + 1, viewer_id=self.identity.user_id
             )
