@@ -15,8 +15,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import HTTPConnection, Request
 from starlette.websockets import WebSocket
 
-from chat import config, deps, logs, metrics, store
+from chat import config, deps, logs, membership, metrics, store
 from chat.db import reading
+from chat.membership import RoomAccess
 from chat.store import Identity, TokenRefused
 
 log = logging.getLogger("chat.auth")
@@ -108,6 +109,16 @@ async def identity_of(engine: AsyncEngine, raw: str) -> Identity:
 
 async def socket_identity(engine: deps.Engine, raw: Annotated[str, Depends(raw_token)]) -> Identity:
     return await identity_of(engine, raw)
+
+
+async def room_identity(engine: AsyncEngine, raw: str, room: str | None) -> tuple[Identity, RoomAccess | None]:
+    """A room socket's user and the room as they may see it, read together (one round trip);
+    room None: the token alone."""
+    async with reading(engine) as db:
+        try:
+            return await membership.token_and_access(db, raw=raw, room=room)
+        except TokenRefused as exc:
+            raise Refused(401, exc.reason) from None
 
 
 SocketToken = Annotated[str, Depends(raw_token)]

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from chat import logs, membership, metrics, notify, protocol, socket_frames
+from chat import logs, metrics, notify, protocol, socket_frames
 from chat.client import Client
 from chat.config import Settings
 from chat.hub import Hub
@@ -180,13 +180,6 @@ class Connection:
             removed = asyncio.Event()  # until the room is this socket's (below), a removal only notes it
             sub.on_removed = removed.set
             await self.hub.join(sub, timeout=self.settings.join_timeout_seconds)
-            # A removal that committed after open_room's check, and whose event this process
-            # handled before the join, reached no subscription: look again now that the feed
-            # has ours (a removal's event is published after its commit).
-            if not room.startswith("_") and not removed.is_set():
-                async with self.hub.engine.connect() as conn:
-                    if not await membership.is_member(conn, user_id=user.user_id, room_id=room_id):
-                        removed.set()
             if removed.is_set():
                 self.hub.leave(sub)
                 raise NoSuchRoom(room)
@@ -216,11 +209,20 @@ class Connection:
             inflight=self.inflight,
         )
         try:
-            online = await self.presence.enter(room_id, user)
+            # A removal that committed after open_room's check, and whose event this process
+            # handled before the join, reached no subscription: the presence enter looks again
+            # under its lock, now that the feed has ours (a removal's event is published after
+            # its commit), in the same round trip. None: not a member, nothing counted.
+            online = await self.presence.enter(room_id, user, members_only=True)
         except Exception as exc:
             log.warning("presence of %r failed: %r", room, exc)
             self.hub.leave(sub)
             self.error("unavailable", "could not subscribe: try again", room=room)
+            return
+        if online is None:
+            self.hub.leave(sub)
+            metrics.REFUSALS.labels("no such room").inc()
+            self.error("no_such_room", "no such room", room=room)
             return
         if removed.is_set():  # removed meanwhile (the hub has taken the subscription out already)
             await self.presence.leave(room_id, user)

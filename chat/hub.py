@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chat import metrics, notify, store
 from chat.client import Client, RoomEvent
+from chat.db import reading
 from chat.notify import room_channel as channel_of
 from chat.protocol import dumps
 from chat.reads import ReadPositions
@@ -103,7 +104,7 @@ class RoomFeed:
                 async with self.hub.broadcast.subscribe(channel_of(self.room_id)) as subscriber:
                     if not self.ready.is_set():
                         # LISTEN first, then read the head: every later commit is notified to us.
-                        async with self.hub.engine.connect() as conn:
+                        async with reading(self.hub.engine) as conn:  # one round trip, not BEGIN + ROLLBACK too
                             self.last_seq = await store.room_head(conn, room_id=self.room_id)
                         for client in self.clients:
                             if client.live_only:

@@ -9,16 +9,17 @@ is the owner: they invite and remove members and change the topic. Token room sc
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, func, literal, select, text, update
+from sqlalchemy import LargeBinary, Text, and_, bindparam, delete, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from chat.models import Membership, Room, User
-from chat.store import _write
+from chat.models import Membership, Room, Token, User
+from chat.store import TOKEN_COLUMNS, Identity, _write, hash_token, identity_of_row
 
 PUBLIC = "public"
 PRIVATE = "private"
@@ -69,6 +70,38 @@ async def access(conn: AsyncConnection, *, room: str, user_id: int) -> RoomAcces
     if row is None or (row.visibility == PRIVATE and not row.member):
         return None
     return RoomAccess(row.id, row.name, row.visibility, row.dm, row.created_by, bool(row.member))
+
+
+async def token_and_access(conn: AsyncConnection, *, raw: str, room: str | None) -> tuple[Identity, RoomAccess | None]:
+    """A socket's token (TokenRefused as store.identity_for_token) and the room as its user may
+    see it (as `access`; room None: no room), in one statement: a room socket's join reads both,
+    one round trip fewer than reading them one after the other."""
+    row = (await conn.execute(_token_and_access_query(), {"hash": hash_token(raw), "room": room})).one_or_none()
+    identity = identity_of_row(row)
+    assert row is not None
+    if row.room_id is None or (row.visibility == PRIVATE and not row.member):
+        return identity, None
+    return identity, RoomAccess(row.room_id, row.room_name, row.visibility, row.dm, row.created_by, bool(row.member))
+
+
+@functools.cache
+def _token_and_access_query() -> Any:
+    """token_and_access's statement, built once (values as bound parameters)."""
+    member = (
+        select(literal(True))
+        .where(Membership.room_id == Room.id, Membership.user_id == User.id)
+        .exists()
+        .label("member")
+    )
+    return (
+        select(
+            *TOKEN_COLUMNS, Room.id.label("room_id"), Room.name.label("room_name"), Room.visibility, Room.dm,
+            Room.created_by, member,
+        )
+        .join(User, User.id == Token.user_id)
+        .outerjoin(Room, Room.name == bindparam("room", type_=Text))
+        .where(Token.hash == bindparam("hash", type_=LargeBinary))
+    )  # fmt: skip
 
 
 async def enter(conn: AsyncConnection, *, room_id: int, user_id: int) -> bool:

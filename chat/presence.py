@@ -24,10 +24,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from chat import notify
 from chat.config import get_settings
-from chat.db import create_engine
+from chat.db import create_engine, reading
 from chat.store import Identity
 
 log = logging.getLogger("chat.presence")
+
+
+class NotMember(Exception):
+    """A join's presence enter found the user no longer a member of the room."""
+
 
 # One lock per (room, user): the two ints packed into the lock's two-int4 form would overflow
 # for large ids, so hash them into its one-bigint form instead.
@@ -39,66 +44,16 @@ _LIVE_SOCKETS = text(
     "SELECT coalesce(sum(p.sockets), 0) FROM presence p JOIN chat_processes c ON c.id = p.process_id"
     " WHERE p.room_id = :room_id AND p.user_id = :user_id AND c.beat_at > now() - make_interval(secs => :stale)"
 )
-# Presence is ephemeral and reconciled every beat: its transactions need not wait for the disk.
-# The process's row (reaped after a long stall) is put back first, then the (room, user) lock.
-_LOCKED = text(
-    "WITH process AS (INSERT INTO chat_processes (id) VALUES (CAST(:process_id AS text)) ON CONFLICT (id) DO NOTHING)"
-    " SELECT set_config('synchronous_commit', 'off', true), pg_advisory_xact_lock(hashtextextended("
-    "CAST(:room_id AS bigint)::text || ':' || CAST(:user_id AS bigint)::text, 0))"
-)
-# Under that lock, in one statement: the user's live sockets in the room before (`before`) and
-# after (`after`) this process's count changes by :delta, the change itself (a row at 0 is
-# deleted), with :notify the join or leave NOTIFY when the user came online or went offline, and
-# who is online in the room after it. One snapshot, so `after` is computed: our own row counts
-# only while this process is live (its beat fresh), as in _LIVE_SOCKETS.
-_APPLY = text(
-    """
-    WITH live AS (
-        SELECT p.user_id, p.user_name, p.sockets FROM presence p JOIN chat_processes c ON c.id = p.process_id
-        WHERE p.room_id = CAST(:room_id AS bigint) AND c.beat_at > now() - make_interval(secs => :stale)
-    ),
-    me AS (
-        SELECT
-            EXISTS (
-                SELECT 1 FROM chat_processes
-                WHERE id = CAST(:process_id AS text) AND beat_at > now() - make_interval(secs => :stale)
-            ) AS live,
-            coalesce((
-                SELECT sockets FROM presence WHERE room_id = CAST(:room_id AS bigint)
-                AND user_id = CAST(:user_id AS bigint) AND process_id = CAST(:process_id AS text)
-            ), 0) AS old
-    ),
-    counts AS (
-        SELECT me.live, me.old, greatest(me.old + CAST(:delta AS integer), 0) AS new,
-            (SELECT coalesce(sum(sockets), 0) FROM live WHERE user_id = CAST(:user_id AS bigint)) AS before
-        FROM me
-    ),
-    result AS (
-        SELECT new, before, before - CASE WHEN live THEN old - new ELSE 0 END AS after FROM counts
-    ),
-    upserted AS (
-        INSERT INTO presence (room_id, user_id, process_id, user_name, sockets)
-        SELECT CAST(:room_id AS bigint), CAST(:user_id AS bigint), CAST(:process_id AS text), CAST(:name AS text), new
-        FROM result WHERE new > 0
-        ON CONFLICT (room_id, user_id, process_id) DO UPDATE SET sockets = excluded.sockets
-    ),
-    removed AS (
-        DELETE FROM presence WHERE room_id = CAST(:room_id AS bigint) AND user_id = CAST(:user_id AS bigint)
-        AND CASE WHEN process_id = CAST(:process_id AS text) THEN (SELECT new FROM result) = 0 ELSE sockets = 0 END
-    ),
-    notified AS (
-        SELECT pg_notify(
-            CAST(:channel AS text), CASE WHEN before = 0 THEN CAST(:join AS text) ELSE CAST(:leave AS text) END
-        )
-        FROM result WHERE CAST(:notify AS boolean) AND (before = 0) <> (after = 0)
-    )
-    SELECT before, after, (SELECT count(*) FROM notified) AS notified, ARRAY(
-        SELECT user_name FROM live WHERE user_id <> CAST(:user_id AS bigint) AND sockets > 0
-        UNION SELECT CAST(:name AS text) FROM result WHERE after > 0
-        ORDER BY 1
-    ) AS online
-    FROM result
-    """
+# A change of this process's socket count in a (room, user), in one round trip: migration 0010's
+# function takes the (room, user) lock (the key _LOCK takes), applies the change under it, NOTIFYs
+# a join or leave (with :notify), and returns who is online in the room after it. With
+# :members_only it first checks, under the lock, that the user is still a member of the room
+# (`member` false: nothing was changed).
+_CHANGE = text(
+    "SELECT before, after, online, member FROM chat_presence_change(CAST(:room_id AS bigint),"
+    " CAST(:user_id AS bigint), CAST(:process_id AS text), CAST(:name AS text), CAST(:delta AS integer),"
+    " CAST(:stale AS double precision), CAST(:notify AS boolean), CAST(:channel AS text), CAST(:join AS text),"
+    " CAST(:leave AS text), CAST(:members_only AS boolean))"
 )
 _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 
@@ -140,31 +95,43 @@ class Presence:
 
     # --- sockets coming and going -------------------------------------------------------------
 
-    async def enter(self, room_id: int, who: Identity) -> list[str]:
-        """Count one more socket of `who` in the room; returns who is online there now."""
+    async def enter(self, room_id: int, who: Identity, *, members_only: bool = False) -> list[str] | None:
+        """Count one more socket of `who` in the room; returns who is online there now. With
+        `members_only` (a join's recheck of a removal that raced it), None if the user is no
+        longer a member: nothing is counted then, and a failure of the database is raised (the
+        join cannot be checked); without it a failure is logged, and the next beat puts it right."""
         key = (room_id, who.user_id)
         name, count = self.local.get(key, (who.name, 0))
         self.local[key] = (name, count + 1)
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
         try:
-            async with self._begin(self.engine) as conn:
-                return await self._change(conn, room_id, who.user_id, who.name, +1)
+            async with self._autocommit(self.engine) as conn:
+                return await self._change(conn, room_id, who.user_id, who.name, +1, members_only=members_only)
+        except NotMember:
+            self._uncount(key)
+            return None
         except Exception as exc:  # the next heartbeat puts the row right
+            if members_only:
+                self._uncount(key)
+                raise
             log.warning("presence enter failed: %r", exc)
             return [who.name]
         finally:
             self._landed(key)
 
-    async def leave(self, room_id: int, who: Identity) -> None:
-        key = (room_id, who.user_id)
-        name, count = self.local.get(key, (who.name, 1))
+    def _uncount(self, key: tuple[int, int]) -> None:
+        name, count = self.local.get(key, ("", 1))
         if count <= 1:
             self.local.pop(key, None)
         else:
             self.local[key] = (name, count - 1)
+
+    async def leave(self, room_id: int, who: Identity) -> None:
+        self._uncount((room_id, who.user_id))
+        key = (room_id, who.user_id)
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
         try:
-            async with self._begin(self.engine) as conn:
+            async with self._autocommit(self.engine) as conn:
                 await self._change(conn, room_id, who.user_id, who.name, -1)
         except Exception as exc:  # the next heartbeat puts the row right
             log.warning("presence leave failed: %r", exc)
@@ -177,24 +144,28 @@ class Presence:
         else:
             self._in_flight.pop(key, None)
 
-    async def _change(self, conn: AsyncConnection, room_id: int, user_id: int, name: str, delta: int) -> list[str]:
+    async def _change(
+        self, conn: AsyncConnection, room_id: int, user_id: int, name: str, delta: int, *, members_only: bool = False
+    ) -> list[str]:
         """Apply a change of this process's socket count, and announce a change of state.
-        Returns who is online in the room after it. Two statements (a join's cost is mostly
-        round trips): the lock first, then one statement that reads and writes under it."""
-        ids = {"room_id": room_id, "user_id": user_id}
-        await conn.execute(_LOCKED, {**ids, "process_id": self.process_id})
-        announce = {
+        Returns who is online in the room after it; NotMember with `members_only` if the user is
+        not a member (nothing changed). One statement (a join's cost is mostly round trips)."""
+        values = {
+            "room_id": room_id,
+            "user_id": user_id,
+            "process_id": self.process_id,
+            "name": name,
+            "delta": delta,
+            "stale": self.stale,
             "notify": self.publish is None,  # NOTIFY in the statement; else published after commit
             "channel": notify.room_channel(room_id),
             "join": notify.event_payload("join", name),
             "leave": notify.event_payload("leave", name),
+            "members_only": members_only,
         }
-        row = (
-            await conn.execute(
-                _APPLY,
-                {**ids, **announce, "process_id": self.process_id, "name": name, "delta": delta, "stale": self.stale},
-            )
-        ).one()
+        row = (await conn.execute(_CHANGE, values)).one()
+        if not row.member:
+            raise NotMember(room_id)
         if self.publish is not None:
             if row.before == 0 and row.after > 0:
                 await self._announce(conn, room_id, "join", name)
@@ -214,9 +185,21 @@ class Presence:
     async def _begin(self, engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
         """engine.begin(), and with `publish` set, the transaction's join/leave events published
         after it commits (never for a rollback), so that events follow the state as with NOTIFY."""
+        async with self._published(engine.begin()) as conn:
+            yield conn
+
+    def _autocommit(self, engine: AsyncEngine) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
+        """A connection in autocommit (one statement, one round trip: no BEGIN, no COMMIT), with
+        its events published after the statement as _begin does."""
+        return self._published(reading(engine))
+
+    @contextlib.asynccontextmanager
+    async def _published(
+        self, connecting: contextlib.AbstractAsyncContextManager[AsyncConnection]
+    ) -> AsyncIterator[AsyncConnection]:
         conn: AsyncConnection | None = None
         try:
-            async with engine.begin() as conn:
+            async with connecting as conn:
                 yield conn
         finally:
             events = self._unsent.pop(conn, []) if conn is not None else []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 import logging
 import time
@@ -76,14 +77,32 @@ def inflight_bytes(settings: Settings) -> int:
     return max(1, settings.socket_queue_bytes // 4)
 
 
-async def open_room(engine: AsyncEngine, *, user: Identity, room: str, max_per_user: int) -> int | None:
+class Unseen(enum.Enum):
+    """open_room's `seen` when the caller has not read the room (None: read, and not there)."""
+
+    UNSEEN = enum.auto()
+
+
+UNSEEN = Unseen.UNSEEN
+
+
+async def open_room(
+    engine: AsyncEngine,
+    *,
+    user: Identity,
+    room: str,
+    max_per_user: int,
+    seen: membership.RoomAccess | Unseen | None = UNSEEN,
+) -> int | None:
     """The room's id, made now (public, owned by the user) if it is new; None when the user has
     made `max_per_user` rooms already. Joining a public room makes the user a member; a private
     room they are not in raises NoSuchRoom, as does a DM name (those are made by POST /api/dms
-    only). Callers check everything else first, so that a refused join makes no room."""
+    only). Callers check everything else first, so that a refused join makes no room. `seen`:
+    the room as the caller has just read it (membership.token_and_access), when it did."""
     if not room.startswith("_"):
-        async with reading(engine) as conn:  # the common case, a member coming back: no transaction
-            seen = await membership.access(conn, room=room, user_id=user.user_id)
+        if seen is UNSEEN:
+            async with reading(engine) as conn:  # the common case, a member coming back: no transaction
+                seen = await membership.access(conn, room=room, user_id=user.user_id)
         if seen is not None and seen.member:
             return seen.room_id
     async with engine.connect() as conn:
@@ -239,7 +258,7 @@ class RoomSession:
                 sub.go_live()
                 return
             seen = self.hub.last_seq(self.room_id)
-            async with self.engine.connect() as conn:
+            async with reading(self.engine) as conn:  # one statement: no BEGIN, no ROLLBACK
                 rows = await store.messages_after(conn, room_id=self.room_id, after=sub.cursor, limit=REPLAY_PAGE)
             complete = len(rows) < REPLAY_PAGE
 
@@ -365,7 +384,7 @@ class RoomSession:
         """A page of older messages. If it would be over CHAT_HISTORY_REPLY_BYTES, its oldest
         messages are left out (has_more says so); its size is charged to the rate limits."""
         limit = min(frame.limit, self.settings.history_page_max)
-        async with self.engine.connect() as conn:
+        async with reading(self.engine) as conn:  # one statement (its head is of the same snapshot)
             rows, as_of = await store.history_page(
                 conn, room_id=self.room_id, before=frame.before, limit=limit + 1, viewer_id=self.identity.user_id
             )

@@ -308,14 +308,22 @@ class TokenRefused(Exception):
         self.reason = reason
 
 
+# A token's columns as identity_of_row reads them (also read beside a room by membership.py).
+TOKEN_COLUMNS = (Token.id, Token.expires_at, Token.revoked_at, Token.rooms, User.id.label("user_id"), User.name)
+
+
 async def identity_for_token(conn: AsyncConnection, *, raw: str) -> Identity:
     row = (
         await conn.execute(
-            select(Token.id, Token.expires_at, Token.revoked_at, Token.rooms, User.id.label("user_id"), User.name)
-            .join(User, User.id == Token.user_id)
-            .where(Token.hash == hash_token(raw))
+            select(*TOKEN_COLUMNS).join(User, User.id == Token.user_id).where(Token.hash == hash_token(raw))
         )
     ).one_or_none()
+    return identity_of_row(row)
+
+
+def identity_of_row(row: Any) -> Identity:
+    """The identity of a token's row (TOKEN_COLUMNS); TokenRefused if there is none, or it is
+    revoked or expired."""
     if row is None:
         raise TokenRefused("invalid token")
     if row.revoked_at is not None:

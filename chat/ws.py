@@ -17,17 +17,16 @@ from fastapi.exceptions import WebSocketRequestValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import HTTPConnection
 
-from chat import deps, logs, membership, metrics, protocol, socket_frames
-from chat.auth import Refused, SocketToken, SocketUser, check_origin, refuse
+from chat import deps, logs, metrics, protocol, socket_frames
+from chat.auth import Refused, SocketToken, SocketUser, check_origin, refuse, room_identity
 from chat.client import Client
 from chat.config import Settings
 from chat.connection import Connection
-from chat.db import reading
 from chat.hub import Hub
 from chat.limits import FrameGuard, Limits, TokenBucket, TooManyConnections
-from chat.membership import NoSuchRoom
+from chat.membership import NoSuchRoom, RoomAccess
 from chat.protocol import CLOSE_FLOOD, CLOSE_IDLE, MAX_BIGINT
-from chat.service import RoomSession, admit, check_body, inflight_bound, inflight_bytes, open_room
+from chat.service import UNSEEN, RoomSession, Unseen, admit, check_body, inflight_bound, inflight_bytes, open_room
 from chat.store import TOKEN_PREFIX, Identity
 from chat.subscription import Render, Subscription, chapter_render
 from chat.writer import UNAVAILABLE, InFlight, NotStored, Stored
@@ -98,17 +97,19 @@ async def _join(
     render: Render,
     live_only: bool = False,
     events: bool = True,
+    seen: RoomAccess | Unseen | None = UNSEEN,
 ) -> tuple[FrameGuard, Subscription]:
     """A socket of one room: its connection, and its place in the room's feed. Taken before
     accept, so that a connected client hears every message; give it back with _leave. The room
-    is made last, once every other check has passed: a refused join leaves nothing behind."""
+    is made last, once every other check has passed: a refused join leaves nothing behind.
+    `seen`: the room as read with the user's token (room_identity)."""
     if not user.may_join(room):
         raise Refused(403, "room not allowed for this token")
     guard = _connect(shared.hub, shared.limits, user, client)
     try:
         try:
             room_id = await open_room(
-                shared.engine, user=user, room=room, max_per_user=shared.settings.max_rooms_per_user
+                shared.engine, user=user, room=room, max_per_user=shared.settings.max_rooms_per_user, seen=seen
             )
         except NoSuchRoom:
             raise Refused(404, "no such room") from None
@@ -116,13 +117,6 @@ async def _join(
             raise Refused(429, "too many rooms created by this user")
         sub = Subscription(client, room_id, room, render=render, live_only=live_only, events=events)
         await _enter(shared, sub)
-        # As on /socket (chat/connection.py): a removal that committed after open_room's check
-        # and whose event came before the join reached no subscription: look again.
-        if not room.startswith("_"):
-            async with reading(shared.engine) as conn:
-                if not await membership.is_member(conn, user_id=user.user_id, room_id=room_id):
-                    shared.hub.leave(sub)
-                    raise Refused(404, "no such room")
     except BaseException:
         _disconnect(shared.hub, shared.limits, user, client)
         raise
@@ -179,7 +173,7 @@ async def _weighed(session: RoomSession, guard: FrameGuard, text: str | None) ->
 async def room_socket(
     websocket: WebSocket,
     room: str,
-    user: SocketUser,
+    token: SocketToken,
     settings: deps.Settings,
     engine: deps.Engine,
     hub: deps.Hub,
@@ -188,12 +182,17 @@ async def room_socket(
     writer: deps.Writer,
     after: Annotated[int | None, Query(ge=0, le=MAX_BIGINT)] = None,
 ) -> None:
-    if not ROOM_NAME.fullmatch(room):
+    # The token and the room in one read (a 401 still comes before any other refusal); a name
+    # that is not a room's never reaches the database.
+    valid = ROOM_NAME.fullmatch(room) is not None
+    user, seen = await room_identity(engine, token, room if valid else None)
+    if not valid:
         raise Refused(400, "invalid room name: 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
     shared = _Room(settings, engine, hub, limits)
     client = _client(websocket, settings, user)
     render = functools.partial(protocol.message_frame, room)
-    guard, sub = await _join(shared, user, room, client, render=render)
+    guard, sub = await _join(shared, user, room, client, render=render, seen=seen)
+    del seen
     try:
         session = RoomSession(
             settings=settings,
@@ -208,9 +207,16 @@ async def room_socket(
         )
         client.settle = session.inflight.settle  # a graceful close flushes the acks of sends in flight
         handle = functools.partial(_weighed, session, guard)
+        # As on /socket (chat/connection.py): a removal that committed after open_room's check
+        # and whose event came before the join reached no subscription. The presence enter looks
+        # again, under its lock, in the same round trip (None: not a member, nothing counted).
+        online = await presence.enter(sub.room_id, user, members_only=True)
+        if online is None:
+            raise Refused(404, "no such room")
         # Who is online goes to the replay alone (its `ready` frame), not into a variable of this
         # frame, which lives as long as the socket: a room of 20 would keep 20 names per socket.
-        start = [functools.partial(session.replay, after=after, online=await presence.enter(sub.room_id, user))]
+        start = [functools.partial(session.replay, after=after, online=online)]
+        del online
         try:
             await websocket.accept()
             await client.serve(handle, start=start.pop())

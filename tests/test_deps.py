@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute, APIWebSocketRoute
 from starlette.requests import HTTPConnection
+from starlette.routing import BaseRoute
 
 import chat
 from chat import deps
@@ -34,4 +40,47 @@ def test_settings_come_from_the_app_they_were_given_to() -> None:
     settings = Settings(database_url="postgresql://nobody@localhost/none", chapter_routes=False)
     app = create_app(settings)
     conn = HTTPConnection({"type": "http", "app": app, "headers": []})
-    assert deps.get_settings(conn) is settings
+    assert asyncio.run(deps.get_settings(conn)) is settings
+
+
+def _routes(routes: Sequence[BaseRoute]) -> Iterator[BaseRoute]:
+    """The app's routes, with those of included routers (FastAPI keeps them in their router)."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        yield from _routes(included.routes) if included is not None else (route,)
+
+
+def _dependencies(dependant: Dependant) -> list[Dependant]:
+    found = []
+    for sub in dependant.dependencies:
+        found += [sub, *_dependencies(sub)]
+    return found
+
+
+def _is_sync(call: Any) -> bool:
+    """Whether FastAPI would run this dependency in its thread pool: a plain function, or an
+    object whose __call__ is one (the security schemes are such objects, with async __call__)."""
+    if asyncio.iscoroutinefunction(call):
+        return False
+    method = getattr(call, "__call__", None)  # noqa: B004 (instances of classes are callables too)
+    return not asyncio.iscoroutinefunction(method)
+
+
+def test_no_dependency_runs_in_the_thread_pool() -> None:
+    """Before: the getters of chat/deps.py were sync `def`s, and FastAPI ran each one through
+    run_in_threadpool, a thread hop per dependency per request (on every join, seen in its
+    profile). Every dependency of every route, sockets and HTTP alike, must be `async def`."""
+    app = create_app(Settings(database_url="postgresql://nobody@localhost/none", chapter_routes=True))
+    routes = [r for r in _routes(app.routes) if isinstance(r, (APIRoute, APIWebSocketRoute))]
+    assert any(isinstance(r, APIWebSocketRoute) for r in routes) and any(isinstance(r, APIRoute) for r in routes)
+    checked = 0
+    sync = set()
+    for route in routes:
+        for dependency in _dependencies(route.dependant):
+            if dependency.call is None:
+                continue
+            checked += 1
+            if _is_sync(dependency.call):
+                sync.add(f"{route.path}: {getattr(dependency.call, '__qualname__', dependency.call)!r}")
+    assert checked > 0
+    assert sorted(sync) == []

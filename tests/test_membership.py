@@ -8,6 +8,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -16,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.exceptions import InvalidStatus
 
-from chat import membership
+from chat import membership, store
 from tests.conftest import MakeToken, unique
 from tests.roomclient import RoomClient
 from tests.servers import Server
@@ -539,3 +540,38 @@ async def test_every_socket_of_a_user_hears_it_however_they_open_and_close(
     # quietly: none takes the cancellation for a failure and resubscribes.
     log = server_a.log()
     assert "resubscribing" not in log and "Traceback" not in log, log[-2000:]
+
+
+async def test_a_room_sockets_token_and_room_in_one_read_answer_as_the_two_reads(
+    engine: AsyncEngine, make_token: MakeToken
+) -> None:
+    """A room socket's join reads its token and the room in one statement (one round trip less):
+    for every kind of room and token it answers as identity_for_token and access one after the
+    other, and refuses the same tokens for the same reasons."""
+    owner_name, other_name = unique("owner"), unique("other")
+    owner, other = await make_token(owner_name), await make_token(other_name)
+    private, public, missing = unique("private"), unique("public"), unique("missing")
+    async with engine.connect() as conn:
+        owner_id = await membership.user_id(conn, name=owner_name)
+        assert owner_id is not None
+        for name, visibility in ((private, "private"), (public, "public")):
+            made = await membership.create(
+                conn, name=name, creator_id=owner_id, visibility=visibility, topic="", max_per_user=10
+            )
+            assert made is not None
+        for raw in (owner, other):
+            for room in (private, public, missing, None):
+                who = await store.identity_for_token(conn, raw=raw)
+                seen = None if room is None else await membership.access(conn, room=room, user_id=who.user_id)
+                assert await membership.token_and_access(conn, raw=raw, room=room) == (who, seen)
+        # Seen by the owner (a member) and by the other user (public only, not a member).
+        assert (await membership.token_and_access(conn, raw=owner, room=private))[1] is not None
+        assert (await membership.token_and_access(conn, raw=other, room=private))[1] is None
+        public_seen = (await membership.token_and_access(conn, raw=other, room=public))[1]
+        assert public_seen is not None and not public_seen.member
+        expired = await make_token(unique("late"), ttl=timedelta(seconds=-1))
+        revoked = await make_token(unique("gone"))
+        await store.revoke_tokens(conn, user_name=(await store.identity_for_token(conn, raw=revoked)).name)
+        for raw, reason in ((expired, "token expired"), (revoked, "token revoked"), ("chat_nothing", "invalid token")):
+            with pytest.raises(store.TokenRefused, match=reason):
+                await membership.token_and_access(conn, raw=raw, room=public)

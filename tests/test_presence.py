@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from chat import store
+from chat import membership, notify, store
 from chat.config import libpq_url
 from chat.presence import Presence
 from chat.store import Identity
@@ -217,3 +218,40 @@ async def test_the_heartbeat_does_not_wait_for_the_shared_pool(database_url: str
     finally:
         await presence.stop()
         await shared.dispose()
+
+
+async def test_a_joins_enter_rechecks_membership_in_the_same_statement(
+    engine: AsyncEngine, make_token: MakeToken
+) -> None:
+    """A join's presence enter is also its recheck of a removal that raced it (one round trip,
+    under the (room, user) lock): for a user who is no longer a member it answers None and counts
+    nothing, here or in the table, and sends no join event; for a member it counts the socket."""
+    room_id, who = await someone_in_a_room(engine, make_token)  # a room without members
+    presence = Presence(engine, beat=3600, stale=10)
+    await presence.start()
+    listener = await asyncpg.connect(libpq_url(engine.url.render_as_string(hide_password=False)))
+    heard: list[str] = []
+    await listener.add_listener(notify.room_channel(room_id), lambda *args: heard.append(args[-1]))
+    try:
+        assert await presence.enter(room_id, who, members_only=True) is None
+        assert (room_id, who.user_id) not in presence.local
+        assert await stored_sockets(engine, presence, room_id, who.user_id) == 0
+        # Not a member, without the recheck (the server's own rooms): counted, and announced.
+        assert await presence.enter(room_id, who) == [who.name]
+        assert await stored_sockets(engine, presence, room_id, who.user_id) == 1
+        async with asyncio.timeout(10):
+            while not heard:
+                await asyncio.sleep(0.02)
+        assert [json.loads(h)["type"] for h in heard] == ["join"]  # one: the refused enter sent none
+        await presence.leave(room_id, who)
+        async with engine.connect() as conn:
+            await membership.enter(conn, room_id=room_id, user_id=who.user_id)
+        assert await presence.enter(room_id, who, members_only=True) == [who.name]
+        assert presence.local[(room_id, who.user_id)][1] == 1
+        assert await stored_sockets(engine, presence, room_id, who.user_id) == 1
+        await presence.leave(room_id, who)
+        assert await stored_sockets(engine, presence, room_id, who.user_id) == 0
+        assert (room_id, who.user_id) not in presence.local
+    finally:
+        await listener.close()
+        await presence.stop()
