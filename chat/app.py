@@ -25,7 +25,6 @@ from chat.config import Settings, get_settings
 from chat.db import create_engine
 from chat.hub import Hub
 from chat.limits import Limits
-from chat.logs import ClientAddress
 from chat.presence import Presence
 from chat.pubsub import PostgresBackend
 from chat.reads import ReadPositions
@@ -180,7 +179,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.chapter_routes:
         _add_sockets(app, ws.chapter)
     app.add_exception_handler(Refused, refuse)  # type: ignore[arg-type]
-    app.add_middleware(ClientAddress)  # the client's address on every chat.events line
     app.add_exception_handler(WebSocketRequestValidationError, ws.refuse_invalid)
     app.mount("/static", StaticFiles(directory=http.STATIC), name="static")
     return app

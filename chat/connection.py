@@ -9,7 +9,6 @@ shares one outgoing queue, one connection slot and one rate-limit guard across i
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from typing import Any
@@ -73,6 +72,7 @@ class Connection:
         self._leaving: set[asyncio.Task[None]] = set()  # presence updates of rooms removed from
         # The user's room list changed (an invite, a new DM, a removal): the page reads it again.
         hub.follow_user(identity.user_id, self._rooms_changed)
+        self._on_removed = self._removed  # one bound method for all its rooms, not one per room
 
     def _rooms_changed(self) -> None:
         self.client.offer(notify.ROOMS_CHANGED)
@@ -175,10 +175,9 @@ class Connection:
                 metrics.REFUSALS.labels("too many rooms created by this user").inc()
                 self.error("too_many_rooms_created", "too many rooms created by this user", room=room)
                 return
-            render = functools.partial(protocol.message_frame, room)
-            sub = Subscription(self.client, room_id, room, render=render, tag=True, batch=True)
+            sub = Subscription(self.client, room_id, room, tag=True, batch=True)
             removed = asyncio.Event()  # until the room is this socket's (below), a removal only notes it
-            sub.on_removed = removed.set
+            sub.on_removed = lambda _: removed.set()
             await self.hub.join(sub, timeout=self.settings.join_timeout_seconds)
             # A removal that committed after open_room's check, and whose event this process
             # handled before the join, reached no subscription: look again now that the feed
@@ -227,8 +226,8 @@ class Connection:
             self.error("removed", "you were removed from this room", room=room)
             return
         self.rooms[room] = session
-        sub.on_removed = functools.partial(self._removed, room, session)
-        logs.event("open", room=room, user=user.name, token_id=user.token_id)
+        sub.on_removed = self._on_removed
+        logs.event("open", room=room, user=user.name, token_id=user.token_id, client=logs.address(self.client.ws))
         await session.replay(after=frame.after, online=online)
 
     async def unsubscribe(self, room: str) -> None:
@@ -243,13 +242,16 @@ class Connection:
         sub = session.client
         self.hub.leave(sub)
         seconds = f"{time.monotonic() - sub.since:.1f}"
-        logs.event("close", room=room, user=self.identity.name, code=self.client.close_code, seconds=seconds)
+        code, where = self.client.close_code, logs.address(self.client.ws)
+        logs.event("close", room=room, user=self.identity.name, code=code, seconds=seconds, client=where)
         await self.presence.leave(session.room_id, self.identity)
 
-    def _removed(self, room: str, session: RoomSession) -> None:
+    def _removed(self, sub: Subscription) -> None:
         """The user was removed from the room (the hub has taken the subscription out of the
         feed): the room ends on this socket now, with an error frame saying why."""
-        if self.rooms.get(room) is not session:
+        room = sub.room
+        session = self.rooms.get(room)
+        if session is None or session.client is not sub:
             return
         del self.rooms[room]
         self.error("removed", "you were removed from this room", room=room)

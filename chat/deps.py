@@ -2,7 +2,9 @@
 (`settings: deps.Settings`, `hub: deps.Hub`) instead of reaching into untyped `app.state`.
 
 The app factory (chat/app.py) sets `app.state.settings`; its lifespan builds everything else and
-puts it on `app.state`. This module is the one place that reads them back.
+puts it on `app.state`. This module is the one place that reads them back. The getters are
+`async def`: FastAPI runs a plain `def` dependency in a worker thread (and anyio then keeps
+state for the socket's task for as long as the socket is open).
 """
 
 from __future__ import annotations
@@ -18,37 +20,37 @@ from chat.pubsub import PostgresBackend
 from chat.redisbus import RedisBackend
 
 
-def get_settings(conn: HTTPConnection) -> config.Settings:
+async def get_settings(conn: HTTPConnection) -> config.Settings:
     settings: config.Settings = conn.app.state.settings
     return settings
 
 
-def get_engine(conn: HTTPConnection) -> AsyncEngine:
+async def get_engine(conn: HTTPConnection) -> AsyncEngine:
     engine: AsyncEngine = conn.app.state.engine
     return engine
 
 
-def get_backend(conn: HTTPConnection) -> PostgresBackend | RedisBackend:
+async def get_backend(conn: HTTPConnection) -> PostgresBackend | RedisBackend:
     backend: PostgresBackend | RedisBackend = conn.app.state.backend
     return backend
 
 
-def get_hub(conn: HTTPConnection) -> hub.Hub:
+async def get_hub(conn: HTTPConnection) -> hub.Hub:
     found: hub.Hub = conn.app.state.hub
     return found
 
 
-def get_limits(conn: HTTPConnection) -> limits.Limits:
+async def get_limits(conn: HTTPConnection) -> limits.Limits:
     found: limits.Limits = conn.app.state.limits
     return found
 
 
-def get_writer(conn: HTTPConnection) -> writer.Writer:
+async def get_writer(conn: HTTPConnection) -> writer.Writer:
     found: writer.Writer = conn.app.state.writer
     return found
 
 
-def get_presence(conn: HTTPConnection) -> presence.Presence:
+async def get_presence(conn: HTTPConnection) -> presence.Presence:
     found: presence.Presence = conn.app.state.presence
     return found
 

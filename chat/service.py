@@ -124,13 +124,13 @@ def admit(guard: FrameGuard, client: Client | Subscription) -> RateLimited | Non
 class RoomSession:
     # One per room a socket is in (50 on a full /socket): slots keep it to its fields, no dict.
     __slots__ = (
+        "_inflight",
         "_typed_at",
         "client",
         "engine",
         "guard",
         "hub",
         "identity",
-        "inflight",
         "room",
         "room_id",
         "settings",
@@ -156,7 +156,8 @@ class RoomSession:
         # Sends awaiting their commit: the receive loop goes on reading meanwhile, up to the
         # bound, and their answers go out in the order the sends came in. A socket of many rooms
         # shares one among its rooms; its owner has a graceful close flush their acks first.
-        self.inflight = inflight or InFlight(inflight_bound(settings), client.offer, max_bytes=inflight_bytes(settings))
+        # A room socket's own is made by its first frame (see `inflight`): most sockets are idle.
+        self._inflight = inflight
         self.engine = engine
         self.hub = hub
         self.identity = identity
@@ -165,6 +166,20 @@ class RoomSession:
         self.client = client
         self.guard = guard
         self._typed_at = -1e9  # when this socket's last typing event went out
+
+    @property
+    def inflight(self) -> InFlight:
+        inflight = self._inflight
+        if inflight is None:
+            settings = self.settings
+            bound, max_bytes = inflight_bound(settings), inflight_bytes(settings)
+            inflight = self._inflight = InFlight(bound, self.client.offer, max_bytes=max_bytes)
+        return inflight
+
+    async def settle(self) -> None:
+        """Until the answers of every send in flight have gone out (a graceful close)."""
+        if self._inflight is not None:
+            await self._inflight.settle()
 
     async def replay(self, *, after: int | None, online: list[str]) -> None:
         """Queue the room's history, then `ready`, then go live. Each page is read on a pooled
@@ -242,6 +257,13 @@ class RoomSession:
             async with self.engine.connect() as conn:
                 rows = await store.messages_after(conn, room_id=self.room_id, after=sub.cursor, limit=REPLAY_PAGE)
             complete = len(rows) < REPLAY_PAGE
+
+    async def handle_weighed(self, text: str | None) -> None:
+        """A room socket's frame, then its size charged: big frames cost more (the debt delays the
+        next ones). A method, not a partial: the socket's receive loop keeps it for its life."""
+        await self.handle(text)
+        if text is not None:
+            self.guard.charge_bytes(len(text))
 
     async def handle(self, text: str | None) -> None:
         # Errors answer frames that may be sends: in order behind the sends in flight.

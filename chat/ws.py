@@ -95,7 +95,7 @@ async def _join(
     room: str,
     client: Client,
     *,
-    render: Render,
+    render: Render | None = None,
     live_only: bool = False,
     events: bool = True,
 ) -> tuple[FrameGuard, Subscription]:
@@ -126,7 +126,7 @@ async def _join(
     except BaseException:
         _disconnect(shared.hub, shared.limits, user, client)
         raise
-    logs.event("open", room=room, user=user.name, token_id=user.token_id)
+    logs.event("open", room=room, user=user.name, token_id=user.token_id, client=logs.address(client.ws))
     return guard, sub
 
 
@@ -141,7 +141,8 @@ def _leave(shared: _Room, user: Identity, sub: Subscription) -> None:
     client = sub.client
     shared.hub.leave(sub)
     seconds = f"{time.monotonic() - sub.since:.1f}"
-    logs.event("close", room=sub.room, user=user.name, code=client.close_code, seconds=seconds, sent=client.sent)
+    code, where = client.close_code, logs.address(client.ws)
+    logs.event("close", room=sub.room, user=user.name, code=code, seconds=seconds, sent=client.sent, client=where)
     _disconnect(shared.hub, shared.limits, user, client)
 
 
@@ -152,7 +153,7 @@ async def _joined(
     room: str,
     client: Client,
     *,
-    render: Render,
+    render: Render | None = None,
     live_only: bool = False,
     events: bool = True,
 ) -> AsyncIterator[tuple[FrameGuard, Subscription]]:
@@ -165,14 +166,6 @@ async def _joined(
 
 def _client(websocket: WebSocket, settings: Settings, user: Identity) -> Client:
     return Client(websocket, max_items=settings.socket_queue, max_bytes=settings.socket_queue_bytes, identity=user)
-
-
-async def _weighed(session: RoomSession, guard: FrameGuard, text: str | None) -> None:
-    """A room socket's frame, then its size charged: big frames cost more (the debt delays the
-    next ones)."""
-    await session.handle(text)
-    if text is not None:
-        guard.charge_bytes(len(text))
 
 
 @router.websocket("/rooms/{room}/ws")
@@ -192,8 +185,7 @@ async def room_socket(
         raise Refused(400, "invalid room name: 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
     shared = _Room(settings, engine, hub, limits)
     client = _client(websocket, settings, user)
-    render = functools.partial(protocol.message_frame, room)
-    guard, sub = await _join(shared, user, room, client, render=render)
+    guard, sub = await _join(shared, user, room, client)
     try:
         session = RoomSession(
             settings=settings,
@@ -206,14 +198,13 @@ async def room_socket(
             guard=guard,
             writer=writer,
         )
-        client.settle = session.inflight.settle  # a graceful close flushes the acks of sends in flight
-        handle = functools.partial(_weighed, session, guard)
+        client.settle = session.settle  # a graceful close flushes the acks of sends in flight
         # Who is online goes to the replay alone (its `ready` frame), not into a variable of this
         # frame, which lives as long as the socket: a room of 20 would keep 20 names per socket.
         start = [functools.partial(session.replay, after=after, online=await presence.enter(sub.room_id, user))]
         try:
             await websocket.accept()
-            await client.serve(handle, start=start.pop())
+            await client.serve(session.handle_weighed, start=start.pop())
         except WebSocketDisconnect:
             pass
         finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import re
 from pathlib import Path
 
@@ -34,4 +36,12 @@ def test_settings_come_from_the_app_they_were_given_to() -> None:
     settings = Settings(database_url="postgresql://nobody@localhost/none", chapter_routes=False)
     app = create_app(settings)
     conn = HTTPConnection({"type": "http", "app": app, "headers": []})
-    assert deps.get_settings(conn) is settings
+    assert asyncio.run(deps.get_settings(conn)) is settings
+
+
+def test_every_getter_is_a_coroutine_function() -> None:
+    """FastAPI runs a plain `def` dependency in a worker thread: a hop per dependency on every
+    join, and anyio keeps state for the socket's task (about 170 bytes) as long as it lives."""
+    getters = [value for name, value in vars(deps).items() if name.startswith("get_")]
+    assert len(getters) >= 7
+    assert [g.__name__ for g in getters if not inspect.iscoroutinefunction(g)] == []
