@@ -172,12 +172,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     docs = {} if settings.api_docs else {"docs_url": None, "redoc_url": None}
     app = FastAPI(title="chat", version="0.1.0", lifespan=lifespan, **docs)  # type: ignore[arg-type]
     app.state.settings = settings
-    app.include_router(http.router)
-    app.include_router(api.router)
-    app.include_router(roomapi.router)
+    # Sockets first: matching a socket against an included router's routes leaves a dict in its
+    # scope (FastAPI's route context), kept as long as the socket is open.
     _add_sockets(app, ws.router)
     if settings.chapter_routes:
         _add_sockets(app, ws.chapter)
+    app.include_router(http.router)
+    app.include_router(api.router)
+    app.include_router(roomapi.router)
     app.add_exception_handler(Refused, refuse)  # type: ignore[arg-type]
     app.add_exception_handler(WebSocketRequestValidationError, ws.refuse_invalid)
     app.mount("/static", StaticFiles(directory=http.STATIC), name="static")

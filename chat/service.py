@@ -174,12 +174,9 @@ class RoomSession:
             settings = self.settings
             bound, max_bytes = inflight_bound(settings), inflight_bytes(settings)
             inflight = self._inflight = InFlight(bound, self.client.offer, max_bytes=max_bytes)
+            # From now on a graceful close flushes the acks of sends in flight first.
+            self.client.client.settle = inflight.settle
         return inflight
-
-    async def settle(self) -> None:
-        """Until the answers of every send in flight have gone out (a graceful close)."""
-        if self._inflight is not None:
-            await self._inflight.settle()
 
     async def replay(self, *, after: int | None, online: list[str]) -> None:
         """Queue the room's history, then `ready`, then go live. Each page is read on a pooled

@@ -183,9 +183,10 @@ async def room_socket(
 ) -> None:
     if not ROOM_NAME.fullmatch(room):
         raise Refused(400, "invalid room name: 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
-    shared = _Room(settings, engine, hub, limits)
     client = _client(websocket, settings, user)
-    guard, sub = await _join(shared, user, room, client)
+    # A _Room for the join and another for the leave: one kept in this frame would live as long as
+    # the socket does.
+    guard, sub = await _join(_Room(settings, engine, hub, limits), user, room, client)
     try:
         session = RoomSession(
             settings=settings,
@@ -198,7 +199,6 @@ async def room_socket(
             guard=guard,
             writer=writer,
         )
-        client.settle = session.settle  # a graceful close flushes the acks of sends in flight
         # Who is online goes to the replay alone (its `ready` frame), not into a variable of this
         # frame, which lives as long as the socket: a room of 20 would keep 20 names per socket.
         start = [functools.partial(session.replay, after=after, online=await presence.enter(sub.room_id, user))]
@@ -210,7 +210,7 @@ async def room_socket(
         finally:
             await presence.leave(sub.room_id, user)
     finally:
-        _leave(shared, user, sub)
+        _leave(_Room(settings, engine, hub, limits), user, sub)
 
 
 @router.websocket("/socket")

@@ -87,9 +87,10 @@ def test_a_room_sockets_session_makes_its_sends_in_flight_on_first_use() -> None
         guard=guard,
         writer=nothing,
     )
-    assert session._inflight is None
+    assert session._inflight is None and sub.client.settle is None
     inflight = session.inflight
     assert session.inflight is inflight and inflight.count == 0
+    assert sub.client.settle == inflight.settle  # a graceful close now flushes their answers
     shared = InFlight(4, sub.client.offer)
     with_owner = RoomSession(
         settings=settings,
@@ -104,3 +105,4 @@ def test_a_room_sockets_session_makes_its_sends_in_flight_on_first_use() -> None
         inflight=shared,
     )
     assert with_owner.inflight is shared
+    assert sub.client.settle == inflight.settle  # the owner of a shared one flushes it
