@@ -19,7 +19,7 @@ from fastapi.exceptions import WebSocketRequestValidationError
 from fastapi.routing import APIWebSocketRoute
 from fastapi.staticfiles import StaticFiles
 
-from chat import api, http, roomapi, ws
+from chat import api, deps, http, roomapi, ws
 from chat.auth import Refused, refuse
 from chat.config import Settings, get_settings
 from chat.db import create_engine
@@ -153,6 +153,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 presence.publish = hub.publish  # join/leave through Redis, after commit
             stack.push_async_callback(presence.stop)  # also closes its own engine after a failed start
             await presence.start()
+            app.state.shared = deps.SharedObjects(settings, engine, hub, app.state.limits, presence, writer)
             reads = hub.reads = ReadPositions(engine, hub.publish, interval=settings.read_interval_seconds)
             reads.start()
             stack.push_async_callback(reads.stop)

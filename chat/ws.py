@@ -173,14 +173,11 @@ async def room_socket(
     websocket: WebSocket,
     room: str,
     user: SocketUser,
-    settings: deps.Settings,
-    engine: deps.Engine,
-    hub: deps.Hub,
-    limits: deps.Limits,
-    presence: deps.Presence,
-    writer: deps.Writer,
+    shared: deps.Shared,  # one dependency, not six: see deps.SharedObjects
     after: Annotated[int | None, Query(ge=0, le=MAX_BIGINT)] = None,
 ) -> None:
+    settings, engine, hub, limits = shared.settings, shared.engine, shared.hub, shared.limits
+    presence, writer = shared.presence, shared.writer
     if not ROOM_NAME.fullmatch(room):
         raise Refused(400, "invalid room name: 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
     client = _client(websocket, settings, user)
@@ -214,16 +211,9 @@ async def room_socket(
 
 
 @router.websocket("/socket")
-async def socket(
-    websocket: WebSocket,
-    user: SocketUser,
-    settings: deps.Settings,
-    hub: deps.Hub,
-    limits: deps.Limits,
-    presence: deps.Presence,
-    writer: deps.Writer,
-) -> None:
+async def socket(websocket: WebSocket, user: SocketUser, shared: deps.Shared) -> None:
     """One socket for many rooms: subscribe, unsubscribe, and room frames naming their room."""
+    settings, hub, limits, presence, writer = shared.settings, shared.hub, shared.limits, shared.presence, shared.writer
     client = _client(websocket, settings, user)
     guard = _connect(hub, limits, user, client)
     try:

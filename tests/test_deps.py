@@ -7,6 +7,7 @@ import inspect
 import re
 from pathlib import Path
 
+from fastapi.routing import APIWebSocketRoute
 from starlette.requests import HTTPConnection
 
 import chat
@@ -45,3 +46,18 @@ def test_every_getter_is_a_coroutine_function() -> None:
     getters = [value for name, value in vars(deps).items() if name.startswith("get_")]
     assert len(getters) >= 7
     assert [g.__name__ for g in getters if not inspect.iscoroutinefunction(g)] == []
+
+
+def test_socket_routes_keep_few_dependencies_and_come_first() -> None:
+    """An open socket keeps its route's solved dependencies (values and cache) until it closes,
+    and a dict in its scope for every included router it was matched against before its own
+    route: the room sockets take the shared objects as one dependency, and come first."""
+    app = create_app(Settings(database_url="postgresql://nobody@localhost/none"))
+    sockets = {route.path: route for route in app.routes if isinstance(route, APIWebSocketRoute)}
+    for path in ("/rooms/{room}/ws", "/socket"):
+        names = [dep.name for dep in sockets[path].dependant.dependencies]
+        assert names == ["user", "shared"], (path, names)
+    kinds = [type(route).__name__ for route in app.routes]
+    last_socket = max(i for i, kind in enumerate(kinds) if kind == "APIWebSocketRoute")
+    assert all(kind != "APIWebSocketRoute" for kind in kinds[last_socket + 1 :])
+    assert "_IncludedRouter" not in kinds[:last_socket]
