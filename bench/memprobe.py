@@ -1,6 +1,8 @@
 """Where an idle socket's memory goes: the server under tracemalloc, N idle sockets, a diff.
 
     python -m bench.memprobe [--sockets 2000] [--app chat|inmemory] [--no-deflate] [--ws wsproto]
+    python -m bench.memprobe --sockets 1000 --frames 12 --group traceback   # who allocated it
+    python -m bench.memprobe --sockets 100 --socket-rooms 50                # /socket, 50 rooms each
 
 It starts a Postgres (embedded, or --database-url), then the app in a child process with
 tracemalloc on (`python -m bench.memprobe serve ...`, same uvicorn settings as `chat serve`),
@@ -32,6 +34,14 @@ import psutil
 @click.option("--deflate/--no-deflate", default=True, show_default=True, help="Client offers permessage-deflate.")
 @click.option("--top", default=25, show_default=True)
 @click.option("--database-url", default=None)
+@click.option("--frames", default=1, show_default=True, help="tracemalloc frames kept per allocation.")
+@click.option("--group", type=click.Choice(["lineno", "traceback"]), default="lineno", show_default=True)
+@click.option(
+    "--socket-rooms",
+    default=0,
+    show_default=True,
+    help="Open /socket clients subscribed to this many rooms each (0: room sockets).",
+)
 @click.pass_context
 def main(
     ctx: click.Context,
@@ -42,6 +52,9 @@ def main(
     deflate: bool,
     top: int,
     database_url: str | None,
+    frames: int,
+    group: str,
+    socket_rooms: int,
 ) -> None:
     """Measure where the memory of idle sockets goes."""
     if ctx.invoked_subcommand is not None:
@@ -59,7 +72,7 @@ def main(
     snapshots = work / "snap"
     env = {**os.environ, **SERVER_ENV, "DATABASE_URL": db.url, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "bench.memprobe", "serve", "--app", app_kind, "--port", str(port)]
-    cmd += ["--ws", ws, "--out", str(snapshots)]
+    cmd += ["--ws", ws, "--out", str(snapshots), "--frames", str(frames)]
     import subprocess
 
     with open(work / "server.log", "wb") as log:
@@ -68,7 +81,7 @@ def main(
     try:
         import http.client
 
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # start-up under tracemalloc with many frames is slow
         while time.monotonic() < deadline:
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
@@ -93,33 +106,43 @@ def main(
 
         base = snapshot("0")
         rss0 = proc.memory_info().rss
-        specs: list[list[tuple[int, str, str, str]]] = [[], []]
-        for i in range(sockets):
-            room = f"idle-{i // room_size}"
-            specs[i % 2].append((i + 1, f"{url}/rooms/{room}/ws", room, tokens[i % len(tokens)]))
-        opened = gen.all("open", [{"specs": s, "concurrency": 16} for s in specs])
+        if socket_rooms:
+            # Every user in the same rooms: room state is paid once, what shows is per socket.
+            rooms = [f"multi-{r}" for r in range(socket_rooms)]
+            multi: list[list[tuple[int, str, str, list[str]]]] = [[], []]
+            for i in range(sockets):
+                multi[i % 2].append((i + 1, f"{url}/socket", tokens[i % len(tokens)], rooms))
+            opened = gen.all("subscribe", [{"specs": s, "concurrency": 16} for s in multi])
+        else:
+            specs: list[list[tuple[int, str, str, str]]] = [[], []]
+            for i in range(sockets):
+                room = f"idle-{i // room_size}"
+                specs[i % 2].append((i + 1, f"{url}/rooms/{room}/ws", room, tokens[i % len(tokens)]))
+            opened = gen.all("open", [{"specs": s, "concurrency": 16} for s in specs])
         time.sleep(3)
         after = snapshot("1")
         rss1 = proc.memory_info().rss
-        stats = after.compare_to(base, "lineno")
+        stats = after.compare_to(base, group)
         traced = sum(s.size_diff for s in stats)
         ok = sum(o["opened"] for o in opened)
-        click.echo(
-            f"{app_kind}, --ws {ws}, permessage-deflate {'on' if deflate else 'off'}: {ok} idle sockets "
-            f"({room_size} per room)"
+        what = (
+            f"/socket clients ({socket_rooms} rooms each)" if socket_rooms else f"idle sockets ({room_size} per room)"
         )
+        click.echo(f"{app_kind}, --ws {ws}, permessage-deflate {'on' if deflate else 'off'}: {ok} {what}")
         click.echo(
             f"RSS growth: {(rss1 - rss0) / ok / 1024:.1f} KB/socket; "
             f"Python allocations {traced / ok / 1024:.1f} KB/socket"
         )
-        click.echo(f"top {top} source lines by growth, bytes per socket:")
+        click.echo(f"snapshots: {snapshots}.0 (before), {snapshots}.1 (with the sockets)")
+        click.echo(f"top {top} {'tracebacks' if group == 'traceback' else 'source lines'} by growth, bytes per socket:")
         for stat in stats[:top]:
-            frame = stat.traceback[0]
-            name = frame.filename
-            for marker in ("site-packages/", "/lib/python3.11/", "/work/main/"):
-                if marker in name:
-                    name = name.split(marker, 1)[1]
-            click.echo(f"{stat.size_diff / ok:10.0f}  {stat.count_diff / ok:6.1f} blocks  {name}:{frame.lineno}")
+            # Most recent first: the allocating line, its three callers, and the app's own frame.
+            frames_ = list(reversed(stat.traceback)) if group == "traceback" else list(stat.traceback)[:1]
+            shown = frames_[:4] + [f for f in frames_[4:] if "/chat/" in f.filename][:1]
+            where = [f"{_short(f.filename)}:{f.lineno}" for f in shown]
+            click.echo(f"{stat.size_diff / ok:10.0f}  {stat.count_diff / ok:6.1f} blocks  {where[0]}")
+            for line in where[1:]:
+                click.echo(f"{'':29}< {line}")
     finally:
         gen.stop()
         server.send_signal(signal.SIGTERM)
@@ -130,18 +153,26 @@ def main(
         db.stop()
 
 
+def _short(name: str) -> str:
+    for marker in ("site-packages/", "/lib/python3.11/", f"{Path.cwd()}/"):
+        if marker in name:
+            return name.split(marker, 1)[1]
+    return name
+
+
 @main.command()
 @click.option("--app", "app_kind", type=click.Choice(["chat", "inmemory"]), required=True)
 @click.option("--port", type=int, required=True)
 @click.option("--ws", required=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
-def serve(app_kind: str, port: int, ws: str, out: Path) -> None:
+@click.option("--frames", default=1)
+def serve(app_kind: str, port: int, ws: str, out: Path, frames: int) -> None:
     """(internal) The app under tracemalloc; SIGUSR1 writes a snapshot."""
     import uvicorn
 
     from chat.config import Settings
 
-    tracemalloc.start(1)
+    tracemalloc.start(frames)
     taken = [0]
 
     def dump(_signum: int, _frame: object) -> None:

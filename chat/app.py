@@ -19,13 +19,12 @@ from fastapi.exceptions import WebSocketRequestValidationError
 from fastapi.routing import APIWebSocketRoute
 from fastapi.staticfiles import StaticFiles
 
-from chat import api, http, roomapi, ws
+from chat import api, deps, http, roomapi, ws
 from chat.auth import Refused, refuse
 from chat.config import Settings, get_settings
 from chat.db import create_engine
 from chat.hub import Hub
 from chat.limits import Limits
-from chat.logs import ClientAddress
 from chat.presence import Presence
 from chat.pubsub import PostgresBackend
 from chat.reads import ReadPositions
@@ -154,6 +153,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 presence.publish = hub.publish  # join/leave through Redis, after commit
             stack.push_async_callback(presence.stop)  # also closes its own engine after a failed start
             await presence.start()
+            app.state.shared = deps.SharedObjects(settings, engine, hub, app.state.limits, presence, writer)
             reads = hub.reads = ReadPositions(engine, hub.publish, interval=settings.read_interval_seconds)
             reads.start()
             stack.push_async_callback(reads.stop)
@@ -173,14 +173,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     docs = {} if settings.api_docs else {"docs_url": None, "redoc_url": None}
     app = FastAPI(title="chat", version="0.1.0", lifespan=lifespan, **docs)  # type: ignore[arg-type]
     app.state.settings = settings
-    app.include_router(http.router)
-    app.include_router(api.router)
-    app.include_router(roomapi.router)
+    # Sockets first: matching a socket against an included router's routes leaves a dict in its
+    # scope (FastAPI's route context), kept as long as the socket is open.
     _add_sockets(app, ws.router)
     if settings.chapter_routes:
         _add_sockets(app, ws.chapter)
+    app.include_router(http.router)
+    app.include_router(api.router)
+    app.include_router(roomapi.router)
     app.add_exception_handler(Refused, refuse)  # type: ignore[arg-type]
-    app.add_middleware(ClientAddress)  # the client's address on every chat.events line
     app.add_exception_handler(WebSocketRequestValidationError, ws.refuse_invalid)
     app.mount("/static", StaticFiles(directory=http.STATIC), name="static")
     return app

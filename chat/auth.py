@@ -66,9 +66,10 @@ def origin_allowed(origin: str | None, *, scheme: str, host: str | None, allowed
 
 def check_origin(conn: HTTPConnection, settings: config.Settings) -> None:
     origin = conn.headers.get("origin")
-    if not origin_allowed(
-        origin, scheme=conn.url.scheme, host=conn.headers.get("host"), allowed=settings.allowed_origins
-    ):
+    # The scope's scheme, as conn.url has it, without conn.url: a socket would keep that URL
+    # (cached on it) for as long as it is open.
+    scheme = conn.scope.get("scheme", "http")
+    if not origin_allowed(origin, scheme=scheme, host=conn.headers.get("host"), allowed=settings.allowed_origins):
         raise Refused(403, "origin not allowed")
 
 
@@ -129,7 +130,8 @@ async def refuse(conn: HTTPConnection, exc: Exception) -> JSONResponse | None:
     """Exception handler for Refused, on sockets and on HTTP routes alike."""
     assert isinstance(exc, Refused)
     metrics.REFUSALS.labels(metrics.reason_label(exc.reason)).inc()
-    logs.event("refused", kind=conn.scope["type"], path=conn.url.path, status=exc.status, reason=exc.reason)
+    where = {"kind": conn.scope["type"], "path": conn.url.path}
+    logs.event("refused", **where, status=exc.status, reason=exc.reason, client=logs.address(conn))
     response = JSONResponse({"detail": exc.reason}, status_code=exc.status)
     if not isinstance(conn, WebSocket):
         return response

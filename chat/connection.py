@@ -9,9 +9,9 @@ shares one outgoing queue, one connection slot and one rate-limit guard across i
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
+from collections import deque
 from typing import Any
 
 from chat import logs, metrics, notify, protocol, socket_frames
@@ -68,11 +68,17 @@ class Connection:
         self.client = client
         self.guard = guard
         self.rooms: dict[str, RoomSession] = {}  # by name
-        self._pending: dict[str, asyncio.Task[None]] = {}  # subscribes under way, by room
-        self._slots: asyncio.Semaphore | None = None  # made on the first subscribe
+        # Subscribes not yet answered, by room: queued (in order) or under way in one of at most
+        # SUBSCRIBES_AT_ONCE workers. A burst of 50 is 50 frames in a queue, not 50 tasks (the
+        # tasks' frames, all alive at once, raised the process's memory for good).
+        self._pending: dict[str, SubscribeFrame] = {}
+        self._queued: deque[SubscribeFrame] | None = None
+        self._workers: set[asyncio.Task[None]] | None = None  # made on the first subscribe
+        self._settle: asyncio.Event | None = None  # set when a subscribe ends, for _settled()
         self._leaving: set[asyncio.Task[None]] = set()  # presence updates of rooms removed from
         # The user's room list changed (an invite, a new DM, a removal): the page reads it again.
         hub.follow_user(identity.user_id, self._rooms_changed)
+        self._on_removed = self._removed  # one bound method for all its rooms, not one per room
 
     def _rooms_changed(self) -> None:
         self.client.offer(notify.ROOMS_CHANGED)
@@ -107,9 +113,11 @@ class Connection:
 
     async def _settled(self, room: str) -> None:
         """Until a subscribe of `room` under way is done (answered with ready or an error)."""
-        task = self._pending.get(room)
-        if task is not None:
-            await asyncio.wait((task,))
+        while room in self._pending:
+            settle = self._settle
+            if settle is None:
+                settle = self._settle = asyncio.Event()
+            await settle.wait()
 
     async def in_room(self, frame: RoomFrame) -> None:
         session = self.rooms.get(frame.room)
@@ -152,18 +160,36 @@ class Connection:
             detail = f"at most {self.settings.socket_rooms_max} rooms per socket: unsubscribe from one first"
             self.error("too_many_rooms", detail, room=room)
             return
-        task = self._pending[room] = asyncio.create_task(self._subscribe(frame))
-        task.add_done_callback(lambda _: self._pending.pop(room, None))
+        self._pending[room] = frame
+        queued = self._queued
+        if queued is None:
+            queued = self._queued = deque()
+        queued.append(frame)
+        workers = self._workers
+        if workers is None:
+            workers = self._workers = set()
+        if len(workers) < SUBSCRIBES_AT_ONCE:
+            task = asyncio.create_task(self._subscribe_queued())
+            workers.add(task)
+            task.add_done_callback(workers.discard)
 
-    async def _subscribe(self, frame: SubscribeFrame) -> None:
-        slots = self._slots = self._slots or asyncio.Semaphore(SUBSCRIBES_AT_ONCE)
-        try:
-            async with slots:
+    async def _subscribe_queued(self) -> None:
+        """A subscribe worker: runs the queued subscribes in the order they came, until none is left."""
+        while self._queued:
+            frame = self._queued.popleft()
+            if not self._queued:
+                self._queued = None  # a socket between bursts keeps no queue
+            try:
                 if not self.client.closing:
                     await self._join(frame)
-        except Exception:  # a bug: say so in the log, and answer the client
-            log.exception("subscribe to %r failed", frame.room)
-            self.error("unavailable", "could not subscribe: try again", room=frame.room)
+            except Exception:  # a bug: say so in the log, and answer the client
+                log.exception("subscribe to %r failed", frame.room)
+                self.error("unavailable", "could not subscribe: try again", room=frame.room)
+            finally:
+                self._pending.pop(frame.room, None)
+                if (settle := self._settle) is not None:
+                    self._settle = None
+                    settle.set()
 
     async def _join(self, frame: SubscribeFrame) -> None:
         room, user = frame.room, self.identity
@@ -175,10 +201,9 @@ class Connection:
                 metrics.REFUSALS.labels("too many rooms created by this user").inc()
                 self.error("too_many_rooms_created", "too many rooms created by this user", room=room)
                 return
-            render = functools.partial(protocol.message_frame, room)
-            sub = Subscription(self.client, room_id, room, render=render, tag=True, batch=True)
+            sub = Subscription(self.client, room_id, room, tag=True, batch=True)
             removed = asyncio.Event()  # until the room is this socket's (below), a removal only notes it
-            sub.on_removed = removed.set
+            sub.on_removed = lambda _: removed.set()
             await self.hub.join(sub, timeout=self.settings.join_timeout_seconds)
             if removed.is_set():
                 self.hub.leave(sub)
@@ -229,8 +254,8 @@ class Connection:
             self.error("removed", "you were removed from this room", room=room)
             return
         self.rooms[room] = session
-        sub.on_removed = functools.partial(self._removed, room, session)
-        logs.event("open", room=room, user=user.name, token_id=user.token_id)
+        sub.on_removed = self._on_removed
+        logs.event("open", room=room, user=user.name, token_id=user.token_id, client=logs.address(self.client.ws))
         await session.replay(after=frame.after, online=online)
 
     async def unsubscribe(self, room: str) -> None:
@@ -245,13 +270,16 @@ class Connection:
         sub = session.client
         self.hub.leave(sub)
         seconds = f"{time.monotonic() - sub.since:.1f}"
-        logs.event("close", room=room, user=self.identity.name, code=self.client.close_code, seconds=seconds)
+        code, where = self.client.close_code, logs.address(self.client.ws)
+        logs.event("close", room=room, user=self.identity.name, code=code, seconds=seconds, client=where)
         await self.presence.leave(session.room_id, self.identity)
 
-    def _removed(self, room: str, session: RoomSession) -> None:
+    def _removed(self, sub: Subscription) -> None:
         """The user was removed from the room (the hub has taken the subscription out of the
         feed): the room ends on this socket now, with an error frame saying why."""
-        if self.rooms.get(room) is not session:
+        room = sub.room
+        session = self.rooms.get(room)
+        if session is None or session.client is not sub:
             return
         del self.rooms[room]
         self.error("removed", "you were removed from this room", room=room)
@@ -262,9 +290,11 @@ class Connection:
     async def close(self) -> None:
         """The socket ended: stop the subscribes under way, and leave every room."""
         self.hub.unfollow_user(self.identity.user_id, self._rooms_changed)
-        pending = list(self._pending.values())
-        for task in pending:
+        self._queued = None  # the subscribes not yet started never will be
+        workers = list(self._workers or ())
+        for task in workers:
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*workers, return_exceptions=True)
+        self._pending.clear()
         for room in list(self.rooms):
             await self._leave(room)

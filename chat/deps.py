@@ -5,11 +5,13 @@ The app factory (chat/app.py) sets `app.state.settings`; its lifespan builds eve
 puts it on `app.state`. This module is the one place that reads them back.
 
 Every getter is `async def`: FastAPI runs a sync dependency in its thread pool, a thread hop per
-dependency per request (tests/test_deps.py refuses sync ones anywhere in the app).
+dependency per request, and anyio then keeps state for the socket's task while it is open
+(tests/test_deps.py refuses sync ones anywhere in the app).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends
@@ -56,6 +58,25 @@ async def get_presence(conn: HTTPConnection) -> presence.Presence:
     return found
 
 
+@dataclass(frozen=True, slots=True)
+class SharedObjects:
+    """The app's shared objects a socket route uses, as one dependency. FastAPI keeps a route's
+    solved values and dependency cache until the route returns, which for a socket is when it
+    closes: six dependencies instead of one cost every open socket about 700 bytes."""
+
+    settings: config.Settings
+    engine: AsyncEngine
+    hub: hub.Hub
+    limits: limits.Limits
+    presence: presence.Presence
+    writer: writer.Writer
+
+
+async def get_shared(conn: HTTPConnection) -> SharedObjects:
+    found: SharedObjects = conn.app.state.shared
+    return found
+
+
 Settings = Annotated[config.Settings, Depends(get_settings)]
 Engine = Annotated[AsyncEngine, Depends(get_engine)]
 Backend = Annotated[PostgresBackend | RedisBackend, Depends(get_backend)]
@@ -63,3 +84,4 @@ Hub = Annotated[hub.Hub, Depends(get_hub)]
 Limits = Annotated[limits.Limits, Depends(get_limits)]
 Writer = Annotated[writer.Writer, Depends(get_writer)]
 Presence = Annotated[presence.Presence, Depends(get_presence)]
+Shared = Annotated[SharedObjects, Depends(get_shared)]

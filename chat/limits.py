@@ -76,22 +76,34 @@ class RateLimited(Exception):
 class FrameGuard:
     """One connection's view of the limits."""
 
-    __slots__ = ("bucket", "limits", "refused_in_a_row", "user_id")  # one per socket
+    __slots__ = ("_bucket", "limits", "refused_in_a_row", "user_id")  # one per socket
 
     def __init__(self, limits: Limits, user_id: int) -> None:
         self.limits = limits
         self.user_id = user_id
-        settings = limits.settings
-        self.bucket = TokenBucket(settings.rate_per_second, settings.rate_burst)
+        self._bucket: TokenBucket | None = None  # made by the first frame: an idle socket keeps none
         self.refused_in_a_row = 0
 
+    @property
+    def bucket(self) -> TokenBucket:
+        bucket = self._bucket
+        if bucket is None:  # a fresh bucket is full, as if made when the socket opened
+            settings = self.limits.settings
+            bucket = self._bucket = TokenBucket(settings.rate_per_second, settings.rate_burst)
+        return bucket
+
+    @bucket.setter
+    def bucket(self, bucket: TokenBucket) -> None:
+        self._bucket = bucket
+
     def check(self) -> None:
-        user = self.limits.user_bucket(self.user_id)  # first: a new bucket's stamp must not be after `now`
+        # Both first: a new bucket's stamp must not be after `now`.
+        user, bucket = self.limits.user_bucket(self.user_id), self.bucket
         now = time.monotonic()
         # Both buckets or neither: a frame one bucket refuses must not cost the other a token.
-        wait = max(self.bucket.wait(now), user.wait(now))
+        wait = max(bucket.wait(now), user.wait(now))
         if wait == 0.0:
-            self.bucket.take(now)
+            bucket.take(now)
             user.take(now)
             self.refused_in_a_row = 0
             return
@@ -102,8 +114,9 @@ class FrameGuard:
         """Charge a frame's or reply's size to both buckets (see byte_cost)."""
         cost = byte_cost(size, self.limits.settings.rate_token_bytes)
         if cost > 0:
+            bucket = self.bucket  # before `now`, as in check()
             now = time.monotonic()
-            self.bucket.charge(now, cost)
+            bucket.charge(now, cost)
             self.limits.user_bucket(self.user_id).charge(now, cost)
 
 

@@ -3,7 +3,6 @@ with its query string, so every handler redacts tokens, whatever logger the reco
 
 from __future__ import annotations
 
-import contextvars
 import copy
 import logging
 import logging.config
@@ -12,7 +11,7 @@ import re
 from typing import Any
 from urllib.parse import unquote_plus
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.requests import HTTPConnection
 from uvicorn.config import LOGGING_CONFIG
 
 _SECRET_NAMES = {"token", "session", "access_token", "authorization"}
@@ -63,30 +62,22 @@ class RedactTokens(logging.Filter):
 
 
 _events = logging.getLogger("chat.events")
-_client: contextvars.ContextVar[str] = contextvars.ContextVar("chat_client", default="-")
 
 
-class ClientAddress:
-    """ASGI middleware: remembers the connection's client address for the events it logs.
-
-    It runs inside uvicorn's proxy-headers middleware, so behind a proxy that FORWARDED_ALLOW_IPS
-    trusts, this is the address from X-Forwarded-For, not the proxy's."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket"):
-            client = scope.get("client")
-            _client.set(str(client[0]) if client else "-")
-        await self.app(scope, receive, send)
+def address(conn: HTTPConnection) -> str:
+    """The connection's client address, for the events it logs. Read from the scope after
+    uvicorn's proxy-headers middleware, so behind a proxy that FORWARDED_ALLOW_IPS trusts, this
+    is the address from X-Forwarded-For, not the proxy's. (Not a middleware with a context
+    variable: an open socket would keep its frame and a context copy for its whole life.)"""
+    client = conn.scope.get("client")
+    return str(client[0]) if client else "-"
 
 
-def event(name: str, **fields: object) -> None:
+def event(name: str, *, client: str = "-", **fields: object) -> None:
     """One structured line per connection event, as logfmt: `event=close room=general code=1000
     client=203.0.113.7 pid=4242`. Fields never include a token (and the handlers would redact one
-    anyway). `client` is the client's address (see ClientAddress), `pid` the serving process."""
-    fields = {**fields, "client": _client.get(), "pid": os.getpid()}
+    anyway). `client` is the client's address (see address()), `pid` the serving process."""
+    fields = {**fields, "client": client, "pid": os.getpid()}
     parts = [f"event={name}"]
     for key, value in fields.items():
         text = str(value)

@@ -143,13 +143,13 @@ def admit(guard: FrameGuard, client: Client | Subscription) -> RateLimited | Non
 class RoomSession:
     # One per room a socket is in (50 on a full /socket): slots keep it to its fields, no dict.
     __slots__ = (
+        "_inflight",
         "_typed_at",
         "client",
         "engine",
         "guard",
         "hub",
         "identity",
-        "inflight",
         "room",
         "room_id",
         "settings",
@@ -175,7 +175,8 @@ class RoomSession:
         # Sends awaiting their commit: the receive loop goes on reading meanwhile, up to the
         # bound, and their answers go out in the order the sends came in. A socket of many rooms
         # shares one among its rooms; its owner has a graceful close flush their acks first.
-        self.inflight = inflight or InFlight(inflight_bound(settings), client.offer, max_bytes=inflight_bytes(settings))
+        # A room socket's own is made by its first frame (see `inflight`): most sockets are idle.
+        self._inflight = inflight
         self.engine = engine
         self.hub = hub
         self.identity = identity
@@ -184,6 +185,17 @@ class RoomSession:
         self.client = client
         self.guard = guard
         self._typed_at = -1e9  # when this socket's last typing event went out
+
+    @property
+    def inflight(self) -> InFlight:
+        inflight = self._inflight
+        if inflight is None:
+            settings = self.settings
+            bound, max_bytes = inflight_bound(settings), inflight_bytes(settings)
+            inflight = self._inflight = InFlight(bound, self.client.offer, max_bytes=max_bytes)
+            # From now on a graceful close flushes the acks of sends in flight first.
+            self.client.client.settle = inflight.settle
+        return inflight
 
     async def replay(self, *, after: int | None, online: list[str]) -> None:
         """Queue the room's history, then `ready`, then go live. Each page is read on a pooled
@@ -261,6 +273,13 @@ class RoomSession:
             async with reading(self.engine) as conn:  # one statement: no BEGIN, no ROLLBACK
                 rows = await store.messages_after(conn, room_id=self.room_id, after=sub.cursor, limit=REPLAY_PAGE)
             complete = len(rows) < REPLAY_PAGE
+
+    async def handle_weighed(self, text: str | None) -> None:
+        """A room socket's frame, then its size charged: big frames cost more (the debt delays the
+        next ones). A method, not a partial: the socket's receive loop keeps it for its life."""
+        await self.handle(text)
+        if text is not None:
+            self.guard.charge_bytes(len(text))
 
     async def handle(self, text: str | None) -> None:
         # Errors answer frames that may be sends: in order behind the sends in flight.

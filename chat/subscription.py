@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from chat.client import Client, RoomEvent
-from chat.protocol import CLOSE_REMOVED
+from chat.protocol import CLOSE_REMOVED, message_frame
 from chat.store import Identity, MessageRecord
 
 Item = MessageRecord | RoomEvent | str  # str: a frame for this socket alone (ack, error, ...)
@@ -45,7 +45,7 @@ class Subscription:
         room_id: int,
         room: str,
         *,
-        render: Render,
+        render: Render | None = None,
         live_only: bool = False,
         events: bool = True,
         tag: bool = False,
@@ -54,6 +54,7 @@ class Subscription:
         self.client = client
         self.room_id = room_id
         self.room = room
+        # None: the room protocol's message frame (most sockets): no callable kept per socket.
         self.render = render
         self.live_only = live_only  # no history: start at the room's head when joining
         self.events = events  # room events (join, leave, typing) are shown
@@ -65,8 +66,9 @@ class Subscription:
         self._held: list[str] | None = None
         self.since = time.monotonic()
         # The user was removed from the room (the hub has taken this out of the feed already):
-        # a socket of many rooms drops the room; by default the socket is closed.
-        self.on_removed: Callable[[], None] | None = None
+        # a socket of many rooms drops the room; by default the socket is closed. Called with
+        # this subscription, so that one callable serves every room of a socket.
+        self.on_removed: Callable[[Subscription], None] | None = None
 
     @property
     def identity(self) -> Identity | None:
@@ -82,7 +84,8 @@ class Subscription:
             if self.replaying or item.seq <= self.cursor:
                 return  # replay sends it (or already did)
             self.cursor = item.seq
-            text = self.render(item)
+            render = self.render
+            text = message_frame(self.room, item) if render is None else render(item)
             if text is not None:
                 self.client.offer(text, 1)
         elif type(item) is RoomEvent:
@@ -108,7 +111,7 @@ class Subscription:
             if row.seq <= self.cursor:
                 continue
             self.cursor = row.seq
-            text = self.render(row)
+            text = message_frame(self.room, row) if self.render is None else self.render(row)
             if text is None:
                 continue
             if not self.batch:
@@ -143,7 +146,7 @@ class Subscription:
 
     def removed(self) -> None:
         if self.on_removed is not None:
-            self.on_removed()
+            self.on_removed(self)
         else:
             self.client.kick(CLOSE_REMOVED, "removed from the room", flush=True)
 

@@ -94,7 +94,7 @@ async def _join(
     room: str,
     client: Client,
     *,
-    render: Render,
+    render: Render | None = None,
     live_only: bool = False,
     events: bool = True,
     seen: RoomAccess | Unseen | None = UNSEEN,
@@ -120,7 +120,7 @@ async def _join(
     except BaseException:
         _disconnect(shared.hub, shared.limits, user, client)
         raise
-    logs.event("open", room=room, user=user.name, token_id=user.token_id)
+    logs.event("open", room=room, user=user.name, token_id=user.token_id, client=logs.address(client.ws))
     return guard, sub
 
 
@@ -135,7 +135,8 @@ def _leave(shared: _Room, user: Identity, sub: Subscription) -> None:
     client = sub.client
     shared.hub.leave(sub)
     seconds = f"{time.monotonic() - sub.since:.1f}"
-    logs.event("close", room=sub.room, user=user.name, code=client.close_code, seconds=seconds, sent=client.sent)
+    code, where = client.close_code, logs.address(client.ws)
+    logs.event("close", room=sub.room, user=user.name, code=code, seconds=seconds, sent=client.sent, client=where)
     _disconnect(shared.hub, shared.limits, user, client)
 
 
@@ -146,7 +147,7 @@ async def _joined(
     room: str,
     client: Client,
     *,
-    render: Render,
+    render: Render | None = None,
     live_only: bool = False,
     events: bool = True,
 ) -> AsyncIterator[tuple[FrameGuard, Subscription]]:
@@ -161,37 +162,26 @@ def _client(websocket: WebSocket, settings: Settings, user: Identity) -> Client:
     return Client(websocket, max_items=settings.socket_queue, max_bytes=settings.socket_queue_bytes, identity=user)
 
 
-async def _weighed(session: RoomSession, guard: FrameGuard, text: str | None) -> None:
-    """A room socket's frame, then its size charged: big frames cost more (the debt delays the
-    next ones)."""
-    await session.handle(text)
-    if text is not None:
-        guard.charge_bytes(len(text))
-
-
 @router.websocket("/rooms/{room}/ws")
 async def room_socket(
     websocket: WebSocket,
     room: str,
     token: SocketToken,
-    settings: deps.Settings,
-    engine: deps.Engine,
-    hub: deps.Hub,
-    limits: deps.Limits,
-    presence: deps.Presence,
-    writer: deps.Writer,
+    shared: deps.Shared,  # one dependency, not six: see deps.SharedObjects
     after: Annotated[int | None, Query(ge=0, le=MAX_BIGINT)] = None,
 ) -> None:
+    settings, engine, hub, limits = shared.settings, shared.engine, shared.hub, shared.limits
+    presence, writer = shared.presence, shared.writer
     # The token and the room in one read (a 401 still comes before any other refusal); a name
     # that is not a room's never reaches the database.
     valid = ROOM_NAME.fullmatch(room) is not None
     user, seen = await room_identity(engine, token, room if valid else None)
     if not valid:
         raise Refused(400, "invalid room name: 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
-    shared = _Room(settings, engine, hub, limits)
     client = _client(websocket, settings, user)
-    render = functools.partial(protocol.message_frame, room)
-    guard, sub = await _join(shared, user, room, client, render=render, seen=seen)
+    # A _Room for the join and another for the leave: one kept in this frame would live as long as
+    # the socket does.
+    guard, sub = await _join(_Room(settings, engine, hub, limits), user, room, client, seen=seen)
     del seen
     try:
         session = RoomSession(
@@ -205,8 +195,6 @@ async def room_socket(
             guard=guard,
             writer=writer,
         )
-        client.settle = session.inflight.settle  # a graceful close flushes the acks of sends in flight
-        handle = functools.partial(_weighed, session, guard)
         # As on /socket (chat/connection.py): a removal that committed after open_room's check
         # and whose event came before the join reached no subscription. The presence enter looks
         # again, under its lock, in the same round trip (None: not a member, nothing counted).
@@ -219,26 +207,19 @@ async def room_socket(
         del online
         try:
             await websocket.accept()
-            await client.serve(handle, start=start.pop())
+            await client.serve(session.handle_weighed, start=start.pop())
         except WebSocketDisconnect:
             pass
         finally:
             await presence.leave(sub.room_id, user)
     finally:
-        _leave(shared, user, sub)
+        _leave(_Room(settings, engine, hub, limits), user, sub)
 
 
 @router.websocket("/socket")
-async def socket(
-    websocket: WebSocket,
-    user: SocketUser,
-    settings: deps.Settings,
-    hub: deps.Hub,
-    limits: deps.Limits,
-    presence: deps.Presence,
-    writer: deps.Writer,
-) -> None:
+async def socket(websocket: WebSocket, user: SocketUser, shared: deps.Shared) -> None:
     """One socket for many rooms: subscribe, unsubscribe, and room frames naming their room."""
+    settings, hub, limits, presence, writer = shared.settings, shared.hub, shared.limits, shared.presence, shared.writer
     client = _client(websocket, settings, user)
     guard = _connect(hub, limits, user, client)
     try:

@@ -84,3 +84,19 @@ def test_no_dependency_runs_in_the_thread_pool() -> None:
                 sync.add(f"{route.path}: {getattr(dependency.call, '__qualname__', dependency.call)!r}")
     assert checked > 0
     assert sorted(sync) == []
+
+
+def test_socket_routes_keep_few_dependencies_and_come_first() -> None:
+    """An open socket keeps its route's solved dependencies (values and cache) until it closes,
+    and a dict in its scope for every included router it was matched against before its own
+    route: the room sockets take the shared objects as one dependency, and come first."""
+    app = create_app(Settings(database_url="postgresql://nobody@localhost/none"))
+    sockets = {route.path: route for route in app.routes if isinstance(route, APIWebSocketRoute)}
+    # The room socket reads its token itself, with the room, in one statement.
+    for path, first in (("/rooms/{room}/ws", "token"), ("/socket", "user")):
+        names = [dep.name for dep in sockets[path].dependant.dependencies]
+        assert names == [first, "shared"], (path, names)
+    kinds = [type(route).__name__ for route in app.routes]
+    last_socket = max(i for i, kind in enumerate(kinds) if kind == "APIWebSocketRoute")
+    assert all(kind != "APIWebSocketRoute" for kind in kinds[last_socket + 1 :])
+    assert "_IncludedRouter" not in kinds[:last_socket]

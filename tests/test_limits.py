@@ -128,6 +128,18 @@ def test_a_frame_refused_by_the_connection_costs_the_user_nothing() -> None:
     assert guard.limits.user_bucket(1).tokens == pytest.approx(99, abs=0.01)
 
 
+def test_an_idle_socket_keeps_no_bucket_and_its_first_frame_finds_it_full() -> None:
+    """The connection's bucket is made by the first frame (most sockets are idle), full, as if
+    made when the socket opened."""
+    guard = _guard(burst=5, user_burst=100)
+    assert guard._bucket is None
+    for _ in range(5):
+        guard.check()
+    with pytest.raises(RateLimited):
+        guard.check()
+    assert guard._bucket is not None
+
+
 def test_a_frame_refused_by_the_user_costs_the_connection_nothing() -> None:
     guard = _guard(burst=100, user_burst=1)
     guard.check()

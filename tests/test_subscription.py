@@ -1,0 +1,108 @@
+"""chat/subscription.py, and the objects every open socket keeps: no more bytes than they need."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import pytest
+
+from chat import protocol
+from chat.client import Client, RoomEvent
+from chat.config import Settings
+from chat.limits import FrameGuard, Limits, TokenBucket
+from chat.service import RoomSession
+from chat.store import Identity, MessageRecord
+from chat.subscription import Subscription
+from chat.writer import InFlight
+
+USER = Identity(user_id=7, name="ann", token_id=1, expires_at=None)
+
+
+def subscription(**kwargs: Any) -> Subscription:
+    client = Client(cast(Any, None), max_items=10, max_bytes=10_000, identity=USER)
+    return Subscription(client, 1, "general", **kwargs)
+
+
+def queued(sub: Subscription) -> list[str]:
+    return list(sub.client._out or ())
+
+
+def test_messages_go_out_as_the_room_frame_without_a_render_of_their_own() -> None:
+    """Most sockets show the room protocol's frame: no callable is kept per socket for it."""
+    sub = subscription()
+    assert sub.render is None
+    sub.go_live()
+    record = MessageRecord(seq=1, author="bob", body="hi")
+    sub.offer(record)
+    assert queued(sub) == [protocol.message_frame("general", record)]
+    assert sub.cursor == 1 and sub.client.sent == 1
+
+
+def test_a_render_of_its_own_still_wins() -> None:
+    sub = subscription(render=lambda record: f"plain {record.body}")
+    sub.go_live()
+    sub.offer(MessageRecord(seq=1, author="bob", body="hi"))
+    assert queued(sub) == ["plain hi"]
+
+
+def test_a_removal_tells_its_owner_which_subscription_it_was() -> None:
+    """One callable serves every room of a socket: it is told which room's subscription ended."""
+    told: list[Subscription] = []
+    first, second = subscription(), subscription()
+    first.on_removed = second.on_removed = told.append
+    second.removed()
+    assert told == [second]
+    assert not second.client.closing  # the owner decides; nothing is closed behind its back
+
+
+def test_without_an_owner_a_removal_closes_the_socket() -> None:
+    sub = subscription()
+    sub.removed()
+    assert sub.client.closing
+
+
+@pytest.mark.parametrize(
+    "cls", [Client, Subscription, RoomSession, FrameGuard, TokenBucket, InFlight, Identity, RoomEvent]
+)
+def test_objects_kept_per_socket_have_no_instance_dict(cls: type) -> None:
+    """Each open socket (and each room of a /socket) keeps these for its whole life: slots, no
+    __dict__ (a dict costs about 100 bytes more per object, times every socket)."""
+    assert cls.__dictoffset__ == 0, f"{cls.__name__} has an instance __dict__"
+
+
+def test_a_room_sockets_session_makes_its_sends_in_flight_on_first_use() -> None:
+    """An idle room socket keeps no InFlight; its first send makes one, and later ones reuse it."""
+    settings = Settings(database_url="postgresql://nobody@localhost/none")
+    sub = subscription()
+    guard = FrameGuard(Limits(settings), USER.user_id)
+    nothing = cast(Any, None)
+    session = RoomSession(
+        settings=settings,
+        engine=nothing,
+        hub=nothing,
+        identity=USER,
+        room_id=1,
+        room="general",
+        client=sub,
+        guard=guard,
+        writer=nothing,
+    )
+    assert session._inflight is None and sub.client.settle is None
+    inflight = session.inflight
+    assert session.inflight is inflight and inflight.count == 0
+    assert sub.client.settle == inflight.settle  # a graceful close now flushes their answers
+    shared = InFlight(4, sub.client.offer)
+    with_owner = RoomSession(
+        settings=settings,
+        engine=nothing,
+        hub=nothing,
+        identity=USER,
+        room_id=1,
+        room="general",
+        client=sub,
+        guard=guard,
+        writer=nothing,
+        inflight=shared,
+    )
+    assert with_owner.inflight is shared
+    assert sub.client.settle == inflight.settle  # the owner of a shared one flushes it
