@@ -327,10 +327,6 @@ async def advance_reads(conn: AsyncConnection, *, positions: dict[tuple[int, int
         return [(r.user_id, r.room_id, r.read_seq) for r in rows]
 
 
-async def is_member(conn: AsyncConnection, *, user_id: int, room_id: int) -> bool:
-    return await read_seq(conn, user_id=user_id, room_id=room_id) is not None
-
-
 async def read_seq(conn: AsyncConnection, *, user_id: int, room_id: int) -> int | None:
     return await conn.scalar(
         select(Membership.read_seq).where(and_(Membership.user_id == user_id, Membership.room_id == room_id))
