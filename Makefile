@@ -4,7 +4,7 @@ ARGS ?=
 
 .PHONY: bench bench-quick bench-smoke
 
-bench:  ## the full suite with default knobs: about 8 minutes on 2 cores
+bench:  ## the full suite with default knobs: about 18 minutes on 2 cores
 	$(PYTHON) -m bench $(ARGS)
 
 bench-quick:  ## about 3 minutes
