@@ -77,33 +77,27 @@ def test_a_room_sockets_session_makes_its_sends_in_flight_on_first_use() -> None
     sub = subscription()
     guard = FrameGuard(Limits(settings), USER.user_id)
     nothing = cast(Any, None)
-    session = RoomSession(
-        settings=settings,
-        engine=nothing,
-        hub=nothing,
-        identity=USER,
-        room_id=1,
-        room="general",
-        client=sub,
-        guard=guard,
-        writer=nothing,
-    )
-    assert session._inflight is None and sub.client.settle is None
-    inflight = session.inflight
-    assert session.inflight is inflight and inflight.count == 0
+
+    def session(**inflight: InFlight) -> RoomSession:
+        return RoomSession(
+            settings=settings,
+            engine=nothing,
+            hub=nothing,
+            identity=USER,
+            room_id=1,
+            room="general",
+            client=sub,
+            guard=guard,
+            writer=nothing,
+            **inflight,
+        )
+
+    alone = session()
+    assert alone._inflight is None and sub.client.settle is None
+    inflight = alone.inflight
+    assert alone.inflight is inflight and inflight.count == 0
     assert sub.client.settle == inflight.settle  # a graceful close now flushes their answers
     shared = InFlight(4, sub.client.offer)
-    with_owner = RoomSession(
-        settings=settings,
-        engine=nothing,
-        hub=nothing,
-        identity=USER,
-        room_id=1,
-        room="general",
-        client=sub,
-        guard=guard,
-        writer=nothing,
-        inflight=shared,
-    )
+    with_owner = session(inflight=shared)
     assert with_owner.inflight is shared
     assert sub.client.settle == inflight.settle  # the owner of a shared one flushes it
