@@ -215,7 +215,9 @@ class WsClient(asyncio.Protocol):
         else:
             frame = json.loads(data)
             kind = frame.get("type")
-            if kind == "ready":
+            if kind == "messages" and not self.is_ready:  # /socket's replay: one frame per page
+                self.replayed += len(frame.get("messages") or ())
+            elif kind == "ready":
                 self.readies += 1
                 if self.subscribed is not None and self.readies >= self.wanted and not self.subscribed.done():
                     self.subscribed.set_result(None)
@@ -317,6 +319,7 @@ class Worker:
             "drain": self.drain,
             "close": self.close,
             "joins": self.joins,
+            "socket_joins": self.socket_joins,
             "probe": self.probe,
             "history": self.history,
             "count": self.count,
@@ -542,6 +545,40 @@ class Worker:
             "replayed": summary(replayed),
             "failed": dict(failures),
             "wall_s": wall,
+        }
+
+    async def socket_joins(self, *, urls: Sequence[str], room: str, token: str, n: int) -> dict[str, Any]:
+        """Join cost on `/socket`: n clients one after another, each timed from the TCP connect
+        to the `ready` of its one subscribe (the replay comes as `messages` batch frames); each
+        closed before the next."""
+        sink = Sink()
+        timings: list[dict[str, float]] = []
+        replayed: list[int] = []
+        failures: Counter[str] = Counter()
+        subscribe = json.dumps({"type": "subscribe", "room": room}).encode()
+        t0 = now_ns()
+        for i in range(n):
+            start = now_ns()
+            try:
+                client, times = await connect(950_000 + i, urls[i % len(urls)], None, token, sink, deflate=self.deflate)
+                # connect() took the handshake for ready (no room in the URL): wait for the room's.
+                client.ready = asyncio.get_running_loop().create_future()
+                client.is_ready = False  # messages before the subscribe's ready are its replay
+                client.send_text(subscribe)
+                await asyncio.wait_for(asyncio.shield(client.ready), 30)
+            except Exception as exc:
+                failures[type(exc).__name__ + ": " + str(exc)[:120]] += 1
+                continue
+            times["ready"] = (now_ns() - start) / 1e6
+            timings.append(times)
+            replayed.append(client.replayed)
+            await client.close()
+        return {
+            "ready_ms": [t["ready"] for t in timings],
+            "handshake_ms": [t["handshake"] for t in timings],
+            "replayed": summary(replayed),
+            "failed": dict(failures),
+            "wall_s": (now_ns() - t0) / 1e9,
         }
 
     async def probe(self, *, url: str, room: str, token: str, n: int) -> dict[str, Any]:

@@ -262,8 +262,10 @@ def join_cost(run: Run) -> dict[str, Any]:
         ("first", "join, first socket of a room on its process (adds its LISTEN)", "", "", token, False, n),
         ("empty", "join, room with members, no history", f"/rooms/{empty_room}/ws", empty_room, token, False, n),
         ("replay", f"join + replay of {replayed} messages", f"/rooms/{replay_room}/ws", replay_room, token, False, n),
+        ("socket", f"join + replay of {replayed} messages on /socket (one subscribe)", "/socket", replay_room, token,
+         False, n),
         ("burst", f"join + replay, {burst} at once", f"/rooms/{replay_room}/ws", replay_room, token, True, burst),
-    ]
+    ]  # fmt: skip
     rows = []
     try:
         for key, label, path, room, tok, concurrent, count in variants:
@@ -289,11 +291,13 @@ def join_cost(run: Run) -> dict[str, Any]:
             else:
                 urls = [s.ws(path) for s in run.chat]
                 warm = {"urls": urls, "room": room, "token": tok, "n": 5}
-                gen.call(0, "joins", warm)  # first joins warm caches and pools: not measured
+                command = "socket_joins" if key == "socket" else "joins"
+                gen.call(0, command, warm)  # first joins warm caches and pools: not measured
                 profile_to = run.log_dir / f"profile-join-{key}.txt" if knobs.profile and key == "replay" else None
                 spy = profiling.start(run.chat[0].pid, None, profile_to) if profile_to else None
                 before = run.meter.snapshot()
-                result = gen.call(0, "joins", {**warm, "n": count, "concurrent": concurrent})
+                args = {**warm, "n": count} if key == "socket" else {**warm, "n": count, "concurrent": concurrent}
+                result = gen.call(0, command, args)
                 cpu = CpuMeter.usage(before, run.meter.snapshot())
                 if spy is not None and profile_to is not None:
                     profiling.stop(spy)
