@@ -155,9 +155,7 @@ class Client:
         size = len(text)
         if out is None:
             if self._serving and self._writer is None and size <= self.max_bytes and self.max_items > 0:
-                if messages:
-                    _count(messages)
-                    self.sent += messages
+                self._tally(messages)
                 self._send_now(text)
                 return True
             out = self._out = deque()
@@ -168,12 +166,15 @@ class Client:
             return False
         out.append(text)
         self._bytes += size
-        if messages:
-            _count(messages)
-            self.sent += messages
+        self._tally(messages)
         if self._serving and self._writer is None:
             self._writer = asyncio.create_task(self._drain())
         return True
+
+    def _tally(self, messages: int) -> None:
+        if messages:
+            _count(messages)
+            self.sent += messages
 
     def _send_now(self, text: str) -> None:
         """Start sending `text` (nothing queued, no writer): one step of the send coroutine."""

@@ -196,8 +196,9 @@ class RoomFeed:
         seq = data.get("read_seq")
         if not isinstance(seq, int):
             return
+        frame = dumps({"type": "read", "room": self.name, "seq": seq})
         for subscription in self._of_user(data):
-            subscription.offer(dumps({"type": "read", "room": subscription.room, "seq": seq}))
+            subscription.offer(frame)
 
     def _removed(self, data: dict[str, Any]) -> None:
         """A member was removed: their subscriptions leave the room now, in this process, before

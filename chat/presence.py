@@ -127,8 +127,8 @@ class Presence:
             self.local[key] = (name, count - 1)
 
     async def leave(self, room_id: int, who: Identity) -> None:
-        self._uncount((room_id, who.user_id))
         key = (room_id, who.user_id)
+        self._uncount(key)
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
         try:
             async with self._autocommit(self.engine) as conn:

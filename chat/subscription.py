@@ -84,8 +84,7 @@ class Subscription:
             if self.replaying or item.seq <= self.cursor:
                 return  # replay sends it (or already did)
             self.cursor = item.seq
-            render = self.render
-            text = message_frame(self.room, item) if render is None else render(item)
+            text = self._text(item)
             if text is not None:
                 self.client.offer(text, 1)
         elif type(item) is RoomEvent:
@@ -111,7 +110,7 @@ class Subscription:
             if row.seq <= self.cursor:
                 continue
             self.cursor = row.seq
-            text = message_frame(self.room, row) if self.render is None else self.render(row)
+            text = self._text(row)
             if text is None:
                 continue
             if not self.batch:
@@ -124,6 +123,10 @@ class Subscription:
             size += len(text) + 1
         if frames:
             await self._put_batch(frames, timeout)
+
+    def _text(self, message: MessageRecord) -> str | None:
+        render = self.render
+        return message_frame(self.room, message) if render is None else render(message)
 
     async def _put_batch(self, frames: list[str], timeout: float) -> None:
         # Each message is its own frame's JSON, so the batch is joined, not encoded again.

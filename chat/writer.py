@@ -530,9 +530,8 @@ class Writer:
         and a fresh one checked out, as the pool's checkout does."""
         held = self._conn
         if held is not None:
-            conn, driver = held
-            if not driver.is_closed():
-                return driver
+            if not held[1].is_closed():
+                return held[1]
             await self._drop_connection()
         conn = await self.engine.connect()
         try:

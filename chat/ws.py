@@ -9,12 +9,10 @@ import logging
 import time
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import WebSocketRequestValidationError
-from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import HTTPConnection
 
 from chat import deps, logs, metrics, protocol, socket_frames
@@ -78,18 +76,8 @@ def _disconnect(hub: Hub, limits: Limits, user: Identity, client: Client) -> Non
     limits.close(user.user_id)
 
 
-@dataclass(frozen=True, slots=True)
-class _Room:
-    """What joining and leaving a room takes: the app's shared objects, as the route got them."""
-
-    settings: Settings
-    engine: AsyncEngine
-    hub: Hub
-    limits: Limits
-
-
 async def _join(
-    shared: _Room,
+    shared: deps.SharedObjects,
     user: Identity,
     room: str,
     client: Client,
@@ -124,14 +112,14 @@ async def _join(
     return guard, sub
 
 
-async def _enter(shared: _Room, sub: Subscription) -> None:
+async def _enter(shared: deps.SharedObjects, sub: Subscription) -> None:
     try:
         await shared.hub.join(sub, timeout=shared.settings.join_timeout_seconds)
     except TimeoutError:
         raise Refused(503, "room not ready: try again") from None
 
 
-def _leave(shared: _Room, user: Identity, sub: Subscription) -> None:
+def _leave(shared: deps.SharedObjects, user: Identity, sub: Subscription) -> None:
     client = sub.client
     shared.hub.leave(sub)
     seconds = f"{time.monotonic() - sub.since:.1f}"
@@ -142,7 +130,7 @@ def _leave(shared: _Room, user: Identity, sub: Subscription) -> None:
 
 @asynccontextmanager
 async def _joined(
-    shared: _Room,
+    shared: deps.SharedObjects,
     user: Identity,
     room: str,
     client: Client,
@@ -170,8 +158,7 @@ async def room_socket(
     shared: deps.Shared,  # one dependency, not six: see deps.SharedObjects
     after: Annotated[int | None, Query(ge=0, le=MAX_BIGINT)] = None,
 ) -> None:
-    settings, engine, hub, limits = shared.settings, shared.engine, shared.hub, shared.limits
-    presence, writer = shared.presence, shared.writer
+    settings, engine, hub, presence, writer = shared.settings, shared.engine, shared.hub, shared.presence, shared.writer
     # The token and the room in one read (a 401 still comes before any other refusal); a name
     # that is not a room's never reaches the database.
     valid = ROOM_NAME.fullmatch(room) is not None
@@ -179,9 +166,7 @@ async def room_socket(
     if not valid:
         raise Refused(400, "invalid room name: 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
     client = _client(websocket, settings, user)
-    # A _Room for the join and another for the leave: one kept in this frame would live as long as
-    # the socket does.
-    guard, sub = await _join(_Room(settings, engine, hub, limits), user, room, client, seen=seen)
+    guard, sub = await _join(shared, user, room, client, seen=seen)
     del seen
     try:
         session = RoomSession(
@@ -213,7 +198,7 @@ async def room_socket(
         finally:
             await presence.leave(sub.room_id, user)
     finally:
-        _leave(_Room(settings, engine, hub, limits), user, sub)
+        _leave(shared, user, sub)
 
 
 @router.websocket("/socket")
@@ -332,15 +317,11 @@ async def clients(
     websocket: WebSocket,
     client_id: Bigint,
     user: SocketUser,
-    settings: deps.Settings,
-    engine: deps.Engine,
-    hub: deps.Hub,
-    limits: deps.Limits,
-    writer: deps.Writer,
+    shared: deps.Shared,
 ) -> None:
     """Example 3: broadcast to every client in every process; persisted in the `_chapter` room."""
+    settings, writer = shared.settings, shared.writer
     client = _client(websocket, settings, user)
-    shared = _Room(settings, engine, hub, limits)
     joined = _joined(shared, user, CHAPTER_ROOM, client, render=chapter_render, live_only=True, events=False)
     async with joined as (guard, sub):
         room_id = sub.room_id
