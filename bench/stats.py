@@ -59,3 +59,28 @@ def ratio(value: float | None, base: float | None) -> float | None:
     if value is None or base is None or base == 0 or math.isnan(value) or math.isnan(base):
         return None
     return value / base
+
+
+def _resample(points: Sequence[Sequence[float]], n: int) -> list[float]:
+    """n values at evenly spaced quantiles ((i + 0.5) / n), read off a sketch by linear
+    interpolation between its points."""
+    qs = [float(p[0]) for p in points]
+    vs = [float(p[1]) for p in points]
+    out: list[float] = []
+    j = 1
+    for i in range(n):
+        q = (i + 0.5) / n
+        while j < len(qs) - 1 and qs[j] < q:
+            j += 1
+        q0, q1, v0, v1 = qs[j - 1], qs[j], vs[j - 1], vs[j]
+        out.append(v0 if q1 <= q0 else v0 + (min(max(q, q0), q1) - q0) / (q1 - q0) * (v1 - v0))
+    return out
+
+
+def sum_quantile(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], q: float, *, n: int = 400) -> float | None:
+    """The q-quantile of A + B for independent A and B, each given by its sketch: what a path
+    that must pass through both (say, a socket round trip and then a commit) costs at best."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    xs, ys = _resample(a, n), _resample(b, n)
+    return quantile(sorted(x + y for x in xs for y in ys), q)
