@@ -237,32 +237,26 @@ class Connection:
             # A removal that committed after open_room's check, and whose event this process
             # handled before the join, reached no subscription: the presence enter looks again
             # under its lock, now that the feed has ours (a removal's event is published after
-            # its commit), in the same round trip. None: not a member, nothing counted. The
-            # replay's first page is read meanwhile (session.begin).
-            entering = self.presence.enter(room_id, user, members_only=True)
-            online, first = await session.begin(entering, after=frame.after)
+            # its commit), in the same round trip. None: not a member, nothing counted.
+            online = await self.presence.enter(room_id, user, members_only=True)
         except Exception as exc:
             log.warning("presence of %r failed: %r", room, exc)
             self.hub.leave(sub)
             self.error("unavailable", "could not subscribe: try again", room=room)
             return
-        try:
-            if online is None:
-                self.hub.leave(sub)
-                metrics.REFUSALS.labels("no such room").inc()
-                self.error("no_such_room", "no such room", room=room)
-                return
-            if removed.is_set():  # removed meanwhile (the hub has taken the subscription out already)
-                await self.presence.leave(room_id, user)
-                self.error("removed", "you were removed from this room", room=room)
-                return
-            self.rooms[room] = session
-            sub.on_removed = self._on_removed
-            client = logs.address(self.client.ws)
-            logs.event("open", room=room, user=user.name, token_id=user.token_id, client=client)
-            await session.replay(after=frame.after, online=online, first=first)
-        finally:
-            first.release()
+        if online is None:
+            self.hub.leave(sub)
+            metrics.REFUSALS.labels("no such room").inc()
+            self.error("no_such_room", "no such room", room=room)
+            return
+        if removed.is_set():  # removed meanwhile (the hub has taken the subscription out already)
+            await self.presence.leave(room_id, user)
+            self.error("removed", "you were removed from this room", room=room)
+            return
+        self.rooms[room] = session
+        sub.on_removed = self._on_removed
+        logs.event("open", room=room, user=user.name, token_id=user.token_id, client=logs.address(self.client.ws))
+        await session.replay(after=frame.after, online=online)
 
     async def unsubscribe(self, room: str) -> None:
         if room not in self.rooms:

@@ -157,43 +157,24 @@ class Limits:
     @asynccontextmanager
     async def replay_slot(self, user_id: int, timeout: float) -> AsyncIterator[None]:
         """Hold one of the user's replay slots (waiting up to `timeout`, then ReplayBusy)."""
-        await self.take_replay_slot(user_id, timeout)
-        try:
-            yield
-        finally:
-            self.give_back_replay_slot(user_id)
-
-    async def take_replay_slot(self, user_id: int, timeout: float) -> None:
-        """Take one of the user's replay slots (waiting up to `timeout`, then ReplayBusy); give it
-        back with give_back_replay_slot. (replay_slot, for a slot held across two calls: a join
-        takes it before accept, and its replay gives it back.)"""
         slots, users = self._replays.get(user_id) or (asyncio.Semaphore(self.settings.replays_per_user), 0)
         self._replays[user_id] = (slots, users + 1)
         try:
-            async with asyncio.timeout(timeout):
-                await slots.acquire()
-        except TimeoutError:
-            self._forget_replay(user_id)
-            raise ReplayBusy from None
-        except BaseException:
-            self._forget_replay(user_id)
-            raise
-
-    def replay_slots_taken(self, user_id: int) -> bool:
-        """All the user's replay slots are taken: take_replay_slot would wait."""
-        held = self._replays.get(user_id)
-        return held is not None and held[0].locked()
-
-    def give_back_replay_slot(self, user_id: int) -> None:
-        self._replays[user_id][0].release()
-        self._forget_replay(user_id)
-
-    def _forget_replay(self, user_id: int) -> None:
-        slots, users = self._replays[user_id]
-        if users <= 1:
-            del self._replays[user_id]
-        else:
-            self._replays[user_id] = (slots, users - 1)
+            try:
+                async with asyncio.timeout(timeout):
+                    await slots.acquire()
+            except TimeoutError:
+                raise ReplayBusy from None
+            try:
+                yield
+            finally:
+                slots.release()
+        finally:
+            slots, users = self._replays[user_id]
+            if users <= 1:
+                del self._replays[user_id]
+            else:
+                self._replays[user_id] = (slots, users - 1)
 
     def user_bucket(self, user_id: int) -> TokenBucket:
         bucket = self._user_buckets.get(user_id)

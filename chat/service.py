@@ -7,8 +7,6 @@ import enum
 import functools
 import logging
 import time
-from collections.abc import Awaitable
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -20,7 +18,7 @@ from chat.client import SLOW_CONSUMER, Client
 from chat.config import Settings
 from chat.db import reading
 from chat.hub import Hub
-from chat.limits import FrameGuard, Limits, RateLimited, ReplayBusy
+from chat.limits import FrameGuard, RateLimited, ReplayBusy
 from chat.membership import NoSuchRoom
 from chat.protocol import (
     CLOSE_FLOOD,
@@ -38,7 +36,7 @@ from chat.protocol import (
     TypingFrame,
     UnreactFrame,
 )
-from chat.store import Identity, MessageRecord
+from chat.store import Identity
 from chat.subscription import Subscription, tagged
 from chat.writer import InFlight, NotStored, Stored, Writer
 
@@ -129,40 +127,6 @@ async def open_room(
     return found.room_id
 
 
-@dataclass(slots=True)
-class Page:
-    """A replay's first read: its rows, the room's head they are as of, the seq the room's feed
-    had dispatched before the read (the rows include it), and whether nothing newer exists."""
-
-    rows: list[MessageRecord]
-    head: int
-    seen: int
-    complete: bool
-
-
-class FirstRead:
-    """A join's replay begun early (RoomSession.begin): one of the user's replay slots, and the
-    first page or the error that reading it raised. RoomSession.replay sends it and gives the
-    slot back; so does release(), for a join that ends before its replay (once is enough)."""
-
-    __slots__ = ("error", "limits", "page", "user_id")
-
-    def __init__(self) -> None:
-        self.page: Page | None = None
-        self.error: Exception | None = None
-        self.limits: Limits | None = None  # while the slot is held
-        self.user_id = 0
-
-    @property
-    def begun(self) -> bool:
-        return self.page is not None or self.error is not None
-
-    def release(self) -> None:
-        limits, self.limits, self.page = self.limits, None, None
-        if limits is not None:
-            limits.give_back_replay_slot(self.user_id)
-
-
 def admit(guard: FrameGuard, client: Client | Subscription) -> RateLimited | None:
     """Charge one frame to the rate limits: None if it may be handled; else why not (and a
     client that keeps sending while refused is cut off as a flood)."""
@@ -233,60 +197,18 @@ class RoomSession:
             self.client.client.settle = inflight.settle
         return inflight
 
-    async def begin(
-        self, entering: Awaitable[list[str] | None], *, after: int | None
-    ) -> tuple[list[str] | None, FirstRead]:
-        """A join's presence enter (`entering`: who is online, or None) and its replay's first
-        page, at once: two independent round trips, on two pooled connections (a user's joins
-        are bounded: connections, replay slots, the rate limits), so that the join waits for one.
-        The room's feed has this socket already (subscribe first, then read). Give the FirstRead
-        to replay(), or release() it; if `entering` raises, it is released here."""
-        reading = asyncio.create_task(self._begin_replay(after))
-        try:
-            online = await entering
-        except BaseException:
-            (await reading).release()
-            raise
-        return online, await reading
-
-    async def _begin_replay(self, after: int | None) -> FirstRead:
-        first = FirstRead()
-        limits, user_id = self.guard.limits, self.identity.user_id
-        if limits.replay_slots_taken(user_id):
-            return first  # not begun: replay() waits for a slot as usual, after accept
-        await limits.take_replay_slot(user_id, self.settings.replay_send_timeout_seconds)  # free: no wait
-        first.limits, first.user_id = limits, user_id
-        try:
-            first.page = await self._read_first(after)
-        except Exception as exc:  # the replay answers it, after accept, as it would its own
-            first.error = exc
-        except BaseException:
-            first.release()
-            raise
-        return first
-
-    async def replay(self, *, after: int | None, online: list[str], first: FirstRead | None = None) -> None:
+    async def replay(self, *, after: int | None, online: list[str]) -> None:
         """Queue the room's history, then `ready`, then go live. Each page is read on a pooled
         connection that is given back before the page is sent; sending waits for the reader
         (bounded by CHAT_REPLAY_SEND_TIMEOUT_SECONDS, then close 4000), and each user replays
         at most CHAT_REPLAYS_PER_USER at a time. Live messages are held back (not queued) until
         replay has read up to what the room's feed has dispatched. With `after`: every message
-        after it; without: the last CHAT_HISTORY_ON_JOIN. `first`: begun by begin()."""
+        after it; without: the last CHAT_HISTORY_ON_JOIN."""
         sub = self.client
         timeout = self.settings.replay_send_timeout_seconds
         try:
-            if first is not None and first.begun:
-                try:
-                    if first.error is not None:
-                        raise first.error
-                    assert first.page is not None
-                    page, first.page = first.page, None
-                    await self._replay(after, timeout, online, page)
-                finally:
-                    first.release()
-            else:
-                async with self.guard.limits.replay_slot(self.identity.user_id, timeout):
-                    await self._replay(after, timeout, online, await self._read_first(after))
+            async with self.guard.limits.replay_slot(self.identity.user_id, timeout):
+                await self._replay(after, timeout, online)
         except ReplayBusy:
             sub.kick(CLOSE_TRY_AGAIN, "too many joins at once: try again")
             return
@@ -298,7 +220,8 @@ class RoomSession:
             sub.kick(CLOSE_TRY_AGAIN, "database unavailable: reconnect and resume")
             return
 
-    async def _read_first(self, after: int | None) -> Page:
+    async def _replay(self, after: int | None, timeout: float, online: list[str]) -> None:
+        sub = self.client
         seen = self.hub.last_seq(self.room_id)  # read before the page: the page includes it
         async with reading(self.engine) as conn:
             if after is None:
@@ -321,17 +244,12 @@ class RoomSession:
             else:
                 head = await store.room_head(conn, room_id=self.room_id)
                 rows = await store.messages_after(conn, room_id=self.room_id, after=min(after, head), limit=REPLAY_PAGE)
-        # The newest rows (no `after`): nothing newer was committed when they were read.
-        return Page(rows, head, seen, after is None or len(rows) < REPLAY_PAGE)
-
-    async def _replay(self, after: int | None, timeout: float, online: list[str], page: Page) -> None:
-        sub = self.client
-        rows, head, seen, complete = page.rows, page.head, page.seen, page.complete
-        del page
         if after is None:
             sub.cursor = rows[0].seq - 1 if rows else head
+            complete = True  # the newest rows: nothing newer was committed when they were read
         else:
             sub.cursor = min(after, head)  # a cursor from the future: resume from now
+            complete = len(rows) < REPLAY_PAGE
         while True:
             await sub.replay_rows(rows, timeout=timeout)
             if after is None:

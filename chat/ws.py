@@ -188,25 +188,20 @@ async def room_socket(
         # As on /socket (chat/connection.py): a removal that committed after open_room's check
         # and whose event came before the join reached no subscription. The presence enter looks
         # again, under its lock, in the same round trip (None: not a member, nothing counted).
-        # The replay's first page is read meanwhile (session.begin), and sent after accept.
-        online, first = await session.begin(presence.enter(sub.room_id, user, members_only=True), after=after)
+        online = await presence.enter(sub.room_id, user, members_only=True)
+        if online is None:
+            raise Refused(404, "no such room")
+        # Who is online goes to the replay alone (its `ready` frame), not into a variable of this
+        # frame, which lives as long as the socket: a room of 20 would keep 20 names per socket.
+        start = [functools.partial(session.replay, after=after, online=online)]
+        del online
         try:
-            if online is None:
-                raise Refused(404, "no such room")
-            # Who is online goes to the replay alone (its `ready` frame), not into a variable of
-            # this frame, which lives as long as the socket: a room of 20 would keep 20 names per
-            # socket. (The replay empties `first` as it starts.)
-            start = [functools.partial(session.replay, after=after, online=online, first=first)]
-            del online
-            try:
-                await websocket.accept()
-                await client.serve(session.handle_weighed, start=start.pop())
-            except WebSocketDisconnect:
-                pass
-            finally:
-                await presence.leave(sub.room_id, user)
+            await websocket.accept()
+            await client.serve(session.handle_weighed, start=start.pop())
+        except WebSocketDisconnect:
+            pass
         finally:
-            first.release()
+            await presence.leave(sub.room_id, user)
     finally:
         _leave(shared, user, sub)
 
