@@ -262,6 +262,8 @@ def join_cost(run: Run) -> dict[str, Any]:
         ("first", "join, first socket of a room on its process (adds its LISTEN)", "", "", token, False, n),
         ("empty", "join, room with members, no history", f"/rooms/{empty_room}/ws", empty_room, token, False, n),
         ("replay", f"join + replay of {replayed} messages", f"/rooms/{replay_room}/ws", replay_room, token, False, n),
+        ("batch", f"join + replay of {replayed} messages, batch replay (room socket, replay=batch)",
+         f"/rooms/{replay_room}/ws?replay=batch", replay_room, token, False, n),
         ("socket", f"join + replay of {replayed} messages on /socket (one subscribe)", "/socket", replay_room, token,
          False, n),
         ("burst", f"join + replay, {burst} at once", f"/rooms/{replay_room}/ws", replay_room, token, True, burst),

@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import WebSocketRequestValidationError
@@ -37,6 +37,9 @@ Bigint = Annotated[int, Path(ge=-MAX_BIGINT, le=MAX_BIGINT)]
 
 ROOM_NAME = socket_frames.ROOM_NAME  # the same rule in both socket protocols and the API
 CHAPTER_ROOM = "_chapter"  # where /ws/{client_id} keeps its messages; no user room starts with "_"
+# The room socket's `replay` parameter: `frames` (the default) replays one `message` frame per
+# message; `batch` replays in /socket's `messages` frames (fewer frames to send and to read).
+Replay = Literal["frames", "batch"]
 
 
 def _receive_text_or_none(message: MutableMapping[str, Any]) -> str | None:
@@ -86,6 +89,7 @@ async def _join(
     live_only: bool = False,
     events: bool = True,
     seen: RoomAccess | Unseen | None = UNSEEN,
+    batch: bool = False,
 ) -> tuple[FrameGuard, Subscription]:
     """A socket of one room: its connection, and its place in the room's feed. Taken before
     accept, so that a connected client hears every message; give it back with _leave. The room
@@ -103,7 +107,7 @@ async def _join(
             raise Refused(404, "no such room") from None
         if room_id is None:
             raise Refused(429, "too many rooms created by this user")
-        sub = Subscription(client, room_id, room, render=render, live_only=live_only, events=events)
+        sub = Subscription(client, room_id, room, render=render, live_only=live_only, events=events, batch=batch)
         await _enter(shared, sub)
     except BaseException:
         _disconnect(shared.hub, shared.limits, user, client)
@@ -157,6 +161,7 @@ async def room_socket(
     token: SocketToken,
     shared: deps.Shared,  # one dependency, not six: see deps.SharedObjects
     after: Annotated[int | None, Query(ge=0, le=MAX_BIGINT)] = None,
+    replay: Annotated[Replay, Query()] = "frames",
 ) -> None:
     settings, engine, hub, presence, writer = shared.settings, shared.engine, shared.hub, shared.presence, shared.writer
     # The token and the room in one read (a 401 still comes before any other refusal); a name
@@ -166,7 +171,7 @@ async def room_socket(
     if not valid:
         raise Refused(400, "invalid room name: 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
     client = _client(websocket, settings, user)
-    guard, sub = await _join(shared, user, room, client, seen=seen)
+    guard, sub = await _join(shared, user, room, client, seen=seen, batch=replay == "batch")
     del seen
     try:
         session = RoomSession(

@@ -4,11 +4,14 @@ order of a join's checks, rooms capped per user, and a join that cannot get its 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -18,6 +21,8 @@ from websockets.protocol import State
 from websockets.typing import Origin
 
 from chat import store
+from chat.config import libpq_url
+from chat.subscription import REPLAY_BATCH_BYTES
 from tests.conftest import MakeToken, unique
 from tests.roomclient import RoomClient
 from tests.servers import DEFAULT_LIMITS, Server
@@ -318,3 +323,103 @@ async def test_a_calm_user_joins_quickly_while_the_echo_is_attacked(attacked: Se
     joins.sort()
     print(f"\ncalm joins under the echo attack: median {joins[10] * 1000:.0f} ms, max {joins[-1] * 1000:.0f} ms")
     assert joins[-1] < 1.0, joins  # p99 of 20 is the slowest
+
+
+# --- the room socket's batched replay (`?replay=batch`) ------------------------------------------
+
+
+async def _until_ready(url: str, token: str) -> tuple[list[dict[str, Any]], ClientConnection]:
+    """Open a room socket and read it up to its `ready` frame (included); the socket stays open."""
+    ws = await connect(url, additional_headers={"Cookie": f"session={token}"})
+    got: list[dict[str, Any]] = []
+    async with asyncio.timeout(30):
+        while not got or got[-1]["type"] != "ready":
+            got.append(json.loads(await ws.recv()))
+    return got, ws
+
+
+def _replayed(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages of a replay, from `message` frames or `messages` batches, in order."""
+    out: list[dict[str, Any]] = []
+    for frame in frames:
+        if frame["type"] == "message":
+            out.append(frame)
+        elif frame["type"] == "messages":
+            out += frame["messages"]
+    return out
+
+
+async def _seed(database_url: str, room: str, bodies: list[str]) -> None:
+    conn = await asyncpg.connect(libpq_url(database_url))
+    try:
+        await conn.execute("INSERT INTO rooms (name) VALUES ($1)", room)
+        await conn.execute(
+            "INSERT INTO messages (room_id, author, body) SELECT r.id, 'bot', b.body"
+            " FROM rooms r, unnest($2::text[]) WITH ORDINALITY b(body, n) WHERE r.name = $1 ORDER BY b.n",
+            room,
+            bodies,
+        )
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("after", [None, 0, 37])
+async def test_a_batched_replay_is_the_per_message_replay_in_messages_frames(
+    server_a: Server, make_token: MakeToken, database_url: str, after: int | None
+) -> None:
+    """`replay=batch`: the same messages (same seqs, same frames) as one frame per message, in
+    `messages` frames, then the same `ready`; with `after`, resumed from it. Live messages come
+    one `message` frame each, as by default."""
+    room, token = unique("batched"), await make_token()
+    await _seed(database_url, room, [f"message {i}" for i in range(1, 81)])
+    query = "" if after is None else f"after={after}&"
+    plain, ws_plain = await _until_ready(server_a.ws(f"/rooms/{room}/ws?{query}replay=frames"), token)
+    batched, ws_batched = await _until_ready(server_a.ws(f"/rooms/{room}/ws?{query}replay=batch"), token)
+    try:
+        first = {None: 31, 0: 1, 37: 38}[after]  # without after: CHAT_HISTORY_ON_JOIN (50)
+        assert [m["seq"] for m in _replayed(plain)] == list(range(first, 81))
+        assert {f["type"] for f in plain[:-1]} == {"message"}
+        assert {f["type"] for f in batched[:-1]} == {"messages"}
+        assert all(f["room"] == room for f in batched)
+        assert _replayed(batched) == _replayed(plain)
+        assert batched[-1] == plain[-1]  # ready: last_seq 80, online
+        assert batched[-1]["last_seq"] == 80
+        live = {"type": "send", "body": "live one", "client_id": "c-live"}
+        await ws_batched.send(json.dumps(live))
+        for ws in (ws_batched, ws_plain):
+            async with asyncio.timeout(15):
+                while (frame := json.loads(await ws.recv()))["type"] != "message":
+                    assert frame["type"] in {"ack", "join"}, frame
+            assert (frame["seq"], frame["body"]) == (81, "live one")
+    finally:
+        await ws_plain.close()
+        await ws_batched.close()
+
+
+async def test_a_batched_replay_larger_than_one_frame_is_split(
+    server_a: Server, make_token: MakeToken, database_url: str
+) -> None:
+    """A replay over REPLAY_BATCH_BYTES comes in several `messages` frames, none over the bound
+    (but for the frame's own few bytes), together the whole replay in order."""
+    room, token = unique("batched-big"), await make_token()
+    await _seed(database_url, room, [f"{i:04} " + "x" * 3000 for i in range(1, 121)])  # ~370 KB
+    url = server_a.ws(f"/rooms/{room}/ws?after=0")
+    plain, ws_plain = await _until_ready(url, token)
+    batched, ws_batched = await _until_ready(url + "&replay=batch", token)
+    await ws_plain.close()
+    await ws_batched.close()
+    batches = [f for f in batched if f["type"] == "messages"]
+    assert len(batches) >= 5
+    for frame in batches:
+        inner = json.dumps(frame["messages"], ensure_ascii=False, separators=(",", ":"))
+        assert len(inner) <= REPLAY_BATCH_BYTES + 2
+    assert [m["seq"] for m in _replayed(batched)] == list(range(1, 121))
+    assert _replayed(batched) == _replayed(plain)
+    assert batched[-1] == plain[-1]
+
+
+async def test_a_bad_replay_value_is_refused_before_accept(server_a: Server, make_token: MakeToken) -> None:
+    url = server_a.ws(f"/rooms/{unique('r')}/ws?token={await make_token()}")
+    for value in ("Batch", "", "frames,batch", "1"):
+        status, reason = await refusal(url + f"&replay={value}")
+        assert (status, reason) == (400, "invalid replay: Input should be 'frames' or 'batch'"), value
