@@ -49,15 +49,20 @@ async def screenshot(page: Page, name: str) -> Path:
 
 async def seed_room(database_url: str, room: str, count: int, author: str = "bot") -> None:
     """Creates `room` with `count` messages "message 1".."message N" (seqs 1..N, from the trigger)."""
+    await seed_bodies(database_url, room, [f"message {n}" for n in range(1, count + 1)], author)
+
+
+async def seed_bodies(database_url: str, room: str, bodies: list[str], author: str = "bot") -> None:
+    """Creates `room` with one message per body, in order (seqs 1..N, from the trigger)."""
     conn = await asyncpg.connect(libpq_url(database_url))
     try:
         await conn.execute("INSERT INTO rooms (name) VALUES ($1)", room)
         await conn.execute(
-            "INSERT INTO messages (room_id, author, body) SELECT r.id, $2, 'message ' || g"
-            " FROM rooms r, generate_series(1, $3::int) g WHERE r.name = $1 ORDER BY g",
+            "INSERT INTO messages (room_id, author, body) SELECT r.id, $2, b.body"
+            " FROM rooms r, unnest($3::text[]) WITH ORDINALITY b(body, n) WHERE r.name = $1 ORDER BY b.n",
             room,
             author,
-            count,
+            bodies,
         )
     finally:
         await conn.close()

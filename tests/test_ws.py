@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -21,8 +20,8 @@ from websockets.protocol import State
 from websockets.typing import Origin
 
 from chat import store
-from chat.config import libpq_url
 from chat.subscription import REPLAY_BATCH_BYTES
+from tests.browser import seed_bodies, seed_room
 from tests.conftest import MakeToken, unique
 from tests.roomclient import RoomClient
 from tests.servers import DEFAULT_LIMITS, Server
@@ -349,20 +348,6 @@ def _replayed(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-async def _seed(database_url: str, room: str, bodies: list[str]) -> None:
-    conn = await asyncpg.connect(libpq_url(database_url))
-    try:
-        await conn.execute("INSERT INTO rooms (name) VALUES ($1)", room)
-        await conn.execute(
-            "INSERT INTO messages (room_id, author, body) SELECT r.id, 'bot', b.body"
-            " FROM rooms r, unnest($2::text[]) WITH ORDINALITY b(body, n) WHERE r.name = $1 ORDER BY b.n",
-            room,
-            bodies,
-        )
-    finally:
-        await conn.close()
-
-
 @pytest.mark.parametrize("after", [None, 0, 37])
 async def test_a_batched_replay_is_the_per_message_replay_in_messages_frames(
     server_a: Server, make_token: MakeToken, database_url: str, after: int | None
@@ -371,7 +356,7 @@ async def test_a_batched_replay_is_the_per_message_replay_in_messages_frames(
     `messages` frames, then the same `ready`; with `after`, resumed from it. Live messages come
     one `message` frame each, as by default."""
     room, token = unique("batched"), await make_token()
-    await _seed(database_url, room, [f"message {i}" for i in range(1, 81)])
+    await seed_room(database_url, room, 80)
     query = "" if after is None else f"after={after}&"
     plain, ws_plain = await _until_ready(server_a.ws(f"/rooms/{room}/ws?{query}replay=frames"), token)
     batched, ws_batched = await _until_ready(server_a.ws(f"/rooms/{room}/ws?{query}replay=batch"), token)
@@ -402,7 +387,7 @@ async def test_a_batched_replay_larger_than_one_frame_is_split(
     """A replay over REPLAY_BATCH_BYTES comes in several `messages` frames, none over the bound
     (but for the frame's own few bytes), together the whole replay in order."""
     room, token = unique("batched-big"), await make_token()
-    await _seed(database_url, room, [f"{i:04} " + "x" * 3000 for i in range(1, 121)])  # ~370 KB
+    await seed_bodies(database_url, room, [f"{i:04} " + "x" * 3000 for i in range(1, 121)])  # ~370 KB
     url = server_a.ws(f"/rooms/{room}/ws?after=0")
     plain, ws_plain = await _until_ready(url, token)
     batched, ws_batched = await _until_ready(url + "&replay=batch", token)
