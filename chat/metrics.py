@@ -33,6 +33,9 @@ FANOUT_DELAY = Histogram(
 LISTENER_RECONNECTS = Counter("chat_listener_reconnects", "Reconnects of the LISTEN connection")
 BACKFILLED = Counter("chat_backfilled_messages", "Messages read from the table because NOTIFY did not bring them")
 PUBLISH_FAILURES = Counter("chat_publish_failures", "Message batches the Redis fan-out could not publish (woken later)")
+FANOUT_OVERFLOWS = Counter(
+    "chat_fanout_overflows", "Times a feed fell so far behind the fan-out that it read the table instead"
+)
 RELAYED = Counter("chat_relayed_messages", "Rows inserted by other SQL clients that the relay brought to Redis")
 NOTIFY_QUEUE = Gauge("chat_notify_queue_usage", "Postgres's NOTIFY queue usage, 0 to 1", multiprocess_mode="max")
 
