@@ -146,8 +146,21 @@ def dumps(frame: dict[str, Any]) -> str:
     return _ENCODER.encode(frame)
 
 
+_string = json.encoder.encode_basestring  # what _ENCODER uses for a str (ensure_ascii=False)
+_int = int.__repr__  # what _ENCODER uses for an int
+
+
 def _time(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds")
+    if moment.tzinfo is not UTC:  # what the database and NOTIFY give is UTC already
+        moment = moment.astimezone(UTC)
+    return moment.isoformat(timespec="milliseconds")
+
+
+def ack_frame(client_id: str | None, seq: int, duplicate: bool) -> str:
+    """`dumps({"type": "ack", "client_id": …, "seq": …, "duplicate": …})`, built directly (one
+    per send)."""
+    cid = "null" if client_id is None else _string(client_id)
+    return f'{{"type":"ack","client_id":{cid},"seq":{_int(seq)},"duplicate":{"true" if duplicate else "false"}}}'
 
 
 def message_dict(room: str, message: MessageRecord) -> dict[str, Any]:
@@ -183,10 +196,6 @@ def message_frame(room: str, message: MessageRecord) -> str:
     if message._frame is None:
         message._frame = message_text(room, message)
     return message._frame
-
-
-_string = json.encoder.encode_basestring  # what _ENCODER uses for a str (ensure_ascii=False)
-_int = int.__repr__  # what _ENCODER uses for an int
 
 
 def message_text(room: str, message: MessageRecord) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chat.protocol import dumps, message_dict, message_frame, message_text
+from chat.protocol import ack_frame, dumps, message_dict, message_frame, message_text
 from chat.store import MessageRecord
 
 _seqs = st.integers(min_value=1, max_value=2**63 - 1)
@@ -65,3 +65,17 @@ def test_a_plain_message_frame_reads_back_with_every_key_in_order() -> None:
         ("client_id", None),
     ]
     assert message_frame("another room", message) is frame  # encoded once per message, then shared
+
+
+@given(client_id=st.none() | _text, seq=_seqs, duplicate=st.booleans())
+def test_the_direct_ack_is_the_general_encoders(client_id: str | None, seq: int, duplicate: bool) -> None:
+    expected = dumps({"type": "ack", "client_id": client_id, "seq": seq, "duplicate": duplicate})
+    assert ack_frame(client_id, seq, duplicate) == expected
+
+
+def test_a_time_in_any_zone_is_rendered_in_utc_to_the_millisecond() -> None:
+    eastern = timezone(timedelta(hours=-5))
+    message = MessageRecord(
+        seq=1, author="a", body="b", sent_at=datetime(2026, 5, 1, 5, 30, 15, 999999, tzinfo=eastern)
+    )
+    assert json.loads(message_text("r", message))["sent_at"] == "2026-05-01T10:30:15.999+00:00"
