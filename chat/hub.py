@@ -29,7 +29,7 @@ from chat.broadcast import Broadcast
 from chat.client import Client, RoomEvent
 from chat.db import reading
 from chat.notify import room_channel as channel_of
-from chat.protocol import dumps
+from chat.protocol import dumps, message_frame
 from chat.reads import ReadPositions
 from chat.store import MessageRecord
 from chat.subscription import Subscription
@@ -195,7 +195,7 @@ class RoomFeed:
 
     def _live(self, message: MessageRecord) -> None:
         # Once per message per process: from its transaction to its queueing on every socket.
-        metrics.FANOUT_DELAY.observe((datetime.now(UTC) - message.sent_at).total_seconds())
+        metrics.fanout_delay((datetime.now(UTC) - message.sent_at).total_seconds())
         self._dispatch(message)
 
     async def _backfill(self) -> None:
@@ -244,6 +244,10 @@ class RoomFeed:
     def _dispatch(self, item: MessageRecord | RoomEvent) -> None:
         if isinstance(item, MessageRecord):
             self.last_seq = item.seq
+            frame = message_frame(self.name, item)  # once per message, shared by every socket
+            for subscription in list(self.clients):
+                subscription.deliver(item, frame)
+            return
         for subscription in list(self.clients):
             subscription.offer(item)
 
