@@ -90,11 +90,12 @@ class Pending:
     target_seq: int | None = None  # a change (edit, delete, react, unreact): the message it changes
     reply_to: int | None = None
     future: asyncio.Future[Stored] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    # What it weighs in a batch (the body dominates; UTF-8 is at most 4 bytes a character):
+    # counted once, it is read four times on the way through the writer.
+    size: int = field(init=False)
 
-    @property
-    def size(self) -> int:
-        # What it weighs in a batch: the body dominates; UTF-8 is at most 4 bytes a character.
-        return len(self.body) + len(self.author) + len(self.client_id or "") + 64
+    def __post_init__(self) -> None:
+        self.size = len(self.body) + len(self.author) + len(self.client_id or "") + 64
 
     @property
     def key(self) -> tuple[int, int, str] | None:
