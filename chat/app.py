@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable
 from types import FrameType
 from typing import Any
 
-from broadcaster import Broadcast
 from fastapi import APIRouter, FastAPI
 from fastapi.exceptions import WebSocketRequestValidationError
 from fastapi.routing import APIWebSocketRoute
@@ -21,6 +20,7 @@ from fastapi.staticfiles import StaticFiles
 
 from chat import api, deps, http, roomapi, ws
 from chat.auth import Refused, refuse
+from chat.broadcast import Broadcast
 from chat.config import Settings, get_settings
 from chat.db import create_engine
 from chat.hub import Hub

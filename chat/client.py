@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from chat import metrics
 from chat.protocol import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER
@@ -68,6 +68,10 @@ def resume(coroutine: Coroutine[Any, Any, Any], waiting_on: Any) -> Generator[An
                 value = coroutine.send(received)
             except StopIteration as stop:
                 return stop.value
+
+
+async def _awaiting(awaitable: Awaitable[None]) -> None:
+    await awaitable
 
 
 _uncounted = 0  # message frames queued since the metrics last heard (this event loop turn)
@@ -178,7 +182,14 @@ class Client:
 
     def _send_now(self, text: str) -> None:
         """Start sending `text` (nothing queued, no writer): one step of the send coroutine."""
-        send = self.ws.send_text(text)
+        ws = self.ws
+        if ws.application_state is WebSocketState.CONNECTED:
+            # What ws.send_text does in this state, without its checks of the message's type,
+            # once per delivery: straight to the server's send.
+            sending = ws._send({"type": "websocket.send", "text": text})
+            send = sending if type(sending) is types.CoroutineType else _awaiting(sending)
+        else:
+            send = ws.send_text(text)
         try:
             waiting_on = send.send(None)
         except StopIteration:

@@ -21,15 +21,15 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from broadcaster import Broadcast
 from broadcaster._base import Unsubscribed
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chat import metrics, notify, store
+from chat.broadcast import Broadcast
 from chat.client import Client, RoomEvent
 from chat.db import reading
 from chat.notify import room_channel as channel_of
-from chat.protocol import dumps
+from chat.protocol import dumps, message_frame
 from chat.reads import ReadPositions
 from chat.store import MessageRecord
 from chat.subscription import Subscription
@@ -96,12 +96,14 @@ class RoomFeed:
         self.last_seq = 0
         self.ready = asyncio.Event()
         self._early = Overtaken()
+        self._parked = False  # waiting for the next event with nothing else to do: see _direct
         self.task = asyncio.create_task(self._run(), name=f"feed-{name}")
 
     async def _run(self) -> None:
         while True:
             try:
                 async with self.hub.broadcast.subscribe(channel_of(self.room_id)) as subscriber:
+                    subscriber.direct = self._direct
                     if not self.ready.is_set():
                         # LISTEN first, then read the head: every later commit is notified to us.
                         async with reading(self.hub.engine) as conn:  # one round trip, not BEGIN + ROLLBACK too
@@ -122,7 +124,11 @@ class RoomFeed:
                                 self._early.held.clear()  # never wait twice for the same gap
                                 continue
                         else:
-                            event = await subscriber.get()
+                            self._parked = True
+                            try:
+                                event = await subscriber.get()
+                            finally:
+                                self._parked = False
                         await self._handle(event.message)
             except Unsubscribed:
                 return
@@ -136,7 +142,32 @@ class RoomFeed:
         for notice in notify.parse_all(payload):  # a batch (Redis) is several, in seq order
             await self._notice(notice)
 
+    def _direct(self, payload: str) -> bool:
+        """Take a payload at once, in the fan-out's callback, when the feed is idle and the
+        payload needs no waiting (live messages in order, events): no task wakes for it. False:
+        the feed's task takes it from the queue (in order: nothing else is queued)."""
+        if not self._parked:
+            return False
+        notices = notify.parse_all(payload)
+        last = self.last_seq
+        for notice in notices:
+            if type(notice) is MessageRecord:
+                if notice.seq == last + 1:
+                    last = notice.seq
+                elif notice.seq > last:
+                    return False  # a gap: the task waits for it, or reads the table
+            elif type(notice) is notify.Resync or (type(notice) is notify.Ref and notice.seq > last):
+                return False  # read the table
+        for notice in notices:
+            self._take(notice)
+        return True
+
     async def _notice(self, notice: notify.Notice) -> None:
+        if not self._take(notice):
+            await self._backfill()  # a payload too big to carry, a gap, a resync, or unreadable
+
+    def _take(self, notice: notify.Notice) -> bool:
+        """Handle what needs no waiting; False when the table must be read."""
         if isinstance(notice, notify.Event):
             kind = notice.data.get("type")
             if kind == "read":
@@ -146,23 +177,25 @@ class RoomFeed:
             else:
                 self._dispatch(RoomEvent(dumps({**notice.data, "room": self.name})))
         elif isinstance(notice, MessageRecord | notify.Ref) and notice.seq <= self.last_seq:
-            return  # already dispatched (a backfill got there first)
+            pass  # already dispatched (a backfill got there first)
         elif isinstance(notice, MessageRecord) and notice.seq == self.last_seq + 1:
             self._live(notice)
-            for following in self._early.following(self.last_seq):
-                self._live(following)
+            if self._early:
+                for following in self._early.following(self.last_seq):
+                    self._live(following)
         elif (
             isinstance(notice, MessageRecord)
             and self.hub.gap_wait > 0
             and self._early.hold(notice, deadline=asyncio.get_running_loop().time() + self.hub.gap_wait)
         ):
-            return  # ahead of a missing seq that another process has yet to publish
+            pass  # ahead of a missing seq that another process has yet to publish
         elif not isinstance(notice, notify.Ignored):
-            await self._backfill()  # a payload too big to carry, a gap, a resync, or unreadable
+            return False
+        return True
 
     def _live(self, message: MessageRecord) -> None:
         # Once per message per process: from its transaction to its queueing on every socket.
-        metrics.FANOUT_DELAY.observe((datetime.now(UTC) - message.sent_at).total_seconds())
+        metrics.fanout_delay((datetime.now(UTC) - message.sent_at).total_seconds())
         self._dispatch(message)
 
     async def _backfill(self) -> None:
@@ -211,6 +244,10 @@ class RoomFeed:
     def _dispatch(self, item: MessageRecord | RoomEvent) -> None:
         if isinstance(item, MessageRecord):
             self.last_seq = item.seq
+            frame = message_frame(self.name, item)  # once per message, shared by every socket
+            for subscription in list(self.clients):
+                subscription.deliver(item, frame)
+            return
         for subscription in list(self.clients):
             subscription.offer(item)
 

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import random
 from abc import abstractmethod
+from collections.abc import Callable
 
 from broadcaster import BroadcastBackend, Event
 
@@ -36,6 +37,9 @@ class Listener(BroadcastBackend):
         self._heartbeat = heartbeat
         self._timeout = timeout
         self._channels: set[str] = set()  # what we should be subscribed to
+        # Where events go: chat/broadcast.py's `deliver`, called as each arrives. Without one (a
+        # backend on its own, in tests) they wait in `_events` for `next_published`.
+        self.sink: Callable[[Event], None] | None = None
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._lock = asyncio.Lock()  # one (un)subscribe or reconnect at a time on the connection
         self._lost = asyncio.Event()
@@ -102,6 +106,13 @@ class Listener(BroadcastBackend):
     async def next_published(self) -> Event:
         return await self._events.get()
 
+    def _emit(self, event: Event) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink(event)
+        else:
+            self._events.put_nowait(event)
+
     # --- supervision ---------------------------------------------------------------------------
 
     async def _apply(self, channel: str) -> None:
@@ -160,4 +171,4 @@ class Listener(BroadcastBackend):
         metrics.LISTENER_RECONNECTS.inc()
         self.log.info("%s reconnected; resyncing %d channel(s)", self.name, len(self._channels))
         for channel in sorted(self._channels):
-            self._events.put_nowait(Event(channel, RESYNC))
+            self._emit(Event(channel, RESYNC))

@@ -8,7 +8,11 @@ separately, as usual.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import os
+from bisect import bisect_left
+from collections.abc import Sequence
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -33,6 +37,9 @@ FANOUT_DELAY = Histogram(
 LISTENER_RECONNECTS = Counter("chat_listener_reconnects", "Reconnects of the LISTEN connection")
 BACKFILLED = Counter("chat_backfilled_messages", "Messages read from the table because NOTIFY did not bring them")
 PUBLISH_FAILURES = Counter("chat_publish_failures", "Message batches the Redis fan-out could not publish (woken later)")
+FANOUT_OVERFLOWS = Counter(
+    "chat_fanout_overflows", "Times a feed fell so far behind the fan-out that it read the table instead"
+)
 RELAYED = Counter("chat_relayed_messages", "Rows inserted by other SQL clients that the relay brought to Redis")
 NOTIFY_QUEUE = Gauge("chat_notify_queue_usage", "Postgres's NOTIFY queue usage, 0 to 1", multiprocess_mode="max")
 
@@ -48,3 +55,37 @@ def exposition() -> tuple[bytes, str]:
 def reason_label(reason: str) -> str:
     """A bounded label: the part of a refusal's reason before any detail."""
     return reason.split(":", 1)[0].strip()[:40]
+
+
+def observe_all(histogram: Histogram, values: Sequence[float]) -> None:
+    """`histogram.observe(v)` for each of `values` (an unlabelled histogram), with one update of
+    the sum and one per bucket instead of one each per value: the same counts and sum."""
+    bounds = histogram._upper_bounds
+    counts = [0] * len(bounds)
+    total = 0.0
+    for value in values:
+        total += value
+        index = bisect_left(bounds, value)  # the first bound >= value, as observe() finds it
+        if index < len(counts) and not math.isnan(value):
+            counts[index] += 1
+    histogram._sum.inc(total)
+    for index, count in enumerate(counts):
+        if count:
+            histogram._buckets[index].inc(count)
+
+
+_delays: list[float] = []  # FANOUT_DELAY observations of this turn of the event loop
+
+
+def fanout_delay(seconds: float) -> None:
+    """Observe FANOUT_DELAY once per turn of the event loop for every live message of the turn
+    (a message is one observation per process, measured when it is fanned out, as before)."""
+    if not _delays:
+        asyncio.get_running_loop().call_soon(_observe_delays)
+    _delays.append(seconds)
+
+
+def _observe_delays() -> None:
+    values = _delays[:]
+    _delays.clear()
+    observe_all(FANOUT_DELAY, values)

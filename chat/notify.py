@@ -207,17 +207,20 @@ def _notice(data: Any) -> Notice:
     if data.get("ref"):
         return Ref(seq)
     try:
+        # The common payload (a plain message: strings, nulls) takes no conversion calls.
+        author, body, kind = data["author"], data["body"], data["kind"]
+        target_seq, reply_to, quote = data.get("target_seq"), data.get("reply_to"), data.get("quote")
         return MessageRecord(
             seq=seq,
-            author=str(data["author"]),
-            body=str(data["body"]),
-            kind=str(data["kind"]),
+            author=author if type(author) is str else str(author),
+            body=body if type(body) is str else str(body),
+            kind=kind if type(kind) is str else str(kind),
             author_id=data.get("author_id"),
             client_id=data.get("client_id"),
             sent_at=datetime.fromisoformat(data["sent_at"]),
-            target_seq=_seq_or_none(data.get("target_seq")),
-            reply_to=_seq_or_none(data.get("reply_to")),
-            quote=_quote_or_none(data.get("quote")),
+            target_seq=None if target_seq is None else _seq_or_none(target_seq),
+            reply_to=None if reply_to is None else _seq_or_none(reply_to),
+            quote=None if quote is None else _quote_or_none(quote),
         )
     except (KeyError, TypeError, ValueError):
         return Ref(seq)  # a message we cannot read whole: read its row

@@ -146,8 +146,21 @@ def dumps(frame: dict[str, Any]) -> str:
     return _ENCODER.encode(frame)
 
 
+_string = json.encoder.encode_basestring  # what _ENCODER uses for a str (ensure_ascii=False)
+_int = int.__repr__  # what _ENCODER uses for an int
+
+
 def _time(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds")
+    if moment.tzinfo is not UTC:  # what the database and NOTIFY give is UTC already
+        moment = moment.astimezone(UTC)
+    return moment.isoformat(timespec="milliseconds")
+
+
+def ack_frame(client_id: str | None, seq: int, duplicate: bool) -> str:
+    """`dumps({"type": "ack", "client_id": …, "seq": …, "duplicate": …})`, built directly (one
+    per send)."""
+    cid = "null" if client_id is None else _string(client_id)
+    return f'{{"type":"ack","client_id":{cid},"seq":{_int(seq)},"duplicate":{"true" if duplicate else "false"}}}'
 
 
 def message_dict(room: str, message: MessageRecord) -> dict[str, Any]:
@@ -181,8 +194,45 @@ def message_dict(room: str, message: MessageRecord) -> dict[str, Any]:
 def message_frame(room: str, message: MessageRecord) -> str:
     # Built once per message per process, then shared by every socket in the room.
     if message._frame is None:
-        message._frame = dumps(message_dict(room, message))
+        message._frame = message_text(room, message)
     return message._frame
+
+
+def message_text(room: str, message: MessageRecord) -> str:
+    """`dumps(message_dict(room, message))`, the same text, built directly: no dict and no walk
+    of the general encoder for the one frame every delivery carries (tests/test_protocol.py
+    compares the two)."""
+    client_id = message.client_id
+    parts = [
+        '{"type":"message","room":',
+        _string(room),
+        ',"seq":',
+        _int(message.seq),
+        ',"author":',
+        _string(message.author),
+        ',"kind":',
+        _string(message.kind),
+        ',"body":',
+        _string(message.body),
+        ',"sent_at":"',
+        _time(message.sent_at),
+        '","client_id":',
+        "null" if client_id is None else _string(client_id),
+    ]
+    if message.target_seq is not None:
+        parts += (',"target_seq":', _int(message.target_seq))
+    if message.reply_to is not None:
+        parts += (',"reply_to":', _int(message.reply_to))
+        if message.quote is not None:
+            parts += (',"quote":', dumps(message.quote))
+    if message.edited_at is not None:
+        parts += (',"edited_at":"', _time(message.edited_at), '"')
+    if message.deleted_at is not None:
+        parts.append(',"deleted":true')
+    if message.reactions:
+        parts += (',"reactions":', _ENCODER.encode(message.reactions))
+    parts.append("}")
+    return "".join(parts)
 
 
 def fit(frames: list[str], *, max_bytes: int, newest: bool = True) -> int:

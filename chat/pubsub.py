@@ -65,7 +65,7 @@ class PostgresBackend(Listener):
     # --- internals -----------------------------------------------------------------------------
 
     def _on_notify(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
-        self._events.put_nowait(Event(channel, payload))
+        self._emit(Event(channel, payload))
 
     def _on_terminate(self, _conn: Any) -> None:
         self._lost.set()

@@ -185,7 +185,7 @@ class RedisBackend(Listener):
                 if channel == self._beat_channel:
                     self._echo.set()
                     continue
-                self._events.put_nowait(Event(channel, message["data"].decode()))
+                self._emit(Event(channel, message["data"].decode()))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # any failure of the connection, whatever redis-py raises

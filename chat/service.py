@@ -367,9 +367,7 @@ class RoomSession:
             error = done.exception()
             if error is None:
                 stored = done.result()
-                text = protocol.dumps(
-                    {"type": "ack", "client_id": client_id, "seq": stored.seq, "duplicate": stored.duplicate}
-                )
+                text = protocol.ack_frame(client_id, stored.seq, stored.duplicate)
             else:
                 code, detail = (
                     (error.code, error.detail) if isinstance(error, NotStored) else ("unavailable", str(error))

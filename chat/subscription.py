@@ -98,6 +98,16 @@ class Subscription:
         elif isinstance(item, str):
             self.client.offer(tagged(item, self.room) if self.tag else item)
 
+    def deliver(self, message: MessageRecord, frame: str) -> None:
+        """`offer(message)`, given the room protocol's frame of it (the feed's, shared by all)."""
+        if self.replaying or message.seq <= self.cursor:
+            return  # replay sends it (or already did)
+        self.cursor = message.seq
+        render = self.render
+        text = frame if render is None else render(message)
+        if text is not None:
+            self.client.offer(text, 1)
+
     async def replay_rows(self, rows: list[MessageRecord], *, timeout: float) -> None:
         """Queue replayed messages, waiting (bounded) for the reader: TimeoutError. One frame
         per message, or (`batch`) `messages` frames of up to REPLAY_BATCH_BYTES each."""

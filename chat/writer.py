@@ -90,11 +90,12 @@ class Pending:
     target_seq: int | None = None  # a change (edit, delete, react, unreact): the message it changes
     reply_to: int | None = None
     future: asyncio.Future[Stored] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    # What it weighs in a batch (the body dominates; UTF-8 is at most 4 bytes a character):
+    # counted once, it is read four times on the way through the writer.
+    size: int = field(init=False)
 
-    @property
-    def size(self) -> int:
-        # What it weighs in a batch: the body dominates; UTF-8 is at most 4 bytes a character.
-        return len(self.body) + len(self.author) + len(self.client_id or "") + 64
+    def __post_init__(self) -> None:
+        self.size = len(self.body) + len(self.author) + len(self.client_id or "") + 64
 
     @property
     def key(self) -> tuple[int, int, str] | None:
@@ -346,6 +347,7 @@ class Writer:
         self._idle = asyncio.Event()  # nothing waiting and no batch being stored
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the running loop, from start()
         self._closing = False
         self._conn: tuple[AsyncConnection, asyncpg.Connection] | None = None  # see _driver()
         self.batches = 0  # statements that stored a batch (for tests and the bench)
@@ -365,7 +367,9 @@ class Writer:
         reply_to: int | None = None,
     ) -> asyncio.Future[Stored]:
         """Queue one message or change; the future gives its seq once committed, or raises NotStored."""
-        item = Pending(room_id, author_id, author, body, kind, client_id, target_seq, reply_to)
+        # The loop's own create_future: asyncio.get_running_loop() costs a getpid() per message.
+        loop = self._loop or asyncio.get_running_loop()
+        item = Pending(room_id, author_id, author, body, kind, client_id, target_seq, reply_to, loop.create_future())
         if self._closing or self._task is None:
             item.future.set_exception(unavailable("the server is shutting down; send it again"))
         elif len(self._waiting) >= self.queue_rows or self._waiting_bytes + item.size > self.queue_bytes:
@@ -382,7 +386,8 @@ class Writer:
     # --- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="writer")
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run(), name="writer")
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Store what is waiting (bounded by `timeout`), then refuse the rest as unavailable."""
