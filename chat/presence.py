@@ -90,7 +90,7 @@ class Presence:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         with contextlib.suppress(Exception):  # the database may be gone already
-            await self._reap([self.process_id])
+            await self._reap([self.process_id], only_stale=False)
         await self._beat_engine.dispose()
 
     # --- sockets coming and going -------------------------------------------------------------
@@ -274,10 +274,27 @@ class Presence:
                     log.info("presence: correcting room %s user %s by %+d", *key, delta)
                     await self._change(conn, key[0], key[1], name, delta)
 
-    async def _reap(self, processes: list[str]) -> None:
+    async def _reap(self, processes: list[str], *, only_stale: bool = True) -> None:
         """Remove dead processes and their rows, then announce who is no longer online anywhere.
-        On the heartbeat's own connection: a busy shared pool must not hold up the beat."""
+        On the heartbeat's own connection: a busy shared pool must not hold up the beat.
+
+        `processes` were stale when the beat looked; one may have beaten since (its stall is
+        over), so with `only_stale` each is checked again under its row's lock and a live one is
+        left alone: deleting it would pull its rows from under its sockets."""
         async with self._begin(self._beat_engine) as conn:
+            if only_stale:
+                processes = [
+                    row[0]
+                    for row in await conn.execute(
+                        text(
+                            "SELECT id FROM chat_processes WHERE id = ANY(:ids)"
+                            " AND beat_at < now() - make_interval(secs => :stale) FOR UPDATE"
+                        ),
+                        {"ids": processes, "stale": self.stale},
+                    )
+                ]
+            if not processes:
+                return
             gone = (
                 await conn.execute(
                     text("DELETE FROM presence WHERE process_id = ANY(:ids) RETURNING room_id, user_id, user_name"),

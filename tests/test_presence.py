@@ -255,3 +255,72 @@ async def test_a_joins_enter_rechecks_membership_in_the_same_statement(
     finally:
         await listener.close()
         await presence.stop()
+
+
+async def _lock_waiters(conn: asyncpg.Connection) -> int:
+    return int(await conn.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted"))
+
+
+async def test_a_change_holds_its_process_row_against_a_reaper(
+    database_url: str, engine: AsyncEngine, make_token: MakeToken
+) -> None:
+    """Before (0010): the change looked for its process's row, and a reaper's DELETE that
+    committed after the look failed the presence row's foreign key (the enter was lost until the
+    next beat; a join's was an error). Now (0011) the change holds the row: it waits for the
+    DELETE under way, finds the row gone, and puts it back."""
+    presence = Presence(engine, beat=3600, stale=30)
+    await presence.start()
+    reaper = await asyncpg.connect(libpq_url(database_url))
+    try:
+        room_id, who = await someone_in_a_room(engine, make_token)
+        transaction = reaper.transaction()
+        await transaction.start()
+        assert await reaper.execute("DELETE FROM chat_processes WHERE id = $1", presence.process_id) == "DELETE 1"
+        entering = asyncio.create_task(presence.enter(room_id, who))
+        async with asyncio.timeout(30):  # the enter waits for the reaper's transaction
+            while await _lock_waiters(reaper) == 0:
+                await asyncio.sleep(0.05)
+        await transaction.commit()
+        async with asyncio.timeout(30):
+            assert await entering == [who.name]
+        assert await stored_sockets(engine, presence, room_id, who.user_id) == 1
+        async with engine.connect() as conn:
+            found = await conn.scalar(
+                text("SELECT count(*) FROM chat_processes WHERE id = :id"), {"id": presence.process_id}
+            )
+        assert found == 1
+    finally:
+        await reaper.close()
+        await presence.stop()
+
+
+async def test_a_process_that_beat_again_is_not_reaped(engine: AsyncEngine, make_token: MakeToken) -> None:
+    """A process found stale by one beat may beat again before the reaping: the reaping looks
+    again under the row's lock and leaves a live process and its users alone."""
+    presence = Presence(engine, beat=3600, stale=30)
+    await presence.start()
+    try:
+        room_id, who = await someone_in_a_room(engine, make_token)
+        back = f"back:{unique('p')}"
+        async with engine.begin() as conn:  # found stale, then it beat again
+            await conn.execute(text("INSERT INTO chat_processes (id) VALUES (:id)"), {"id": back})
+            await conn.execute(
+                text(
+                    "INSERT INTO presence (room_id, user_id, process_id, user_name, sockets) VALUES (:r, :u, :p, :n, 1)"
+                ),
+                {"r": room_id, "u": who.user_id, "p": back, "n": who.name},
+            )
+        await presence._reap([back])
+        async with engine.connect() as conn:
+            assert await conn.scalar(text("SELECT count(*) FROM chat_processes WHERE id = :id"), {"id": back}) == 1
+            assert await conn.scalar(text("SELECT count(*) FROM presence WHERE process_id = :id"), {"id": back}) == 1
+            await conn.execute(
+                text("UPDATE chat_processes SET beat_at = now() - interval '1 hour' WHERE id = :id"), {"id": back}
+            )
+            await conn.commit()
+        await presence._reap([back])  # stale for real now: reaped with its rows
+        async with engine.connect() as conn:
+            assert await conn.scalar(text("SELECT count(*) FROM chat_processes WHERE id = :id"), {"id": back}) == 0
+            assert await conn.scalar(text("SELECT count(*) FROM presence WHERE process_id = :id"), {"id": back}) == 0
+    finally:
+        await presence.stop()
