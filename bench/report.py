@@ -630,8 +630,9 @@ def markdown(results: dict[str, Any]) -> str:
             f"### 6. Many rooms on one socket: a user in {r} rooms",
             "",
             f"Time to all-ready: one user at a time, from the TCP connect to the last room's `ready` "
-            f"({ready['socket']['n']} samples each). Memory: {multi['users']} users of each "
-            "kind open together on one fresh server process, RSS growth per user.",
+            f"({ready['socket']['n']} and {ready['sockets']['n']} timed samples). "
+            f"Memory: {multi['users']} users of each kind open together on one fresh server process, "
+            "RSS growth per user.",
             "",
             "| kind | all-ready p50 / p99 ms | KB per user | vs 1 room on /socket | failed |",
             "|---|---|---|---|---|",
@@ -639,20 +640,26 @@ def markdown(results: dict[str, Any]) -> str:
         for kind in ("one_room", "socket", "sockets"):
             row = mem[kind]
             times = ready.get(kind)
+            missed = multi.get("ready_missed", {}).get(kind) or {}
+            failed_cell = str(row["failed"] or 0)
+            if missed:
+                reasons = "; ".join(f"{reason} x{count}" for reason, count in missed.items())
+                failed_cell += f"; not timed: {sum(missed.values())} ({reasons})"
             lines.append(
                 _row(
                     row["label"], _pair(_n(times["p50"]), _n(times["p99"])) if times else "-",
-                    _n(row["kb_per_user"]), _x(ratio(row["kb_per_user"], one)), row["failed"] or 0,
+                    _n(row["kb_per_user"]), _x(ratio(row["kb_per_user"], one)), failed_cell,
                 )
             )  # fmt: skip
         sidebar = multi.get("sidebar_ms")
         if sidebar:
             total, listed = sidebar["total"], sidebar["list"]
+            tried = total["n"] + sidebar["failed"]
             lines.append(
                 _row(
                     f"time to the sidebar: GET /api/me/rooms + one /socket, {sidebar['rooms']} rooms",
                     _pair(_n(total["p50"]), _n(total["p99"])), "-", "-",
-                    f"{total['n']} of {ready['socket']['n']} samples; the list alone p50 {_n(listed['p50'])} ms",
+                    f"{total['n']} of {tried} samples; the list alone p50 {_n(listed['p50'])} ms",
                 )
             )  # fmt: skip
         lines.append("")

@@ -574,16 +574,22 @@ def many_rooms(run: Run) -> dict[str, Any]:
         anchor = run.gid()
         gen.call(0, "subscribe", {"specs": [(anchor, socket_url, token(anchor), timing_rooms)]})
         ready: dict[str, list[float]] = {"socket": [], "sockets": []}
+        # A sample that did not get every room ready is not timed: it is counted, and shown.
+        missed: dict[str, dict[str, int]] = {"socket": {}, "sockets": {}}
         for _ in range(knobs.multiroom_samples):
             gid = run.gid()
             one = gen.call(0, "subscribe", {"specs": [(gid, socket_url, token(gid), timing_rooms)]})
             ready["socket"] += one["ready_ms"]
+            _tally(missed["socket"], one["failed"])
             gen.call(0, "close", {"gids": [gid]})
             specs = [(run.gid(), server.ws(f"/rooms/{room}/ws"), room, token(gid)) for room in timing_rooms]
             many = gen.call(0, "open", {"specs": specs, "concurrency": r})
             if many["opened"] == r:
                 ready["sockets"].append(many["ready_ms"]["max"])
+            else:
+                _tally(missed["sockets"], many["failed"] or {"not all opened": 1})
             gen.call(0, "close", {"gids": [s[0] for s in specs]})
+        result["ready_missed"] = missed
         # The sidebar's user has a token of its own: the shared bench users are members of every
         # room the other scenarios opened (thousands), and their lists would not end at these.
         (own,) = asyncio.run(run.db.make_tokens(1, prefix=f"sidebar-{run.id}"))
@@ -605,6 +611,11 @@ def many_rooms(run: Run) -> dict[str, Any]:
         if fresh:
             server.stop()
     return result
+
+
+def _tally(into: dict[str, int], failures: dict[str, int]) -> None:
+    for reason, count in failures.items():
+        into[reason] = into.get(reason, 0) + count
 
 
 def _sidebar(run: Run, server: Server, token: str, rooms: list[str]) -> dict[str, Any]:
