@@ -7,11 +7,11 @@ callback that received it), and a subscriber may take it there and then (`Subscr
 when it has nothing queued: a room feed dispatches an in-order message without any task waking.
 What it does not take is queued, in order, for its task.
 
-A subscriber's queue is bounded (`QUEUE_MAX` events): while a feed is busy (reading the table,
-waiting for a gap to fill) the events wait there, and past the bound they are replaced by one
-RESYNC (read the table), which is what every subscriber already does after a reconnect. Only a
-`removed` event cannot be read from the table: those are kept, one per distinct payload (so at
-most one per member removed), ahead of the RESYNC.
+A subscriber's queue is bounded (`QUEUE_MAX` events and `QUEUE_MAX_BYTES` of payload): while a
+feed is busy (reading the table, waiting for a gap to fill) the events wait there, and past the
+bound they are replaced by one RESYNC (read the table), which is what every subscriber already
+does after a reconnect. Only a `removed` event cannot be read from the table: those are kept, one
+per distinct payload (so at most one per member removed), ahead of the RESYNC.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ from chat.notify import RESYNC
 log = logging.getLogger("chat.broadcast")
 
 QUEUE_MAX = 10_000  # events queued for one subscriber; past that, one RESYNC stands for them
+# Their payloads' bytes too: a NOTIFY payload is under 8,000 bytes, but a Redis batch may be
+# 256 KB (notify.MAX_BATCH_BYTES), so the count alone would let one feed keep gigabytes.
+QUEUE_MAX_BYTES = 4 * 2**20
 
 
 def is_removal(payload: str) -> bool:
@@ -63,11 +66,12 @@ def collapse(queued: list[Event | None], channel: str) -> list[Event | None]:
 class Subscriber:
     """One subscription to a channel: its queue, and what may take an event without it."""
 
-    __slots__ = ("channel", "closed", "direct", "queue")
+    __slots__ = ("channel", "closed", "direct", "queue", "queued_bytes")
 
     def __init__(self, channel: str) -> None:
         self.channel = channel
         self.queue: asyncio.Queue[Event | None] = asyncio.Queue()  # bounded by `offer`
+        self.queued_bytes = 0  # the payloads in `queue`
         # Takes an event's payload at once if it can (True), else it is queued (False). Only ever
         # called with nothing queued, so events stay in order.
         self.direct: Callable[[str], bool] | None = None
@@ -77,6 +81,7 @@ class Subscriber:
         item = await self.queue.get()
         if item is None:
             raise Unsubscribed()
+        self.queued_bytes -= len(item.message)
         return item
 
     def offer(self, event: Event) -> None:
@@ -89,13 +94,16 @@ class Subscriber:
                 # Whatever it dispatched stands; the rest is read from the table by its task.
                 log.exception("subscriber of %s failed on an event; resyncing it", self.channel)
                 event = Event(self.channel, RESYNC)
-        if queue.qsize() >= QUEUE_MAX:
+        if queue.qsize() >= QUEUE_MAX or self.queued_bytes + len(event.message) > QUEUE_MAX_BYTES:
             metrics.FANOUT_OVERFLOWS.inc()
             queued = [queue.get_nowait() for _ in range(queue.qsize())]
-            for kept in collapse([*queued, event], self.channel):
-                queue.put_nowait(kept)
+            kept = collapse([*queued, event], self.channel)
+            for item in kept:
+                queue.put_nowait(item)
+            self.queued_bytes = sum(len(item.message) for item in kept if item is not None)
             return
         queue.put_nowait(event)
+        self.queued_bytes += len(event.message)
 
 
 class Broadcast:

@@ -81,12 +81,7 @@ class Subscription:
     def offer(self, item: Item) -> None:
         """Queue an item for this socket (never blocks)."""
         if type(item) is MessageRecord:
-            if self.replaying or item.seq <= self.cursor:
-                return  # replay sends it (or already did)
-            self.cursor = item.seq
-            text = self._text(item)
-            if text is not None:
-                self.client.offer(text, 1)
+            self.deliver(item)
         elif type(item) is RoomEvent:
             if self.events:
                 if self.replaying:
@@ -98,13 +93,13 @@ class Subscription:
         elif isinstance(item, str):
             self.client.offer(tagged(item, self.room) if self.tag else item)
 
-    def deliver(self, message: MessageRecord, frame: str) -> None:
-        """`offer(message)`, given the room protocol's frame of it (the feed's, shared by all)."""
+    def deliver(self, message: MessageRecord, frame: str | None = None) -> None:
+        """Queue a live message; `frame`: the room protocol's frame of it if the caller has it
+        (the feed's, shared by all its sockets)."""
         if self.replaying or message.seq <= self.cursor:
             return  # replay sends it (or already did)
         self.cursor = message.seq
-        render = self.render
-        text = frame if render is None else render(message)
+        text = self._text(message, frame)
         if text is not None:
             self.client.offer(text, 1)
 
@@ -134,9 +129,11 @@ class Subscription:
         if frames:
             await self._put_batch(frames, timeout)
 
-    def _text(self, message: MessageRecord) -> str | None:
+    def _text(self, message: MessageRecord, frame: str | None = None) -> str | None:
         render = self.render
-        return message_frame(self.room, message) if render is None else render(message)
+        if render is not None:
+            return render(message)
+        return frame if frame is not None else message_frame(self.room, message)
 
     async def _put_batch(self, frames: list[str], timeout: float) -> None:
         # Each message is its own frame's JSON, so the batch is joined, not encoded again.

@@ -75,3 +75,20 @@ async def test_a_subscriber_queue_never_grows_past_its_bound(monkeypatch: pytest
     # What overflowed is read from the table (RESYNC); what came after it is queued behind.
     assert Event(CHANNEL, RESYNC) in received
     assert received[-1] == Event(CHANNEL, '{"seq":20}')
+
+
+async def test_a_subscriber_queue_is_bounded_in_bytes_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(broadcast, "QUEUE_MAX_BYTES", 1000)
+    subscriber = Subscriber(CHANNEL)
+    big = "x" * 300  # a payload the size of a Redis batch, in small
+    for seq in range(1, 21):
+        subscriber.offer(Event(CHANNEL, f'{{"seq":{seq},"body":"{big}"}}'))
+        assert subscriber.queued_bytes <= 1000
+    received = [(await subscriber.get()).message for _ in range(subscriber.queue.qsize())]
+    # What overflowed is read from the table (RESYNC); what came after it is queued, in order.
+    assert RESYNC in received
+    seqs = [int(m.split(",")[0].removeprefix('{"seq":')) for m in received if m != RESYNC]
+    assert seqs == sorted(seqs)
+    assert subscriber.queued_bytes == 0  # the count follows what is taken
+    subscriber.offer(Event(CHANNEL, '{"seq":21}'))
+    assert subscriber.queued_bytes == len('{"seq":21}')
