@@ -291,17 +291,20 @@ class EmbeddedPostgres:
         except OSError:
             return "(no log)"
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """Fast shutdown (SIGINT), then immediate (SIGQUIT), then SIGKILL."""
+    def stop(self, timeout: float = 15.0, *, immediate: bool = False) -> None:
+        """Fast shutdown (SIGINT), then immediate (SIGQUIT), then SIGKILL. `immediate`: begin
+        with SIGQUIT, as a crash would: no backend finishes what it was doing, and the next start
+        runs crash recovery."""
         self._stopping = True
         proc, self.process = self.process, None
-        self._terminate(proc, timeout)
+        self._terminate(proc, timeout, immediate=immediate)
 
     @staticmethod
-    def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
+    def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 15.0, *, immediate: bool = False) -> None:
         if proc is None or proc.poll() is not None:
             return
-        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
+        steps = ((signal.SIGINT, timeout), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0))
+        for sig, wait in steps[1:] if immediate else steps:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(sig)
             try:

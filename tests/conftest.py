@@ -4,11 +4,12 @@ a fresh database on the server named by DATABASE_URL. Never mocked."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,6 +27,42 @@ from tests.servers import Server
 # Settings made in this process read no .env either (tests/servers.py does the same for servers):
 # a developer's .env in the working directory must not change test results.
 Settings.model_config["env_file"] = None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    """Note how far each server's log had got, so that a failure can show what came after."""
+    item.stash[_LOG_OFFSETS] = {s.log_path: _size(s.log_path) for s in Server.started}
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test's report carries what each server logged while it ran: a failure in CI
+    is then read from its output alone."""
+    report = yield
+    if report.failed:
+        offsets = item.stash.get(_LOG_OFFSETS, {})
+        for server in Server.started:
+            start, text = offsets.get(server.log_path, 0), ""
+            with contextlib.suppress(OSError), open(server.log_path, "rb") as log:
+                log.seek(start)
+                text = log.read().decode(errors="replace")
+            if text.strip():
+                report.sections.append((f"server {server.port} log ({report.when})", text[-20_000:]))
+    return report
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+_LOG_OFFSETS = pytest.StashKey[dict[Path, int]]()
 
 
 def _with_database(url: str, name: str) -> str:

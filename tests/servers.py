@@ -43,6 +43,8 @@ def free_port() -> int:
 
 
 class Server:
+    started: list[Server] = []  # every server of this test session, for the logs of a failure
+
     def __init__(
         self,
         database_url: str,
@@ -55,6 +57,7 @@ class Server:
     ) -> None:
         self.port = port if port is not None else free_port()
         self.log_path = log_dir / f"server-{self.port}.log"
+        Server.started.append(self)
         environment = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
         # CHAT_ENV_FILE="": no .env from the working directory (a developer's) changes the servers.
         environment.update({"DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1", "CHAT_ENV_FILE": ""})
