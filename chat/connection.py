@@ -55,6 +55,7 @@ class Connection:
         identity: Identity,
         client: Client,
         guard: FrameGuard,
+        live_batch: bool = False,
     ) -> None:
         self.settings = settings
         self.hub = hub
@@ -67,6 +68,7 @@ class Connection:
         self.identity = identity
         self.client = client
         self.guard = guard
+        self.live_batch = live_batch  # ?live=batch: see Subscription.stage
         self.rooms: dict[str, RoomSession] = {}  # by name
         # Subscribes not yet answered, by room: queued (in order) or under way in one of at most
         # SUBSCRIBES_AT_ONCE workers. A burst of 50 is 50 frames in a queue, not 50 tasks (the
@@ -201,7 +203,7 @@ class Connection:
                 metrics.REFUSALS.labels("too many rooms created by this user").inc()
                 self.error("too_many_rooms_created", "too many rooms created by this user", room=room)
                 return
-            sub = Subscription(self.client, room_id, room, tag=True, batch=True)
+            sub = Subscription(self.client, room_id, room, tag=True, batch=True, live_batch=self.live_batch)
             removed = asyncio.Event()  # until the room is this socket's (below), a removal only notes it
             sub.on_removed = lambda _: removed.set()
             await self.hub.join(sub, timeout=self.settings.join_timeout_seconds)

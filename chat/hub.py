@@ -97,6 +97,7 @@ class RoomFeed:
         self.ready = asyncio.Event()
         self._early = Overtaken()
         self._parked = False  # waiting for the next event with nothing else to do: see _direct
+        self._staged: list[Subscription] | None = None  # owed a flush: see _stage
         self.task = asyncio.create_task(self._run(), name=f"feed-{name}")
 
     async def _run(self) -> None:
@@ -230,6 +231,7 @@ class RoomFeed:
         if not isinstance(seq, int):
             return
         frame = dumps({"type": "read", "room": self.name, "seq": seq})
+        self._flush_staged()  # after the messages it may be about
         for subscription in self._of_user(data):
             subscription.offer(frame)
 
@@ -246,10 +248,29 @@ class RoomFeed:
             self.last_seq = item.seq
             frame = message_frame(self.name, item)  # once per message, shared by every socket
             for subscription in list(self.clients):
-                subscription.deliver(item, frame)
+                if not subscription.live_batch:
+                    subscription.deliver(item, frame)
+                elif subscription.stage(item, frame):
+                    self._stage(subscription)
             return
+        self._flush_staged()  # what was staged before it goes out before it
         for subscription in list(self.clients):
             subscription.offer(item)
+
+    def _stage(self, subscription: Subscription) -> None:
+        """`subscription` has staged messages: flush them once the messages that arrived with
+        them are dispatched too. A commit's NOTIFYs come in one read, and the driver queues a
+        callback for each at once, so a flush queued behind the first runs after the last."""
+        staged = self._staged
+        if staged is None:
+            staged = self._staged = []
+            asyncio.get_running_loop().call_soon(self._flush_staged)
+        staged.append(subscription)
+
+    def _flush_staged(self) -> None:
+        staged, self._staged = self._staged, None
+        for subscription in staged or ():
+            subscription.flush_staged()
 
 
 class UserFeed:
@@ -327,6 +348,7 @@ class Hub:
         feed = self.feeds.get(subscription.room_id)
         if feed is None:
             return
+        subscription.flush_staged()  # what the feed dispatched before the leave goes out before it
         feed.clients.discard(subscription)
         if not feed.clients:
             del self.feeds[subscription.room_id]

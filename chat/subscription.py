@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from chat.client import Client, RoomEvent
 from chat.protocol import CLOSE_REMOVED, message_frame
@@ -25,10 +25,12 @@ REPLAY_BATCH_BYTES = 64 * 1024  # a `messages` frame of a replay holds up to thi
 class Subscription:
     __slots__ = (
         "_held",
+        "_staged",
         "batch",
         "client",
         "cursor",
         "events",
+        "live_batch",
         "live_only",
         "on_removed",
         "render",
@@ -50,6 +52,7 @@ class Subscription:
         events: bool = True,
         tag: bool = False,
         batch: bool = False,
+        live_batch: bool = False,
     ) -> None:
         self.client = client
         self.room_id = room_id
@@ -63,6 +66,10 @@ class Subscription:
         # Name the room in this socket's own frames (acks, errors) too: for a socket of many rooms.
         self.tag = tag
         self.batch = batch  # replay in `messages` frames (the multiplexed socket)
+        # Live messages that reach this process together (one commit's) go out as one `messages`
+        # frame: one send instead of one per message (`?live=batch`). See stage().
+        self.live_batch = live_batch
+        self._staged: list[str] | None = None
         self._held: list[str] | None = None
         self.since = time.monotonic()
         # The user was removed from the room (the hub has taken this out of the feed already):
@@ -103,12 +110,43 @@ class Subscription:
         if text is not None:
             self.client.offer(text, 1)
 
+    def stage(self, message: MessageRecord, frame: str | None = None) -> bool:
+        """deliver(), but the frame waits for flush_staged(), which the feed calls once the
+        messages that arrived with this one are staged too. True when this is the first staged:
+        the feed then owes this subscription a flush."""
+        if self.replaying or message.seq <= self.cursor:
+            return False
+        self.cursor = message.seq
+        text = self._text(message, frame)
+        if text is None:
+            return False
+        staged = self._staged
+        if staged is None:
+            self._staged = [text]
+            return True
+        staged.append(text)
+        return False
+
+    def flush_staged(self) -> None:
+        """Send what stage() kept: one message as its own frame, several as `messages` frames
+        (of up to REPLAY_BATCH_BYTES each, as a replay's)."""
+        staged, self._staged = self._staged, None
+        if not staged:
+            return
+        if len(staged) == 1:
+            self.client.offer(staged[0], 1)
+            return
+        for frames in batches(staged, REPLAY_BATCH_BYTES):
+            if len(frames) == 1:
+                self.client.offer(frames[0], 1)
+            else:
+                self.client.offer(batch_frame(self.room, frames), len(frames))
+
     async def replay_rows(self, rows: list[MessageRecord], *, timeout: float) -> None:
         """Queue replayed messages, waiting (bounded) for the reader: TimeoutError. One frame
         per message, or (`batch`) `messages` frames of up to REPLAY_BATCH_BYTES each."""
         client = self.client
         frames: list[str] = []
-        size = 0
         for row in rows:
             if client.closing:
                 return
@@ -121,25 +159,15 @@ class Subscription:
             if not self.batch:
                 await client.put(text, timeout=timeout, messages=1)
                 continue
-            if frames and size + len(text) > REPLAY_BATCH_BYTES:
-                await self._put_batch(frames, timeout)
-                frames, size = [], 0
             frames.append(text)
-            size += len(text) + 1
-        if frames:
-            await self._put_batch(frames, timeout)
+        for batch in batches(frames, REPLAY_BATCH_BYTES):
+            await client.put(batch_frame(self.room, batch), timeout=timeout, messages=len(batch))
 
     def _text(self, message: MessageRecord, frame: str | None = None) -> str | None:
         render = self.render
         if render is not None:
             return render(message)
         return frame if frame is not None else message_frame(self.room, message)
-
-    async def _put_batch(self, frames: list[str], timeout: float) -> None:
-        # Each message is its own frame's JSON, so the batch is joined, not encoded again.
-        room = json.dumps(self.room, ensure_ascii=False)
-        batch = f'{{"type":"messages","room":{room},"messages":[{",".join(frames)}]}}'
-        await self.client.put(batch, timeout=timeout, messages=len(frames))
 
     def go_live(self) -> None:
         """Replay has caught up with the feed: from now on the feed's messages are queued."""
@@ -159,6 +187,25 @@ class Subscription:
             self.on_removed(self)
         else:
             self.client.kick(CLOSE_REMOVED, "removed from the room", flush=True)
+
+
+def batches(frames: list[str], max_bytes: int) -> Iterator[list[str]]:
+    """`frames` in order, in runs of at most `max_bytes` of text (a frame larger than that alone)."""
+    run: list[str] = []
+    size = 0
+    for text in frames:
+        if run and size + len(text) > max_bytes:
+            yield run
+            run, size = [], 0
+        run.append(text)
+        size += len(text) + 1
+    if run:
+        yield run
+
+
+def batch_frame(room: str, frames: list[str]) -> str:
+    """A `messages` frame: each message is its own frame's JSON, joined, not encoded again."""
+    return f'{{"type":"messages","room":{json.dumps(room, ensure_ascii=False)},"messages":[{",".join(frames)}]}}'
 
 
 def chapter_render(message: MessageRecord) -> str | None:

@@ -37,9 +37,10 @@ Bigint = Annotated[int, Path(ge=-MAX_BIGINT, le=MAX_BIGINT)]
 
 ROOM_NAME = socket_frames.ROOM_NAME  # the same rule in both socket protocols and the API
 CHAPTER_ROOM = "_chapter"  # where /ws/{client_id} keeps its messages; no user room starts with "_"
-# The room socket's `replay` parameter: `frames` (the default) replays one `message` frame per
-# message; `batch` replays in /socket's `messages` frames (fewer frames to send and to read).
-Replay = Literal["frames", "batch"]
+# The room socket's `replay` parameter, and both sockets' `live`: `frames` (the default) sends
+# one `message` frame per message; `batch` sends `messages` frames (fewer frames to send and to
+# read): a replay's pages, and live messages that reach the process together (one commit's).
+Framing = Literal["frames", "batch"]
 
 
 def _receive_text_or_none(message: MutableMapping[str, Any]) -> str | None:
@@ -90,6 +91,7 @@ async def _join(
     events: bool = True,
     seen: RoomAccess | Unseen | None = UNSEEN,
     batch: bool = False,
+    live_batch: bool = False,
 ) -> tuple[FrameGuard, Subscription]:
     """A socket of one room: its connection, and its place in the room's feed. Taken before
     accept, so that a connected client hears every message; give it back with _leave. The room
@@ -107,7 +109,9 @@ async def _join(
             raise Refused(404, "no such room") from None
         if room_id is None:
             raise Refused(429, "too many rooms created by this user")
-        sub = Subscription(client, room_id, room, render=render, live_only=live_only, events=events, batch=batch)
+        sub = Subscription(
+            client, room_id, room, render=render, live_only=live_only, events=events, batch=batch, live_batch=live_batch
+        )
         await _enter(shared, sub)
     except BaseException:
         _disconnect(shared.hub, shared.limits, user, client)
@@ -161,7 +165,8 @@ async def room_socket(
     token: SocketToken,
     shared: deps.Shared,  # one dependency, not six: see deps.SharedObjects
     after: Annotated[int | None, Query(ge=0, le=MAX_BIGINT)] = None,
-    replay: Annotated[Replay, Query()] = "frames",
+    replay: Annotated[Framing, Query()] = "frames",
+    live: Annotated[Framing, Query()] = "frames",
 ) -> None:
     settings, engine, hub, presence, writer = shared.settings, shared.engine, shared.hub, shared.presence, shared.writer
     # The token and the room in one read (a 401 still comes before any other refusal); a name
@@ -171,7 +176,7 @@ async def room_socket(
     if not valid:
         raise Refused(400, "invalid room name: 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
     client = _client(websocket, settings, user)
-    guard, sub = await _join(shared, user, room, client, seen=seen, batch=replay == "batch")
+    guard, sub = await _join(shared, user, room, client, seen=seen, batch=replay == "batch", live_batch=live == "batch")
     del seen
     try:
         session = RoomSession(
@@ -207,7 +212,9 @@ async def room_socket(
 
 
 @router.websocket("/socket")
-async def socket(websocket: WebSocket, user: SocketUser, shared: deps.Shared) -> None:
+async def socket(
+    websocket: WebSocket, user: SocketUser, shared: deps.Shared, live: Annotated[Framing, Query()] = "frames"
+) -> None:
     """One socket for many rooms: subscribe, unsubscribe, and room frames naming their room."""
     settings, hub, limits, presence, writer = shared.settings, shared.hub, shared.limits, shared.presence, shared.writer
     client = _client(websocket, settings, user)
@@ -221,6 +228,7 @@ async def socket(websocket: WebSocket, user: SocketUser, shared: deps.Shared) ->
             identity=user,
             client=client,
             guard=guard,
+            live_batch=live == "batch",
         )
         try:
             await websocket.accept()

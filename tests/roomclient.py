@@ -80,11 +80,21 @@ class RoomClient:
             frame["client_id"] = client_id
         await self.ws.send(json.dumps(frame))
 
+    def messages(self) -> list[Frame]:
+        """Every message received, in order: `message` frames, and those in `messages` frames."""
+        out: list[Frame] = []
+        for frame in self.frames:
+            if frame["type"] == "message":
+                out.append(frame)
+            elif frame["type"] == "messages":
+                out += frame["messages"]
+        return out
+
     def seqs(self) -> list[int]:
-        return [f["seq"] for f in self.frames if f["type"] == "message"]
+        return [m["seq"] for m in self.messages()]
 
     def bodies(self) -> list[str]:
-        return [f["body"] for f in self.frames if f["type"] == "message"]
+        return [m["body"] for m in self.messages()]
 
     async def close(self) -> None:
         await self.ws.close()

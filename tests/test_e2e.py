@@ -4,6 +4,7 @@ the test Postgres. Screenshots of the main states go to test-artifacts/e2e/."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,9 @@ from tests.browser import (
     strictly_increasing,
 )
 from tests.conftest import MakeToken, unique
+from tests.roomclient import RoomClient
 from tests.servers import Server
+from tests.test_writer import RoomLock, send_ping, wait_for_lock_wait
 
 OpenPage = Callable[..., Awaitable[ChatPage]]
 
@@ -584,3 +587,42 @@ async def test_the_owner_deletes_anyones_message_and_a_background_badge_follows(
     await expect(alice.page.locator("#messages .msg.deleted")).to_have_count(2)
     await expect(badge).to_have_count(0)
     assert_clean(alice, bob, carol)
+
+
+async def test_messages_that_commit_together_arrive_in_one_frame(
+    open_page: OpenPage, server_a: Server, server_b: Server, make_token: MakeToken, database_url: str
+) -> None:
+    """The page's socket asks for live batches (`/socket?live=batch`): five messages that waited
+    behind a locked room commit together and reach the page in one `messages` frame. The open
+    room shows them in order; a page with the room in the background counts all five."""
+    room, elsewhere, lock = unique("together"), unique("elsewhere"), RoomLock(database_url)
+    alice = await open_page(server_a, "alice")
+    live_frames: list[str] = []
+    alice.page.on("websocket", lambda ws: ws.on("framereceived", lambda data: live_frames.append(str(data))))
+    await alice.page.reload()  # so that the socket is watched from its start
+    await alice.wait_connected()
+    await alice.join(room)
+    bob = await open_page(server_b, "bob")
+    await bob.join(room)
+    await bob.join(elsewhere)
+    async with await RoomClient.open(server_b.ws(f"/rooms/{room}/ws"), await make_token()) as carol:
+        await carol.ready()
+        await lock.take(room)
+        try:
+            await carol.send("one", client_id="c0")
+            await wait_for_lock_wait(database_url)  # the first waits; the other four gather behind it
+            for n, body in enumerate(("two", "three", "four", "five"), start=1):
+                await carol.send(body, client_id=f"c{n}")
+            await send_ping(carol)
+            await carol.until("pong")
+        finally:
+            await lock.release()
+        await carol.until("ack", client_id="c4")
+        author = carol.messages()[0]["author"] if carol.messages() else None
+    await alice.wait_seqs([1, 2, 3, 4, 5])
+    assert [body for _, _, body in await alice.rows()] == ["one", "two", "three", "four", "five"]
+    assert {who for _, who, _ in await alice.rows()} == {author}
+    batches = [json.loads(f) for f in live_frames if f.startswith('{"type":"messages"')]
+    assert any(len(b["messages"]) >= 4 and b["room"] == room for b in batches), live_frames
+    await expect(bob.page.locator(f'#room-list [data-room="{room}"] .badge')).to_have_text("5")
+    assert_clean(alice, bob)

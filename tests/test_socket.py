@@ -4,6 +4,7 @@ leave the other rooms working, the rooms-per-socket limit, and error frames for 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from chat import store
 from tests.conftest import MakeToken, unique
 from tests.roomclient import RoomClient
 from tests.servers import Server
+from tests.test_writer import RoomLock, send_ping, wait_for_lock_wait
 
 
 async def send(client: RoomClient, **frame: Any) -> None:
@@ -166,3 +168,35 @@ async def test_a_burst_of_subscribes_then_a_send_right_away(server_a: Server, ma
             await client.until("ready", room=room)
         await client.until("message", room=rooms[-1], body="right away")
         assert not [f for f in client.frames if f["type"] == "error"]
+
+
+async def test_live_batch_on_the_socket_of_many_rooms(
+    server_a: Server, server_b: Server, make_token: MakeToken, database_url: str
+) -> None:
+    """`/socket?live=batch`: sends that commit together reach the socket as one `messages` frame
+    naming its room, after the room's `ready`; the messages are the room socket's, in order."""
+    room, lock = unique("mx-live"), RoomLock(database_url)
+    async with (
+        await RoomClient.open(server_a.ws(f"/rooms/{room}/ws"), await make_token()) as sender,
+        await RoomClient.open(server_b.ws("/socket?live=batch"), await make_token()) as reader,
+    ):
+        await sender.ready()
+        await send(reader, type="subscribe", room=room)
+        await reader.until("ready", room=room)
+        await lock.take(room)
+        try:
+            await sender.send("x0", client_id="x0")
+            await wait_for_lock_wait(database_url)  # the first waits; the other four gather behind it
+            for n in range(1, 5):
+                await sender.send(f"x{n}", client_id=f"x{n}")
+            await send_ping(sender)
+            await sender.until("pong")
+        finally:
+            await lock.release()
+        await sender.until("ack", client_id="x4")
+        async with asyncio.timeout(15):
+            while len(messages(reader, room)) < 5:
+                await reader.until("messages", room=room)
+        assert messages(reader, room) == [(m["seq"], m["body"]) for m in sender.messages()]
+        live = reader.frames[[f["type"] for f in reader.frames].index("ready") + 1 :]
+        assert max(len(f["messages"]) for f in live if f["type"] == "messages") >= 4

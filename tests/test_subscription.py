@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, cast
 
 import pytest
@@ -12,7 +13,7 @@ from chat.config import Settings
 from chat.limits import FrameGuard, Limits, TokenBucket
 from chat.service import RoomSession
 from chat.store import Identity, MessageRecord
-from chat.subscription import Subscription
+from chat.subscription import Subscription, batch_frame, batches
 from chat.writer import InFlight
 
 USER = Identity(user_id=7, name="ann", token_id=1, expires_at=None)
@@ -101,3 +102,38 @@ def test_a_room_sockets_session_makes_its_sends_in_flight_on_first_use() -> None
     with_owner = session(inflight=shared)
     assert with_owner.inflight is shared
     assert sub.client.settle == inflight.settle  # the owner of a shared one flushes it
+
+
+async def test_staged_messages_go_out_together_as_one_messages_frame() -> None:
+    """`live=batch`: what is staged before a flush is one `messages` frame (each message its own
+    frame's JSON); a lone message is its `message` frame; nothing is sent before the flush."""
+    sub = subscription(live_batch=True)
+    sub.go_live()
+    records = [MessageRecord(seq=n, author="bob", body=f"m{n}") for n in (1, 2, 3)]
+    assert [sub.stage(r) for r in records] == [True, False, False]  # the feed owes one flush
+    assert queued(sub) == [] and sub.cursor == 3
+    sub.flush_staged()
+    frames = [protocol.message_frame("general", r) for r in records]
+    assert queued(sub) == [batch_frame("general", frames)]
+    assert json.loads(queued(sub)[0])["messages"] == [json.loads(f) for f in frames]
+    assert sub.client.sent == 3
+    assert sub.stage(MessageRecord(seq=4, author="bob", body="m4"))
+    assert not sub.stage(MessageRecord(seq=4, author="bob", body="m4"))  # already staged
+    sub.flush_staged()
+    sub.flush_staged()  # nothing left: nothing more sent
+    assert queued(sub)[1:] == [protocol.message_frame("general", MessageRecord(seq=4, author="bob", body="m4"))]
+
+
+async def test_nothing_is_staged_while_replaying() -> None:
+    sub = subscription(live_batch=True)
+    assert not sub.stage(MessageRecord(seq=1, author="bob", body="hi"))  # the replay reads it
+    sub.flush_staged()
+    assert queued(sub) == [] and sub.cursor == 0
+
+
+def test_batches_keep_order_and_split_by_bytes() -> None:
+    frames = ["a" * 40, "b" * 40, "c" * 40, "d" * 200, "e"]
+    runs = list(batches(frames, 100))
+    assert [x for run in runs for x in run] == frames
+    assert runs == [["a" * 40, "b" * 40], ["c" * 40], ["d" * 200], ["e"]]  # one too big goes alone
+    assert list(batches([], 100)) == []

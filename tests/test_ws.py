@@ -27,6 +27,7 @@ from tests.roomclient import RoomClient
 from tests.servers import DEFAULT_LIMITS, Server
 from tests.test_auth import refusal
 from tests.test_faults import listener_pids
+from tests.test_writer import RoomLock, send_ping, wait_for_lock_wait
 
 
 @pytest.fixture(scope="module")
@@ -401,6 +402,61 @@ async def test_a_batched_replay_larger_than_one_frame_is_split(
     assert [m["seq"] for m in _replayed(batched)] == list(range(1, 121))
     assert _replayed(batched) == _replayed(plain)
     assert batched[-1] == plain[-1]
+
+
+# --- live messages in `messages` frames (`?live=batch`) --------------------------------------------
+
+
+async def test_live_batch_sends_one_commits_messages_as_one_frame(
+    server_a: Server, server_b: Server, make_token: MakeToken, database_url: str
+) -> None:
+    """`live=batch`, on both processes: the five sends that waited behind a locked room commit
+    together and reach each batch socket as one `messages` frame. Every socket, batched or not,
+    gets the same messages (same seqs, same JSON) in the same order."""
+    room, lock = unique("live-batch"), RoomLock(database_url)
+    async with await RoomClient.open(server_a.ws(f"/rooms/{room}/ws"), await make_token()) as sender:
+        await sender.ready()
+        readers = [
+            await RoomClient.open(server.ws(f"/rooms/{room}/ws{query}"), await make_token())
+            for server in (server_a, server_b)
+            for query in ("", "?live=batch")
+        ]
+        try:
+            for reader in readers:
+                await reader.ready()
+            await lock.take(room)
+            try:
+                await sender.send("b0", client_id="b0")
+                await wait_for_lock_wait(database_url)  # the first waits; the other five gather behind it
+                for n in range(1, 6):
+                    await sender.send(f"b{n}", client_id=f"b{n}")
+                await send_ping(sender)
+                await sender.until("pong")  # all six reached the writer
+            finally:
+                await lock.release()
+            acks = [await sender.until("ack", client_id=f"b{n}") for n in range(6)]
+            for client in (sender, *readers):
+                await client.until_seq(acks[-1]["seq"])
+            expected = sender.messages()
+            assert [m["body"] for m in expected] == [f"b{n}" for n in range(6)]
+            for reader in readers:
+                assert reader.messages() == expected
+            for plain in (readers[0], readers[2]):
+                assert "messages" not in {f["type"] for f in plain.frames}
+            for batched in (readers[1], readers[3]):
+                sizes = [len(f["messages"]) for f in batched.frames if f["type"] == "messages"]
+                assert sizes and max(sizes) >= 5, batched.frames
+                assert all(f["room"] == room for f in batched.frames if f["type"] == "messages")
+        finally:
+            for reader in readers:
+                await reader.close()
+
+
+async def test_a_bad_live_value_is_refused_before_accept(server_a: Server, make_token: MakeToken) -> None:
+    token = await make_token()
+    for path in (f"/rooms/{unique('r')}/ws?token={token}", f"/socket?token={token}"):
+        status, reason = await refusal(server_a.ws(path) + "&live=Batch")
+        assert (status, reason) == (400, "invalid live: Input should be 'frames' or 'batch'"), path
 
 
 async def test_a_bad_replay_value_is_refused_before_accept(server_a: Server, make_token: MakeToken) -> None:

@@ -374,7 +374,7 @@ function connect() {
   let c;
   try {
     c = new Connection({
-      url: `${scheme}://${location.host}/socket`,
+      url: `${scheme}://${location.host}/socket?live=batch`, // one frame for what commits together
       seqOf,
       onFrame: (f) => { if (conn === c) onFrame(c, f); },
       onOpen: () => {
@@ -525,7 +525,11 @@ function onBackground(f) {
     for (const m of list) {
       if (!m || !Number.isInteger(m.seq)) continue;
       // A replay of a room the server did not list (a room only this browser knew) is history, not news.
-      if (f.type === 'messages' && !entry.known) { updateEntry(f.room, (en) => roomList.heard(en, m.seq)); continue; }
+      // (A `messages` frame after the room's ready is live: one commit's messages, ?live=batch.)
+      if (f.type === 'messages' && !entry.known && !conn?.isReady(f.room)) {
+        updateEntry(f.room, (en) => roomList.heard(en, m.seq));
+        continue;
+      }
       const mine = mentionsMe(m);
       const before = entries.get(f.room);
       updateEntry(f.room, (en) => roomList.onMessage(en, m, me, mine));
