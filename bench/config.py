@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SCENARIOS = ("limits", "latency", "throughput", "join", "idle", "history", "hot", "multiroom", "fanout")
+SCENARIOS = ("limits", "latency", "livebatch", "throughput", "join", "idle", "history", "hot", "multiroom", "fanout")
 
 # The bench measures capacity, not policy: the per-connection and per-user rate limits and the
 # per-user connection and room caps are lifted (the limiter still runs on every frame). Unknown CHAT_*

@@ -42,6 +42,7 @@ now_ns = time.monotonic_ns
 TIMELINE_STEP = 100_000_000  # ns
 
 MESSAGE = b'{"type":"message"'
+MESSAGES = b'{"type":"messages"'
 ACK = b'{"type":"ack"'
 SEQ = b'"seq":'
 BODY = b'"body":"'
@@ -167,38 +168,55 @@ class WsClient(asyncio.Protocol):
     # --- frames ----------------------------------------------------------------------------------
 
     def _on_text(self, data: bytes, now: int) -> None:
+        if data.startswith(MESSAGES):
+            # A replay's batch, or (live=batch) the messages one commit stored: each is its own
+            # `message` frame's JSON, and a string in JSON never holds an unescaped quote, so
+            # each message starts where MESSAGE occurs.
+            start = data.find(MESSAGE, len(MESSAGES))
+            while start >= 0:
+                end = data.find(MESSAGE, start + 1)
+                self._on_message(data[start : end if end >= 0 else len(data)], now)
+                start = end
+        elif data.startswith(MESSAGE):
+            self._on_message(data, now)
+        else:
+            self._on_other(data, now)
+
+    def _on_message(self, data: bytes, now: int) -> None:
         sink = self.sink
-        if data.startswith(MESSAGE):
-            i = data.find(SEQ) + 6
-            seq = int(data[i : data.find(b",", i)])
-            if not self.is_ready:
-                self.replayed += 1
-                return
-            if seq <= self.last_seq:
-                self.duplicates += 1
-                return
-            if seq != self.last_seq + 1:
-                self.gaps += seq - self.last_seq - 1
-            self.last_seq = seq
-            self.received += 1
-            sink.deliveries += 1
-            if sink.measure_from <= now <= sink.measure_to:
-                sink.window_deliveries += 1
-            k = data.find(BODY) + 8
-            try:
-                sent = int(data[k : k + 20])
-                sender = int(data[k + 21 : k + 27])
-            except ValueError:
-                return  # not one of ours (history room)
-            if sender != self.gid:
-                if sink.measure_from <= sent <= sink.measure_to:
-                    sink.latencies.append(now - sent)
-                b = (sent - sink.timeline_start) // TIMELINE_STEP
-                if 0 <= b < len(sink.timeline) and now - sent > sink.timeline[b]:
-                    sink.timeline[b] = now - sent
-            if self.on_message is not None:
-                self.on_message(seq, sender)
-        elif data.startswith(ACK):
+        i = data.find(SEQ) + 6
+        seq = int(data[i : data.find(b",", i)])
+        if not self.is_ready:
+            self.replayed += 1
+            return
+        if seq <= self.last_seq:
+            self.duplicates += 1
+            return
+        if seq != self.last_seq + 1:
+            self.gaps += seq - self.last_seq - 1
+        self.last_seq = seq
+        self.received += 1
+        sink.deliveries += 1
+        if sink.measure_from <= now <= sink.measure_to:
+            sink.window_deliveries += 1
+        k = data.find(BODY) + 8
+        try:
+            sent = int(data[k : k + 20])
+            sender = int(data[k + 21 : k + 27])
+        except ValueError:
+            return  # not one of ours (history room)
+        if sender != self.gid:
+            if sink.measure_from <= sent <= sink.measure_to:
+                sink.latencies.append(now - sent)
+            b = (sent - sink.timeline_start) // TIMELINE_STEP
+            if 0 <= b < len(sink.timeline) and now - sent > sink.timeline[b]:
+                sink.timeline[b] = now - sent
+        if self.on_message is not None:
+            self.on_message(seq, sender)
+
+    def _on_other(self, data: bytes, now: int) -> None:
+        sink = self.sink
+        if data.startswith(ACK):
             k = data.find(CLIENT_ID) + 13
             i = data.find(SEQ) + 6
             sent = int(data[k : k + 20])
@@ -215,9 +233,7 @@ class WsClient(asyncio.Protocol):
         else:
             frame = json.loads(data)
             kind = frame.get("type")
-            if kind == "messages" and not self.is_ready:  # /socket's replay: one frame per page
-                self.replayed += len(frame.get("messages") or ())
-            elif kind == "ready":
+            if kind == "ready":
                 self.readies += 1
                 if self.subscribed is not None and self.readies >= self.wanted and not self.subscribed.done():
                     self.subscribed.set_result(None)

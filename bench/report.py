@@ -84,6 +84,62 @@ def ack_floor(rows: list[dict[str, Any]], rate: int, single: dict[str, Any]) -> 
     return sum_quantile(base["ack_ms"]["sketch"], single["commit_ms"]["sketch"], 0.99)
 
 
+def live_batch_pair(results: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+    """The live=batch run and the in-memory run at its rate (its own, or the latency scenario's)."""
+    rows = results.get("livebatch")
+    if not isinstance(rows, list):
+        return None
+    chat = next((r for r in rows if r["system"] == "chat"), None)
+    if chat is None:
+        return None
+    latency = results.get("latency")
+    candidates = [*rows, *(latency if isinstance(latency, list) else [])]
+    base = next((r for r in candidates if r["system"] == "inmemory" and r["rate"] == chat["rate"]), None)
+    return chat, base
+
+
+def _live_batch_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    pair = live_batch_pair(results)
+    if pair is None:
+        return []
+    chat, base = pair
+    rate, cost = chat["rate"], cpu_cost(chat)
+    stored = cost["per_stored_us"]
+    out = [
+        _target(
+            f"server CPU per stored message @ {rate:,} msg/s, live=batch",
+            f"{_n(None if stored is None else stored / 1000, 3)} ms",
+            None if stored is None else stored / 1000,
+            "<= 0.25 ms",
+            None if stored is None else stored <= 250.0,
+        )
+    ]
+    if base is not None:
+        mine, theirs = cost["per_delivery_us"], cpu_cost(base)["per_delivery_us"]
+        r = ratio(mine, theirs)
+        out.append(
+            _target(
+                f"server CPU per delivery @ {rate:,} msg/s, live=batch vs in-memory",
+                f"{_n(mine)} vs {_n(theirs)} µs",
+                r,
+                "<= 2x",
+                None if r is None else r <= 2.0,
+            )
+        )
+        p99, base_p99 = chat["latency_ms"]["p99"], base["latency_ms"]["p99"]
+        r = ratio(p99, base_p99)
+        out.append(
+            _target(
+                f"e2e p99 @ {rate:,} msg/s, live=batch vs in-memory",
+                f"{_n(p99)} vs {_n(base_p99)} ms, lost {chat['lost']}",
+                r,
+                "<= 2x",
+                None if r is None else r <= 2.0 and chat["lost"] == 0,
+            )
+        )
+    return out
+
+
 def _target(name: str, measured: str, value: float | None, required: str, met: bool | None) -> dict[str, Any]:
     return {"target": name, "measured": measured, "value": value, "required": required, "met": met}
 
@@ -266,6 +322,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     None if r is None else r <= 2.0,
                 )
             )
+    out += _live_batch_targets(results)
     if _ok(idle) and isinstance(idle, dict) and idle.get("inmemory"):
         base_levels = {lv["sockets"]: lv for lv in idle["inmemory"]["levels"]}
         for level in idle["chat"]["levels"]:
@@ -454,7 +511,8 @@ def markdown(results: dict[str, Any]) -> str:
                 )  # fmt: skip
         lines.append("")
 
-    costed = [*_latency_pairs(results), *hot]
+    batched = live_batch_pair(results)
+    costed = [*_latency_pairs(results), *([batched] if batched else []), *hot]
     if costed:
         lines += [
             "### CPU per stored message and per delivery (server processes' CPU over the measured window)",
@@ -470,6 +528,8 @@ def markdown(results: dict[str, Any]) -> str:
             mine = cpu_cost(chat)
             theirs = cpu_cost(base) if base else {"per_delivery_us": None}
             kind = "hot sender" if chat.get("senders") == 1 and chat.get("rooms") == 1 else "latency"
+            if chat.get("live") == "batch":
+                kind += ", live=batch"
             lines.append(
                 _row(
                     kind, _n(chat["rate"]), _n(chat["cpu"].get("chat_servers"), 0), _n(mine["per_stored_us"]),

@@ -169,6 +169,7 @@ class Run:
         rooms: int | None = None,
         members: int | None = None,
         senders_per_room: int | None = None,
+        live_batch: bool = False,
     ) -> dict[str, Any]:
         """`rooms` x `members` sockets spread over `servers` (member m on server m mod K) and over
         the load generator's processes; all of them send (or the first `senders_per_room` of each
@@ -189,7 +190,8 @@ class Run:
                 server = servers[m % len(servers)]
                 token = self.tokens[gid % len(self.tokens)]
                 w = (r * n_members + m) % workers
-                specs[w].append((gid, server.ws(f"/rooms/{room}/ws"), room, token))
+                query = "?live=batch" if live_batch else ""  # chat's live batches (the page's)
+                specs[w].append((gid, server.ws(f"/rooms/{room}/ws{query}"), room, token))
                 if m < speaking:
                     senders[w].append(gid)
         opened = gen.all("open", [{"specs": s} for s in specs])
@@ -246,6 +248,7 @@ class Run:
             closed.update({str(k): v for k, v in d["closed"].items()})
         result: dict[str, Any] = {
             "system": system,
+            "live": "batch" if live_batch else "frames",
             "processes": len(servers),
             "rate": rate,
             "rooms": n_rooms,

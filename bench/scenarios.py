@@ -22,6 +22,7 @@ def run_all(run: Run) -> None:
     run.scenario("limits", lambda: machine_limits(run))
     run.scenario("history", lambda: history_pages(run))
     run.scenario("latency", lambda: latency(run))
+    run.scenario("livebatch", lambda: live_batch(run))
     run.scenario("hot", lambda: hot_sender(run))
     run.scenario("throughput", lambda: throughput(run))
     run.scenario("join", lambda: join_cost(run))
@@ -114,6 +115,37 @@ def latency(run: Run) -> list[dict[str, Any]]:
                 f"loadgen CPU {row['cpu'].get('loadgen')}%, checkpoints {row['checkpoints']}"
             )
             rows.append(row)
+    return rows
+
+
+def live_batch(run: Run) -> list[dict[str, Any]]:
+    """The top latency rate again, every socket asking for live batches (`?live=batch`, as the
+    page does): the messages one commit stored reach a socket as one frame. The in-memory
+    baseline is the latency scenario's at that rate (run here only if that scenario was not)."""
+    knobs = run.knobs
+    assert run.inmemory is not None
+    rate = max(knobs.rates)
+    rows = []
+    measured = run.results.get("latency")
+    has_base = isinstance(measured, list) and any(r["system"] == "inmemory" and r["rate"] == rate for r in measured)
+    for system, servers in (("chat", run.chat), ("inmemory", [run.inmemory])):
+        if system == "inmemory" and has_base:
+            continue
+        row = run.load_run(
+            system,
+            servers,
+            tag=f"lb{rate}-{system[:2]}",
+            rate=rate,
+            duration=knobs.duration,
+            warmup=knobs.warmup,
+            live_batch=system == "chat",
+        )
+        lat = row["latency_ms"]
+        log(
+            f"  {system} (live={row['live']}) @ {rate}/s: p50 {_f(lat['p50'])} p99 {_f(lat['p99'])} ms, "
+            f"{row['deliveries_per_s']:.0f} deliveries/s, lost {row['lost']}, CPU {row['cpu']}"
+        )
+        rows.append(row)
     return rows
 
 

@@ -23,6 +23,9 @@ def test_bench_smoke(database_url: str, tmp_path: Path) -> None:
         assert run["lost"] == 0, run
         # Each run starts from a CHECKPOINT and counts the checkpoints started during it.
         assert isinstance(run["checkpoints"], int) and run["checkpoints"] >= 0, run
+    [batched] = [r for r in results["livebatch"] if r["system"] == "chat"]  # the page's live batches
+    assert batched["live"] == "batch" and batched["lost"] == 0 and batched["received"] > 0, batched
+    assert any("live=batch" in str(t) for t in results["targets"])
     for run in results["hot"]:
         assert run["lost"] == 0 and run["senders"] == 1, run
     for kind in results["multiroom"]["memory"].values():
