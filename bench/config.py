@@ -72,6 +72,9 @@ class Knobs:
     # hot sender: one socket sends into one room of hot_members, spread over the processes
     hot_rates: tuple[int, ...] = (500, 1000)
     hot_members: int = 20
+    # live=batch: one commit of burst_messages reaches burst_sockets sockets of one process
+    burst_messages: int = 5000
+    burst_sockets: int = 20
     # many rooms on one socket: users on /socket with multiroom_rooms rooms each, against as many
     # room sockets each, and against one room each (a fresh server process, for clean RSS)
     multiroom_users: int = 100
@@ -142,6 +145,8 @@ SMOKE = Knobs(
     single_commit_rate=50.0,
     hot_rates=(50,),
     hot_members=4,
+    burst_messages=200,
+    burst_sockets=4,
     multiroom_users=3,
     multiroom_rooms=4,
     multiroom_samples=2,

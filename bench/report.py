@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from bench.stats import ratio, sum_quantile
@@ -86,7 +87,8 @@ def ack_floor(rows: list[dict[str, Any]], rate: int, single: dict[str, Any]) -> 
 
 def live_batch_pair(results: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
     """The live=batch run and the in-memory run at its rate (its own, or the latency scenario's)."""
-    rows = results.get("livebatch")
+    found = results.get("livebatch")
+    rows = found.get("rows") if isinstance(found, dict) else None
     if not isinstance(rows, list):
         return None
     chat = next((r for r in rows if r["system"] == "chat"), None)
@@ -138,6 +140,35 @@ def _live_batch_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             )
         )
     return out
+
+
+def _burst_lines(found: Any) -> list[str]:
+    """The live=batch burst: medians of the trials of each `live`."""
+    burst = found.get("burst") if isinstance(found, dict) else None
+    if not burst:
+        return []
+    first = burst[0]
+    lines = [
+        f"### Live batches: one commit of {first['messages']:,} messages to {first['sockets']} sockets of one process",
+        "",
+        "The server's CPU to deliver it (medians of the trials), with one `message` frame per message "
+        "(`live=frames`) and with `?live=batch` (the page's): the messages that one commit stored "
+        "reach a socket in `messages` frames of up to 64 KiB.",
+        "",
+        "| live | trials | server CPU ms | µs per delivery | all read in ms |",
+        "|---|---|---|---|---|",
+    ]
+    for live in ("frames", "batch"):
+        mine = [b for b in burst if b["live"] == live]
+        if mine:
+            lines.append(
+                _row(
+                    live, len(mine), _n(statistics.median(b["cpu_ms"] for b in mine), 0),
+                    _n(statistics.median(b["us_per_delivery"] for b in mine), 2),
+                    _n(statistics.median(b["wall_ms"] for b in mine), 0),
+                )
+            )  # fmt: skip
+    return [*lines, ""]
 
 
 def _target(name: str, measured: str, value: float | None, required: str, met: bool | None) -> dict[str, Any]:
@@ -538,6 +569,8 @@ def markdown(results: dict[str, Any]) -> str:
                 )
             )  # fmt: skip
         lines.append("")
+
+    lines += _burst_lines(results.get("livebatch"))
 
     tput = results.get("throughput")
     if _ok(tput):

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import asyncpg
+import psutil
 
 from bench import history, limits, profiling
 from bench.cluster import CpuMeter, Server
@@ -118,10 +119,12 @@ def latency(run: Run) -> list[dict[str, Any]]:
     return rows
 
 
-def live_batch(run: Run) -> list[dict[str, Any]]:
-    """The top latency rate again, every socket asking for live batches (`?live=batch`, as the
-    page does): the messages one commit stored reach a socket as one frame. The in-memory
-    baseline is the latency scenario's at that rate (run here only if that scenario was not)."""
+def live_batch(run: Run) -> dict[str, Any]:
+    """Live batches (`?live=batch`, the page's), two ways. `rows`: the top latency rate again,
+    every socket asking for them, against the latency scenario's in-memory run at that rate (run
+    here only if that scenario was not). `burst`: one commit of `burst_messages` into a room of
+    `burst_sockets` sockets on one process (as after a stall, or a bulk insert), the server's CPU
+    to deliver it with each `live`, three times each, alternating."""
     knobs = run.knobs
     assert run.inmemory is not None
     rate = max(knobs.rates)
@@ -146,7 +149,65 @@ def live_batch(run: Run) -> list[dict[str, Any]]:
             f"{row['deliveries_per_s']:.0f} deliveries/s, lost {row['lost']}, CPU {row['cpu']}"
         )
         rows.append(row)
-    return rows
+    burst = []
+    for trial in range(3):
+        for live in ("frames", "batch"):
+            room = f"burst-{run.id}-{trial}-{live}"
+            one = asyncio.run(_burst(run.chat[0], run.db.dsn, run.tokens[0], live=live, room=room, knobs=knobs))
+            log(
+                f"  burst of {one['messages']} to {one['sockets']} sockets, live={live}: server CPU "
+                f"{one['cpu_ms']:.0f} ms ({one['us_per_delivery']} µs per delivery), "
+                f"all read in {one['wall_ms']:.0f} ms"
+            )
+            burst.append(one)
+    return {"rows": rows, "burst": burst}
+
+
+async def _burst(server: Server, dsn: str, token: str, *, live: str, room: str, knobs: Any) -> dict[str, Any]:
+    from websockets.asyncio.client import connect
+
+    messages, sockets = knobs.burst_messages, knobs.burst_sockets
+    url = server.ws(f"/rooms/{room}/ws?live={live}&token={token}")
+    clients = [await connect(url, max_size=None, compression=None) for _ in range(sockets)]
+    conn = await asyncpg.connect(dsn)
+    try:
+        for ws in clients:
+            while json.loads(await ws.recv())["type"] != "ready":
+                pass
+        room_id = await conn.fetchval("SELECT id FROM rooms WHERE name = $1", room)
+
+        async def read(ws: Any) -> None:
+            got = 0
+            while got < messages:
+                frame = json.loads(await ws.recv())
+                if frame["type"] == "message":
+                    got += 1
+                elif frame["type"] == "messages":
+                    got += len(frame["messages"])
+
+        readers = [asyncio.create_task(read(ws)) for ws in clients]
+        process = psutil.Process(server.pid)
+        before, started = sum(process.cpu_times()[:2]), time.monotonic()
+        await conn.execute(
+            "INSERT INTO messages (room_id, author, body) SELECT $1, 'bench-burst', 'burst ' || g "
+            "FROM generate_series(1, $2) AS g",
+            room_id,
+            messages,
+        )
+        await asyncio.wait_for(asyncio.gather(*readers), 300)
+        cpu_s, wall = sum(process.cpu_times()[:2]) - before, time.monotonic() - started
+    finally:
+        await conn.close()
+        for ws in clients:
+            await ws.close()
+    return {
+        "live": live,
+        "messages": messages,
+        "sockets": sockets,
+        "cpu_ms": round(cpu_s * 1000, 1),
+        "us_per_delivery": round(cpu_s * 1e6 / (messages * sockets), 2),
+        "wall_ms": round(wall * 1000, 1),
+    }
 
 
 def _f(value: float | None) -> str:

@@ -264,7 +264,7 @@ class RoomFeed:
         staged = self._staged
         if staged is None:
             staged = self._staged = []
-            asyncio.get_running_loop().call_soon(self._flush_staged)
+            self.task.get_loop().call_soon(self._flush_staged)  # (get_running_loop costs a getpid)
         staged.append(subscription)
 
     def _flush_staged(self) -> None:

@@ -23,9 +23,11 @@ def test_bench_smoke(database_url: str, tmp_path: Path) -> None:
         assert run["lost"] == 0, run
         # Each run starts from a CHECKPOINT and counts the checkpoints started during it.
         assert isinstance(run["checkpoints"], int) and run["checkpoints"] >= 0, run
-    [batched] = [r for r in results["livebatch"] if r["system"] == "chat"]  # the page's live batches
+    [batched] = [r for r in results["livebatch"]["rows"] if r["system"] == "chat"]  # the page's live batches
     assert batched["live"] == "batch" and batched["lost"] == 0 and batched["received"] > 0, batched
     assert any("live=batch" in str(t) for t in results["targets"])
+    burst = results["livebatch"]["burst"]  # one commit's messages, delivered with each `live`
+    assert sorted(b["live"] for b in burst) == ["batch"] * 3 + ["frames"] * 3, burst
     for run in results["hot"]:
         assert run["lost"] == 0 and run["senders"] == 1, run
     for kind in results["multiroom"]["memory"].values():
@@ -53,4 +55,5 @@ def test_bench_smoke(database_url: str, tmp_path: Path) -> None:
     paths = results["paths"]
     assert json.loads(Path(paths["json"]).read_text())["meta"]["seconds"] >= 0
     assert "Targets" in Path(paths["markdown"]).read_text()
+    assert "### Live batches: one commit of" in Path(paths["markdown"]).read_text()
     assert Path(paths["png"]).stat().st_size > 0
