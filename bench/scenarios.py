@@ -8,6 +8,7 @@ import asyncio
 import http.client
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -100,23 +101,39 @@ def latency(run: Run) -> list[dict[str, Any]]:
             profile_to = None
             if knobs.profile and system == "chat" and rate == max(knobs.rates):
                 profile_to = run.log_dir / f"profile-chat-{rate}.txt"
-            row = run.load_run(
-                system,
-                servers,
-                tag=f"lat{rate}-{system[:2]}",
-                rate=rate,
-                duration=knobs.duration,
-                warmup=knobs.warmup,
-                profile_to=profile_to,
-            )
-            lat = row["latency_ms"]
-            log(
-                f"  {system} @ {rate}/s: p50 {_f(lat['p50'])} p99 {_f(lat['p99'])} ms, "
-                f"{row['deliveries_per_s']:.0f} deliveries/s, lost {row['lost']}, "
-                f"loadgen CPU {row['cpu'].get('loadgen')}%, checkpoints {row['checkpoints']}"
-            )
-            rows.append(row)
+            rows.append(_latency_run(run, system, servers, rate, tag="lat", profile_to=profile_to))
     return rows
+
+
+def _latency_run(
+    run: Run,
+    system: str,
+    servers: list[Server],
+    rate: int,
+    *,
+    tag: str,
+    profile_to: Path | None = None,
+    live_batch: bool = False,
+) -> dict[str, Any]:
+    """One run of the latency scenario's shape (rooms x members, every member sends), logged."""
+    knobs = run.knobs
+    row = run.load_run(
+        system,
+        servers,
+        tag=f"{tag}{rate}-{system[:2]}",
+        rate=rate,
+        duration=knobs.duration,
+        warmup=knobs.warmup,
+        profile_to=profile_to,
+        live_batch=live_batch,
+    )
+    lat = row["latency_ms"]
+    log(
+        f"  {system} (live={row['live']}) @ {rate}/s: p50 {_f(lat['p50'])} p99 {_f(lat['p99'])} ms, "
+        f"{row['deliveries_per_s']:.0f} deliveries/s, lost {row['lost']}, "
+        f"loadgen CPU {row['cpu'].get('loadgen')}%, checkpoints {row['checkpoints']}"
+    )
+    return row
 
 
 def live_batch(run: Run) -> dict[str, Any]:
@@ -128,27 +145,11 @@ def live_batch(run: Run) -> dict[str, Any]:
     knobs = run.knobs
     assert run.inmemory is not None
     rate = max(knobs.rates)
-    rows = []
     measured = run.results.get("latency")
     has_base = isinstance(measured, list) and any(r["system"] == "inmemory" and r["rate"] == rate for r in measured)
-    for system, servers in (("chat", run.chat), ("inmemory", [run.inmemory])):
-        if system == "inmemory" and has_base:
-            continue
-        row = run.load_run(
-            system,
-            servers,
-            tag=f"lb{rate}-{system[:2]}",
-            rate=rate,
-            duration=knobs.duration,
-            warmup=knobs.warmup,
-            live_batch=system == "chat",
-        )
-        lat = row["latency_ms"]
-        log(
-            f"  {system} (live={row['live']}) @ {rate}/s: p50 {_f(lat['p50'])} p99 {_f(lat['p99'])} ms, "
-            f"{row['deliveries_per_s']:.0f} deliveries/s, lost {row['lost']}, CPU {row['cpu']}"
-        )
-        rows.append(row)
+    rows = [_latency_run(run, "chat", run.chat, rate, tag="lb", live_batch=True)]
+    if not has_base:
+        rows.append(_latency_run(run, "inmemory", [run.inmemory], rate, tag="lb"))
     burst = []
     for trial in range(3):
         for live in ("frames", "batch"):

@@ -24,7 +24,7 @@ from tests.browser import (
 from tests.conftest import MakeToken, unique
 from tests.roomclient import RoomClient
 from tests.servers import Server
-from tests.test_writer import RoomLock, send_ping, wait_for_lock_wait
+from tests.test_writer import commit_together
 
 OpenPage = Callable[..., Awaitable[ChatPage]]
 
@@ -595,7 +595,7 @@ async def test_messages_that_commit_together_arrive_in_one_frame(
     """The page's socket asks for live batches (`/socket?live=batch`): five messages that waited
     behind a locked room commit together and reach the page in one `messages` frame. The open
     room shows them in order; a page with the room in the background counts all five."""
-    room, elsewhere, lock = unique("together"), unique("elsewhere"), RoomLock(database_url)
+    room, elsewhere = unique("together"), unique("elsewhere")
     alice = await open_page(server_a, "alice")
     live_frames: list[str] = []
     alice.page.on("websocket", lambda ws: ws.on("framereceived", lambda data: live_frames.append(str(data))))
@@ -605,23 +605,14 @@ async def test_messages_that_commit_together_arrive_in_one_frame(
     bob = await open_page(server_b, "bob")
     await bob.join(room)
     await bob.join(elsewhere)
-    async with await RoomClient.open(server_b.ws(f"/rooms/{room}/ws"), await make_token()) as carol:
+    author = unique("carol")
+    async with await RoomClient.open(server_b.ws(f"/rooms/{room}/ws"), await make_token(author)) as carol:
         await carol.ready()
-        await lock.take(room)
-        try:
-            await carol.send("one", client_id="c0")
-            await wait_for_lock_wait(database_url)  # the first waits; the other four gather behind it
-            for n, body in enumerate(("two", "three", "four", "five"), start=1):
-                await carol.send(body, client_id=f"c{n}")
-            await send_ping(carol)
-            await carol.until("pong")
-        finally:
-            await lock.release()
-        await carol.until("ack", client_id="c4")
-        author = carol.messages()[0]["author"] if carol.messages() else None
+        await commit_together(carol, database_url, room, ["one", "two", "three", "four", "five"], "c")
     await alice.wait_seqs([1, 2, 3, 4, 5])
-    assert [body for _, _, body in await alice.rows()] == ["one", "two", "three", "four", "five"]
-    assert {who for _, who, _ in await alice.rows()} == {author}
+    assert await alice.rows() == [
+        (n, author, body) for n, body in enumerate(["one", "two", "three", "four", "five"], 1)
+    ]
     batches = [json.loads(f) for f in live_frames if f.startswith('{"type":"messages"')]
     assert any(len(b["messages"]) >= 4 and b["room"] == room for b in batches), live_frames
     await expect(bob.page.locator(f'#room-list [data-room="{room}"] .badge')).to_have_text("5")

@@ -17,7 +17,7 @@ from chat import store
 from tests.conftest import MakeToken, unique
 from tests.roomclient import RoomClient
 from tests.servers import Server
-from tests.test_writer import RoomLock, send_ping, wait_for_lock_wait
+from tests.test_writer import commit_together
 
 
 async def send(client: RoomClient, **frame: Any) -> None:
@@ -175,7 +175,7 @@ async def test_live_batch_on_the_socket_of_many_rooms(
 ) -> None:
     """`/socket?live=batch`: sends that commit together reach the socket as one `messages` frame
     naming its room, after the room's `ready`; the messages are the room socket's, in order."""
-    room, lock = unique("mx-live"), RoomLock(database_url)
+    room = unique("mx-live")
     async with (
         await RoomClient.open(server_a.ws(f"/rooms/{room}/ws"), await make_token()) as sender,
         await RoomClient.open(server_b.ws("/socket?live=batch"), await make_token()) as reader,
@@ -183,17 +183,7 @@ async def test_live_batch_on_the_socket_of_many_rooms(
         await sender.ready()
         await send(reader, type="subscribe", room=room)
         await reader.until("ready", room=room)
-        await lock.take(room)
-        try:
-            await sender.send("x0", client_id="x0")
-            await wait_for_lock_wait(database_url)  # the first waits; the other four gather behind it
-            for n in range(1, 5):
-                await sender.send(f"x{n}", client_id=f"x{n}")
-            await send_ping(sender)
-            await sender.until("pong")
-        finally:
-            await lock.release()
-        await sender.until("ack", client_id="x4")
+        await commit_together(sender, database_url, room, [f"x{n}" for n in range(5)], "x")
         async with asyncio.timeout(15):
             while len(messages(reader, room)) < 5:
                 await reader.until("messages", room=room)

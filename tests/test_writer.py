@@ -603,6 +603,26 @@ class RoomLock:
             await self.conn.close()
 
 
+async def commit_together(
+    sender: RoomClient, database_url: str, room: str, bodies: list[str], prefix: str
+) -> list[dict[str, Any]]:
+    """Send bodies[0] into a locked room, wait until its batch waits on the lock, send the rest
+    (they gather into the writer's next batch), then release: the rest commit together, in one
+    statement. Returns the acks, in order (client_ids `prefix` + index)."""
+    lock = RoomLock(database_url)
+    await lock.take(room)
+    try:
+        await sender.send(bodies[0], client_id=f"{prefix}0")
+        await wait_for_lock_wait(database_url)
+        for n, body in enumerate(bodies[1:], start=1):
+            await sender.send(body, client_id=f"{prefix}{n}")
+        await send_ping(sender)
+        await sender.until("pong")  # all of them reached the writer
+    finally:
+        await lock.release()
+    return [await sender.until("ack", client_id=f"{prefix}{n}") for n in range(len(bodies))]
+
+
 def types(client: RoomClient) -> list[tuple[str, Any]]:
     """What the socket received apart from messages: (type, client_id) in order."""
     skip = ("message", "join", "leave", "ready")

@@ -27,7 +27,7 @@ from tests.roomclient import RoomClient
 from tests.servers import DEFAULT_LIMITS, Server
 from tests.test_auth import refusal
 from tests.test_faults import listener_pids
-from tests.test_writer import RoomLock, send_ping, wait_for_lock_wait
+from tests.test_writer import commit_together
 
 
 @pytest.fixture(scope="module")
@@ -413,7 +413,7 @@ async def test_live_batch_sends_one_commits_messages_as_one_frame(
     """`live=batch`, on both processes: the five sends that waited behind a locked room commit
     together and reach each batch socket as one `messages` frame. Every socket, batched or not,
     gets the same messages (same seqs, same JSON) in the same order."""
-    room, lock = unique("live-batch"), RoomLock(database_url)
+    room = unique("live-batch")
     async with await RoomClient.open(server_a.ws(f"/rooms/{room}/ws"), await make_token()) as sender:
         await sender.ready()
         readers = [
@@ -424,17 +424,7 @@ async def test_live_batch_sends_one_commits_messages_as_one_frame(
         try:
             for reader in readers:
                 await reader.ready()
-            await lock.take(room)
-            try:
-                await sender.send("b0", client_id="b0")
-                await wait_for_lock_wait(database_url)  # the first waits; the other five gather behind it
-                for n in range(1, 6):
-                    await sender.send(f"b{n}", client_id=f"b{n}")
-                await send_ping(sender)
-                await sender.until("pong")  # all six reached the writer
-            finally:
-                await lock.release()
-            acks = [await sender.until("ack", client_id=f"b{n}") for n in range(6)]
+            acks = await commit_together(sender, database_url, room, [f"b{n}" for n in range(6)], "b")
             for client in (sender, *readers):
                 await client.until_seq(acks[-1]["seq"])
             expected = sender.messages()
