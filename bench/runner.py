@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench import report, scenarios
+from bench import history, report, scenarios
 from bench.config import Knobs
 from bench.run import Run, log, pg_log_summary, sleep_until
 from bench.stats import summary
@@ -43,6 +43,8 @@ def render(json_path: Path) -> dict[str, Path]:
     kept = Path(results.get("meta", {}).get("logs", "")) / "postgres.log"
     if kept.exists():
         results["postgres_log"] = pg_log_summary(kept)
+    if isinstance(results.get("history"), dict) and "sql" in results["history"]:
+        history.reread_plans(results["history"])
     results["targets"] = report.targets(results)
     return write_outputs(results, json_path.parent, json_path.stem)
 
