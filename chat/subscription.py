@@ -103,10 +103,7 @@ class Subscription:
     def deliver(self, message: MessageRecord, frame: str | None = None) -> None:
         """Queue a live message; `frame`: the room protocol's frame of it if the caller has it
         (the feed's, shared by all its sockets)."""
-        if self.replaying or message.seq <= self.cursor:
-            return  # replay sends it (or already did)
-        self.cursor = message.seq
-        text = self._text(message, frame)
+        text = self._live_text(message, frame)
         if text is not None:
             self.client.offer(text, 1)
 
@@ -114,10 +111,7 @@ class Subscription:
         """deliver(), but the frame waits for flush_staged(), which the feed calls once the
         messages that arrived with this one are staged too. True when this is the first staged:
         the feed then owes this subscription a flush."""
-        if self.replaying or message.seq <= self.cursor:
-            return False
-        self.cursor = message.seq
-        text = self._text(message, frame)
+        text = self._live_text(message, frame)
         if text is None:
             return False
         staged = self._staged
@@ -127,16 +121,19 @@ class Subscription:
         staged.append(text)
         return False
 
+    def _live_text(self, message: MessageRecord, frame: str | None) -> str | None:
+        """The frame of a live message this socket has not had, moving its cursor; None if the
+        replay sends it (or already did), or this socket does not show it."""
+        if self.replaying or message.seq <= self.cursor:
+            return None
+        self.cursor = message.seq
+        return self._text(message, frame)
+
     def flush_staged(self) -> None:
-        """Send what stage() kept: one message as its own frame, several as `messages` frames
-        (of up to REPLAY_BATCH_BYTES each, as a replay's)."""
+        """Send what stage() kept: a lone message as its own frame, several as `messages`
+        frames (of up to REPLAY_BATCH_BYTES each, as a replay's)."""
         staged, self._staged = self._staged, None
-        if not staged:
-            return
-        if len(staged) == 1:
-            self.client.offer(staged[0], 1)
-            return
-        for frames in batches(staged, REPLAY_BATCH_BYTES):
+        for frames in batches(staged or [], REPLAY_BATCH_BYTES):
             if len(frames) == 1:
                 self.client.offer(frames[0], 1)
             else:
