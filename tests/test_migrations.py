@@ -155,3 +155,48 @@ def test_membership_migration_on_a_filled_database(postgres: Database) -> None:
     assert "memberships" not in tables and "mentions" not in tables and "messages" in tables
     run_migrations(url)
     assert asyncio.run(look())[0] == rooms
+
+
+def test_search_index_has_no_pending_list(postgres: Database) -> None:
+    """Migration 0012: the search index takes entries at once (fastupdate off; its pending list's
+    flush stalled the writer's INSERT), and what was pending before it is merged, not left for
+    every search to read."""
+    url = postgres.create("chat_migrations_search")
+    command.upgrade(_config(url), "0011")
+    index = "messages_room_search_idx"
+
+    async def fill(name: str) -> None:
+        conn = await asyncpg.connect(libpq_url(url))
+        try:
+            user_id = await conn.fetchval("INSERT INTO users (name) VALUES ($1) RETURNING id", name)
+            room_id = await conn.fetchval("INSERT INTO rooms (name) VALUES ($1) RETURNING id", name)
+            await conn.execute(
+                "INSERT INTO messages (room_id, author_id, author, body)"
+                " SELECT $1, $2, $3, 'word ' || i FROM generate_series(1, 200) i",
+                room_id,
+                user_id,
+                name,
+            )
+        finally:
+            await conn.close()
+
+    async def look() -> tuple[list[str] | None, int, int]:
+        conn = await asyncpg.connect(libpq_url(url))
+        try:
+            await conn.execute("CREATE EXTENSION IF NOT EXISTS pageinspect")
+            options = await conn.fetchval("SELECT reloptions FROM pg_class WHERE relname = $1", index)
+            pending = await conn.fetchval("SELECT n_pending_tuples FROM gin_metapage_info(get_raw_page($1, 0))", index)
+            found = await conn.fetchval("SELECT count(*) FROM messages WHERE search @@ to_tsquery('simple', 'word')")
+            return options, pending, found
+        finally:
+            await conn.close()
+
+    asyncio.run(fill("before"))
+    options, pending, found = asyncio.run(look())
+    assert options is None and pending == 200 and found == 200  # before: the 200 rows are pending
+    run_migrations(url)
+    options, pending, found = asyncio.run(look())
+    assert options == ["fastupdate=off"] and pending == 0 and found == 200
+    asyncio.run(fill("after"))  # new rows go into the index itself
+    options, pending, found = asyncio.run(look())
+    assert pending == 0 and found == 400
