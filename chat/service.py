@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import logging
@@ -197,13 +198,20 @@ class RoomSession:
             self.client.client.settle = inflight.settle
         return inflight
 
-    async def replay(self, *, after: int | None, online: list[str]) -> None:
+    def replay_early(self, *, after: int | None) -> EarlyReplay:
+        """The replay, started now: its slot and first page are taken while the caller confirms
+        the join (the presence enter, which rechecks membership), and nothing is sent before
+        `EarlyReplay.go`. One round trip less before `ready` than replay() after the enter."""
+        return EarlyReplay(self, after)
+
+    async def replay(self, *, after: int | None, online: list[str] | asyncio.Future[list[str]]) -> None:
         """Queue the room's history, then `ready`, then go live. Each page is read on a pooled
         connection that is given back before the page is sent; sending waits for the reader
         (bounded by CHAT_REPLAY_SEND_TIMEOUT_SECONDS, then close 4000), and each user replays
         at most CHAT_REPLAYS_PER_USER at a time. Live messages are held back (not queued) until
         replay has read up to what the room's feed has dispatched. With `after`: every message
-        after it; without: the last CHAT_HISTORY_ON_JOIN."""
+        after it; without: the last CHAT_HISTORY_ON_JOIN. `online` as a future (replay_early):
+        the first page is read at once, and sent once the future has who is online."""
         sub = self.client
         timeout = self.settings.replay_send_timeout_seconds
         try:
@@ -220,7 +228,7 @@ class RoomSession:
             sub.kick(CLOSE_TRY_AGAIN, "database unavailable: reconnect and resume")
             return
 
-    async def _replay(self, after: int | None, timeout: float, online: list[str]) -> None:
+    async def _replay(self, after: int | None, timeout: float, online: list[str] | asyncio.Future[list[str]]) -> None:
         sub = self.client
         seen = self.hub.last_seq(self.room_id)  # read before the page: the page includes it
         async with reading(self.engine) as conn:
@@ -250,6 +258,8 @@ class RoomSession:
         else:
             sub.cursor = min(after, head)  # a cursor from the future: resume from now
             complete = len(rows) < REPLAY_PAGE
+        if isinstance(online, asyncio.Future):
+            online = await online  # the join is confirmed (and the socket accepted): send from here
         while True:
             await sub.replay_rows(rows, timeout=timeout)
             if after is None:
@@ -415,3 +425,32 @@ class RoomSession:
         reply = f'{head[:-1]},"has_more":{more},"messages":[{",".join(frames[len(frames) - kept :])}]}}'
         self.guard.charge_bytes(len(reply))
         self.client.offer(reply)
+
+
+class EarlyReplay:
+    """A replay running ahead of its join's confirmation (RoomSession.replay_early): `go` lets it
+    send, `cancel` ends it unsent (the join was refused). Either way, the caller awaits it."""
+
+    # Running replays, held here until done: a socket kicked before its replay starts (revoked,
+    # shutting down) does not await its task, and the loop keeps only weak references to tasks.
+    _running: set[asyncio.Task[None]] = set()
+
+    def __init__(self, session: RoomSession, after: int | None) -> None:
+        self._online: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        self.task = asyncio.create_task(session.replay(after=after, online=self._online))
+        self._running.add(self.task)
+        self.task.add_done_callback(self._running.discard)
+
+    def go(self, online: list[str]) -> None:
+        """The join is confirmed: send the replay, then `ready` with who is `online`."""
+        self._online.set_result(online)
+        del self._online  # not kept beyond the replay (a socket's frame may hold this object)
+
+    async def cancel(self) -> None:
+        """The join was refused: read pages are dropped unsent, the slot and connection given back."""
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+    async def wait(self) -> None:
+        await self.task

@@ -470,6 +470,48 @@ async def test_a_subscribe_under_way_when_its_removal_commits_does_not_stay(
         await multi.close()
 
 
+async def test_room_socket_joins_removed_while_their_replay_began_send_nothing_and_free_its_slot(
+    server_a: Server, make_token: MakeToken, engine: AsyncEngine
+) -> None:
+    """A room socket's replay takes its slot and reads its first page beside the presence enter.
+    A member removed while that enter waits (held here by a table lock) hears the removal (close
+    4003) and no history; more such joins than CHAT_REPLAYS_PER_USER (4) leave none of the user's
+    replay slots held: the next join replays at once instead of closing with 1013."""
+    async with users(server_a, make_token, "owner", "member") as (owner, member):
+        room = unique("early")
+        await owner.api.post("/rooms", json={"name": room, "visibility": "private"})
+        async with await RoomClient.open(server_a.ws(f"/rooms/{room}/ws"), owner.token) as speaker:
+            await speaker.ready()
+            await speaker.send("history", client_id="history")
+            await speaker.until("ack")
+            waiting = text(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                "WHERE c.relname = 'presence' AND NOT l.granted"
+            )
+            for _ in range(5):
+                await owner.api.post(f"/rooms/{room}/members", json={"user": member.name})
+                async with engine.connect() as conn:
+                    lock = await conn.begin()
+                    await conn.execute(text("LOCK TABLE presence IN EXCLUSIVE MODE"))  # writes wait, reads do not
+                    joining = asyncio.create_task(RoomClient.open(server_a.ws(f"/rooms/{room}/ws"), member.token))
+                    async with asyncio.timeout(15), engine.connect() as look:
+                        while not await look.scalar(waiting):
+                            await asyncio.sleep(0.05)
+                    removed = await owner.api.delete(f"/rooms/{room}/members/{member.name}")
+                    assert removed.json()["changed"] is True
+                    await speaker.until("removed", user=member.name)  # the event has come to this process
+                    await lock.rollback()
+                gone = await joining
+                assert await gone.wait_closed() == 4003
+                assert [f["type"] for f in gone.frames] == [], gone.frames
+            await owner.api.post(f"/rooms/{room}/members", json={"user": member.name})
+            async with await RoomClient.open(server_a.ws(f"/rooms/{room}/ws"), member.token) as joined:
+                await joined.ready()
+                assert "history" in [f["body"] for f in joined.frames if f["type"] == "message"]
+    log = server_a.log()
+    assert "Traceback" not in log and "never retrieved" not in log, log[-2000:]
+
+
 async def test_the_users_sockets_hear_that_their_room_list_changed(
     server_a: Server, server_b: Server, make_token: MakeToken
 ) -> None:
