@@ -7,7 +7,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SCENARIOS = ("limits", "latency", "livebatch", "throughput", "join", "idle", "history", "hot", "multiroom", "fanout")
+SCENARIOS = (
+    "limits", "latency", "livebatch", "cpusplit", "throughput", "join", "idle", "history", "hot", "multiroom", "fanout",
+)  # fmt: skip
 
 # The bench measures capacity, not policy: the per-connection and per-user rate limits and the
 # per-user connection and room caps are lifted (the limiter still runs on every frame). Unknown CHAT_*
@@ -45,6 +47,9 @@ class Knobs:
     start_rate: int = 250
     rate_factor: float = 1.5
     max_steps: int = 10
+    # after the first failing step: steps between the best pass and the lowest failure (their
+    # geometric mean), so that the maximum is known to better than one rate_factor
+    refine_steps: int = 2
     p99_limit_ms: float = 500.0  # a step fails above this e2e p99
     # scenario 3
     join_samples: int = 200
@@ -75,6 +80,9 @@ class Knobs:
     # live=batch: one commit of burst_messages reaches burst_sockets sockets of one process
     burst_messages: int = 5000
     burst_sockets: int = 20
+    # CPU split: the top latency rate again with split_members per room (against `members`): what
+    # the servers' CPU costs per delivery, and per message besides its deliveries
+    split_members: int = 2
     # many rooms on one socket: users on /socket with multiroom_rooms rooms each, against as many
     # room sockets each, and against one room each (a fresh server process, for clean RSS)
     multiroom_users: int = 100

@@ -56,11 +56,86 @@ def cpu_cost(row: dict[str, Any]) -> dict[str, float | None]:
     if busy is None:
         return {"per_stored_us": None, "per_delivery_us": None}
     cpu_s = busy / 100.0
-    stored = row["committed_per_s"] if row["system"] == "chat" else row["deliveries_per_s"] / max(1, row["members"])
+    stored = _messages_per_s(row)
     return {
         "per_stored_us": round(1e6 * cpu_s / stored, 1) if stored else None,
         "per_delivery_us": round(1e6 * cpu_s / row["deliveries_per_s"], 1) if row["deliveries_per_s"] else None,
     }
+
+
+def _messages_per_s(row: dict[str, Any]) -> float:
+    """Messages a load run's servers took per second: stored (chat), or broadcast (in-memory)."""
+    if row["system"] == "chat":
+        return float(row["committed_per_s"])
+    return float(row["deliveries_per_s"] / max(1, row["members"]))
+
+
+def cpu_split(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per system, from two load runs at one rate with different members per room (the same
+    messages, more or fewer deliveries): the servers' CPU per delivery (the difference in CPU over
+    the difference in deliveries) and per message besides its deliveries (what is left), in µs."""
+    out = []
+    for system in ("chat", "inmemory"):
+        mine = sorted((r for r in rows if r["system"] == system), key=lambda r: r["members"])
+        if len(mine) < 2:
+            continue
+        low, high = mine[0], mine[-1]
+        busy = "chat_servers" if system == "chat" else "inmemory"
+        cpu_low, cpu_high = low["cpu"].get(busy), high["cpu"].get(busy)
+        extra = high["deliveries_per_s"] - low["deliveries_per_s"]
+        messages = _messages_per_s(high)
+        if cpu_low is None or cpu_high is None or extra <= 0 or not messages:
+            continue
+        per_delivery = (cpu_high - cpu_low) * 1e4 / extra  # % of a core x 1e4 = µs of CPU per second
+        per_message = (cpu_high * 1e4 - per_delivery * high["deliveries_per_s"]) / messages
+        out.append(
+            {
+                "system": system,
+                "rate": high["rate"],
+                "members": [low["members"], high["members"]],
+                "cpu": [cpu_low, cpu_high],
+                "deliveries_per_s": [low["deliveries_per_s"], high["deliveries_per_s"]],
+                "per_delivery_us": round(per_delivery, 2),
+                "per_message_us": round(per_message, 1),
+            }
+        )
+    return out
+
+
+def _split_lines(found: Any) -> list[str]:
+    rows = found.get("rows") if isinstance(found, dict) else None
+    split = cpu_split(rows) if rows else []
+    if not split:
+        return []
+    rate, (few, many) = split[0]["rate"], split[0]["members"]
+    lines = [
+        f"### CPU split: {rate:,} msg/s with {few} and with {many} members per room",
+        "",
+        "The same messages with fewer deliveries: the difference in the servers' CPU over the difference in "
+        "deliveries is what a delivery costs; what is left, divided by the messages, is what a message costs "
+        "besides its deliveries (chat: receiving and checking the send, the writer's statement, the ack, and "
+        "the NOTIFY read and dispatched in every process).",
+        "",
+        "| system | servers' CPU % (fewer / more members) | deliveries/s "
+        "| µs per delivery | µs per message besides deliveries |",
+        "|---|---|---|---|---|",
+    ]
+    for row in split:
+        lines.append(
+            _row(
+                row["system"], _pair(_n(row["cpu"][0]), _n(row["cpu"][1])),
+                _pair(_n(row["deliveries_per_s"][0], 0), _n(row["deliveries_per_s"][1], 0)),
+                _n(row["per_delivery_us"], 2), _n(row["per_message_us"]),
+            )
+        )  # fmt: skip
+    lines.append("")
+    return lines
+
+
+def join_cpu_ms(variant: dict[str, Any]) -> float | None:
+    """The chat servers' CPU per join of a join variant, ms: their CPU over its joins."""
+    busy, rate = variant.get("cpu", {}).get("chat_servers"), variant.get("joins_per_s")
+    return round(10.0 * busy / rate, 2) if busy is not None and rate else None  # % / 100 / rate x 1000
 
 
 def _latency_pairs(results: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
@@ -556,6 +631,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("")
 
     lines += _burst_lines(results.get("livebatch"))
+    lines += _split_lines(results.get("cpusplit"))
 
     tput = results.get("throughput")
     if _ok(tput):
@@ -590,16 +666,18 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             "### 3. Join cost (TCP connect -> ready frame; bare accept: -> handshake done), ms",
             "",
-            "| variant | n | p50 | p99 | max | handshake p50 | joins/s | CPU loadgen / servers / postgres |",
-            "|---|---|---|---|---|---|---|---|",
+            "| variant | n | p50 | p99 | max | handshake p50 | joins/s | servers' CPU per join, ms "
+            "| CPU loadgen / servers / postgres |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
+        bare_cpu = join_cpu_ms(variants[0])
         for v in variants:
             ms = v["ready_ms"]
             lines.append(
                 _row(
                     v["variant"], v["n"], _with_ratio(ms["p50"], bare["p50"]), _with_ratio(ms["p99"], bare["p99"]),
                     _n(ms["max"]), _n(v["handshake_ms"]["p50"]), _n(v["joins_per_s"]),
-                    _cpu(v["cpu"], "loadgen", "chat_servers", "postgres"),
+                    _with_ratio(join_cpu_ms(v), bare_cpu), _cpu(v["cpu"], "loadgen", "chat_servers", "postgres"),
                 )
             )  # fmt: skip
         lines.append("")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ def run_all(run: Run) -> None:
     run.scenario("history", lambda: history_pages(run))
     run.scenario("latency", lambda: latency(run))
     run.scenario("livebatch", lambda: live_batch(run))
+    run.scenario("cpusplit", lambda: cpu_split(run))
     run.scenario("hot", lambda: hot_sender(run))
     run.scenario("throughput", lambda: throughput(run))
     run.scenario("join", lambda: join_cost(run))
@@ -134,6 +136,29 @@ def _latency_run(
         f"loadgen CPU {row['cpu'].get('loadgen')}%, checkpoints {row['checkpoints']}"
     )
     return row
+
+
+def cpu_split(run: Run) -> dict[str, Any]:
+    """The top latency rate with `split_members` members per room, against the latency run with
+    `members`: the same messages, fewer deliveries. The difference in the servers' CPU is what
+    deliveries cost, and the rest what each message costs besides them (report.cpu_split)."""
+    knobs = run.knobs
+    assert run.inmemory is not None
+    rate = max(knobs.rates)
+    rows = []
+    for members in (knobs.split_members, knobs.members):
+        for system, servers in (("chat", run.chat), ("inmemory", [run.inmemory])):
+            row = run.load_run(
+                system, servers, tag=f"split{members}-{system[:2]}", rate=rate, duration=knobs.duration,
+                warmup=knobs.warmup, members=members,
+            )  # fmt: skip
+            busy = row["cpu"].get("chat_servers" if system == "chat" else "inmemory")
+            log(
+                f"  {system} @ {rate}/s, {members} members per room: {row['deliveries_per_s']:.0f} deliveries/s, "
+                f"servers' CPU {busy}%, lost {row['lost']}"
+            )
+            rows.append(row)
+    return {"rows": rows}
 
 
 def live_batch(run: Run) -> dict[str, Any]:
@@ -265,47 +290,73 @@ def _step_passes(row: dict[str, Any], limit_ms: float) -> tuple[bool, str]:
     return not reasons, "; ".join(reasons)
 
 
+def refine_rate(passed: float, failed: float) -> int | None:
+    """The next rate to try between the best passing step and the lowest failing one: their
+    geometric mean, or None once they are within 10% (as precise as a step's noise allows)."""
+    if failed <= passed * 1.1:
+        return None
+    return round(math.sqrt(passed * failed))
+
+
 def throughput(run: Run) -> dict[str, Any]:
-    knobs = run.knobs
     assert run.inmemory is not None
-    result: dict[str, Any] = {}
-    for system, servers in (("chat", run.chat), ("inmemory", [run.inmemory])):
-        steps = []
-        best: dict[str, Any] | None = None
-        rate = float(knobs.start_rate)
-        for step in range(knobs.max_steps):
-            row = run.load_run(
-                system,
-                servers,
-                tag=f"tp{step}-{system[:2]}",
-                rate=round(rate),
-                duration=knobs.step_duration,
-                warmup=knobs.step_warmup,
-            )
-            row["passed"], row["why"] = _step_passes(row, knobs.p99_limit_ms)
-            log(
-                f"  {system} offered {round(rate)}/s: committed {row['committed_per_s']:.0f}/s, "
-                f"{row['deliveries_per_s']:.0f} deliveries/s, p99 {_f(row['latency_ms']['p99'])} ms, "
-                f"{'pass' if row['passed'] else 'FAIL: ' + row['why']}"
-            )
-            steps.append(row)
-            if not row["passed"]:
-                break
+    return {
+        system: _rising(run, system, servers) for system, servers in (("chat", run.chat), ("inmemory", [run.inmemory]))
+    }
+
+
+def _rising(run: Run, system: str, servers: list[Server]) -> dict[str, Any]:
+    """One system's steps: rising by rate_factor until one fails, then refine_steps between the
+    best pass and the lowest failure."""
+    knobs = run.knobs
+    steps: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    broke: dict[str, Any] | None = None  # the lowest failing step
+
+    def step(rate: float, tag: str, refine: bool) -> dict[str, Any]:
+        row = run.load_run(
+            system, servers, tag=f"{tag}-{system[:2]}", rate=round(rate), duration=knobs.step_duration,
+            warmup=knobs.step_warmup,
+        )  # fmt: skip
+        row["passed"], row["why"] = _step_passes(row, knobs.p99_limit_ms)
+        row["refine"] = refine
+        log(
+            f"  {system} offered {round(rate)}/s{' (refining)' if refine else ''}: committed "
+            f"{row['committed_per_s']:.0f}/s, {row['deliveries_per_s']:.0f} deliveries/s, "
+            f"p99 {_f(row['latency_ms']['p99'])} ms, {'pass' if row['passed'] else 'FAIL: ' + row['why']}"
+        )
+        steps.append(row)
+        return row
+
+    rate = float(knobs.start_rate)
+    for n in range(knobs.max_steps):
+        row = step(rate, f"tp{n}", refine=False)
+        if not row["passed"]:
+            broke = row
+            break
+        best = row
+        rate *= knobs.rate_factor
+    for n in range(knobs.refine_steps):
+        between = None if best is None or broke is None else refine_rate(best["rate"], broke["rate"])
+        if between is None:
+            break
+        row = step(between, f"tpr{n}", refine=True)
+        if row["passed"]:
             best = row
-            rate *= knobs.rate_factor
-        result[system] = {
-            "steps": steps,
-            "max_sustained": None
-            if best is None
-            else {
-                "offered": best["rate"],
-                "committed_per_s": best["committed_per_s"],
-                "deliveries_per_s": best["deliveries_per_s"],
-                "p99_ms": best["latency_ms"]["p99"],
-            },
-            "broke_at": None if steps[-1]["passed"] else {"offered": steps[-1]["rate"], "why": steps[-1]["why"]},
-        }
-    return result
+        else:
+            broke = row
+    return {
+        "steps": steps,
+        "max_sustained": None
+        if best is None
+        else {
+            "offered": best["rate"],
+            "committed_per_s": best["committed_per_s"],
+            "deliveries_per_s": best["deliveries_per_s"],
+            "p99_ms": best["latency_ms"]["p99"],
+        },
+        "broke_at": None if broke is None else {"offered": broke["rate"], "why": broke["why"]},
+    }
 
 
 # --- 3. join cost ------------------------------------------------------------------------------------

@@ -28,6 +28,14 @@ def test_bench_smoke(database_url: str, tmp_path: Path) -> None:
     assert any("live=batch" in str(t) for t in results["targets"])
     burst = results["livebatch"]["burst"]  # one commit's messages, delivered with each `live`
     assert sorted(b["live"] for b in burst) == ["batch"] * 3 + ["frames"] * 3, burst
+    split = results["cpusplit"]["rows"]  # the top latency rate again with fewer members per room
+    assert sorted((r["system"], r["members"]) for r in split) == [
+        ("chat", 2),
+        ("chat", 3),
+        ("inmemory", 2),
+        ("inmemory", 3),
+    ]
+    assert all(r["lost"] == 0 for r in split), split
     for run in results["hot"]:
         assert run["lost"] == 0 and run["senders"] == 1, run
     for kind in results["multiroom"]["memory"].values():
@@ -56,4 +64,5 @@ def test_bench_smoke(database_url: str, tmp_path: Path) -> None:
     assert json.loads(Path(paths["json"]).read_text())["meta"]["seconds"] >= 0
     assert "Targets" in Path(paths["markdown"]).read_text()
     assert "### Live batches: one commit of" in Path(paths["markdown"]).read_text()
+    assert "### CPU split: 50 msg/s with 2 and with 3 members per room" in Path(paths["markdown"]).read_text()
     assert Path(paths["png"]).stat().st_size > 0

@@ -1,0 +1,59 @@
+"""bench/report.py's arithmetic, and the throughput scenario's steps, on figures shaped like a real run's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench.report import cpu_cost, cpu_split, join_cpu_ms
+from bench.scenarios import refine_rate
+
+
+def _run(system: str, members: int, busy: float, rate: int = 2000) -> dict[str, Any]:
+    servers = "chat_servers" if system == "chat" else "inmemory"
+    return {
+        "system": system,
+        "rate": rate,
+        "members": members,
+        "committed_per_s": rate if system == "chat" else 0,
+        "deliveries_per_s": rate * members,
+        "cpu": {servers: busy},
+    }
+
+
+def test_the_split_tells_deliveries_from_messages() -> None:
+    # 2,000 msg/s: 65.3% of a core with 2 members per room (4,000 deliveries/s), 71.4% with 10.
+    rows = [_run("chat", 2, 65.3), _run("inmemory", 2, 19.0), _run("chat", 10, 71.4), _run("inmemory", 10, 26.5)]
+    chat, inmemory = cpu_split(rows)
+    assert chat["system"] == "chat" and chat["members"] == [2, 10]
+    assert chat["per_delivery_us"] == pytest.approx(6.1e4 / 16_000, abs=0.01)  # 3.81
+    assert chat["per_message_us"] == pytest.approx((714_000 - 3.8125 * 20_000) / 2000, abs=0.1)  # 318.9
+    assert inmemory["per_delivery_us"] == pytest.approx(4.69, abs=0.01)
+    assert inmemory["per_message_us"] == pytest.approx(85.6, abs=0.1)
+    # The whole CPU over the deliveries (the target's measure) is the split put back together.
+    whole = cpu_cost(_run("chat", 10, 71.4))["per_delivery_us"]
+    assert whole == pytest.approx(chat["per_delivery_us"] + chat["per_message_us"] / 10, abs=0.1)
+
+
+def test_no_split_without_two_member_counts_or_their_cpu() -> None:
+    assert cpu_split([_run("chat", 10, 71.4)]) == []
+    assert cpu_split([_run("chat", 10, 71.4), _run("chat", 10, 70.0)]) == []  # no more deliveries
+    missing = _run("chat", 2, 65.3)
+    missing["cpu"] = {}
+    assert cpu_split([missing, _run("chat", 10, 71.4)]) == []
+
+
+def test_a_joins_cpu_is_the_servers_cpu_over_its_joins() -> None:
+    # 84% of a core while 280 joins a second were made: 3 ms of the servers' CPU per join.
+    assert join_cpu_ms({"cpu": {"chat_servers": 84.0}, "joins_per_s": 280.0}) == 3.0
+    assert join_cpu_ms({"cpu": {}, "joins_per_s": 280.0}) is None
+    assert join_cpu_ms({"cpu": {"chat_servers": 84.0}, "joins_per_s": None}) is None
+
+
+def test_throughput_refines_between_the_best_pass_and_the_first_failure() -> None:
+    # 6,407 passed and 9,611 failed: try 7,847, then (say it passed) 8,684; stop within 10%.
+    assert refine_rate(6407, 9611) == 7847
+    assert refine_rate(7847, 9611) == 8684
+    assert refine_rate(9135, 9611) is None
+    assert refine_rate(7847, 8600) is None
