@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
@@ -423,6 +423,29 @@ async def test_bad_rooms_are_refused(server_a: Server, make_token: MakeToken, ba
         assert (await api.post("/rooms", json=bad)).status_code == 422
 
 
+async def removed_while_entering(
+    engine: AsyncEngine, owner: User, member: User, room: str, speaker: RoomClient, join: Callable[[], Awaitable[None]]
+) -> None:
+    """`join` starts a join of `member` while presence writes are held (a table lock); once its
+    presence enter waits, the member is removed and the removal's event reaches this process (at
+    `speaker`), and only then does the enter go on."""
+    async with engine.connect() as conn:
+        lock = await conn.begin()
+        await conn.execute(text("LOCK TABLE presence IN EXCLUSIVE MODE"))  # writes wait, reads do not
+        await join()
+        waiting = text(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+            "WHERE c.relname = 'presence' AND NOT l.granted"
+        )
+        async with asyncio.timeout(15), engine.connect() as look:  # authorised and joined: waiting on our lock
+            while not await look.scalar(waiting):
+                await asyncio.sleep(0.05)
+        removed = await owner.api.delete(f"/rooms/{room}/members/{member.name}")
+        assert removed.json()["changed"] is True
+        await speaker.until("removed", user=member.name)  # the event has come to this process
+        await lock.rollback()
+
+
 async def test_a_subscribe_under_way_when_its_removal_commits_does_not_stay(
     server_a: Server, make_token: MakeToken, engine: AsyncEngine
 ) -> None:
@@ -439,22 +462,9 @@ async def test_a_subscribe_under_way_when_its_removal_commits_does_not_stay(
         await multi.until("ready", room=other)
         async with await RoomClient.open(server_a.ws(f"/rooms/{room}/ws"), owner.token) as speaker:
             await speaker.ready()  # the room's feed is up in this process
-            async with engine.connect() as conn:
-                lock = await conn.begin()
-                await conn.execute(text("LOCK TABLE presence IN EXCLUSIVE MODE"))  # writes wait, reads do not
-                await send(multi, type="subscribe", room=room)
-                async with asyncio.timeout(15):  # authorised and joined: now waiting on our lock
-                    async with engine.connect() as look:
-                        waiting = text(
-                            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
-                            "WHERE c.relname = 'presence' AND NOT l.granted"
-                        )
-                        while not await look.scalar(waiting):
-                            await asyncio.sleep(0.05)
-                removed = await owner.api.delete(f"/rooms/{room}/members/{member.name}")
-                assert removed.json()["changed"] is True
-                await speaker.until("removed", user=member.name)  # the event has come to this process
-                await lock.rollback()
+            await removed_while_entering(
+                engine, owner, member, room, speaker, lambda: send(multi, type="subscribe", room=room)
+            )
             answer = await multi.until("error", room=room)
             assert answer["code"] == "removed", answer
             assert not any(f.get("room") == room and f["type"] == "ready" for f in multi.frames)
@@ -484,24 +494,15 @@ async def test_room_socket_joins_removed_while_their_replay_began_send_nothing_a
             await speaker.ready()
             await speaker.send("history", client_id="history")
             await speaker.until("ack")
-            waiting = text(
-                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
-                "WHERE c.relname = 'presence' AND NOT l.granted"
-            )
+            joins: list[asyncio.Task[RoomClient]] = []
+
+            async def join() -> None:
+                joins.append(asyncio.create_task(RoomClient.open(server_a.ws(f"/rooms/{room}/ws"), member.token)))
+
             for _ in range(5):
                 await owner.api.post(f"/rooms/{room}/members", json={"user": member.name})
-                async with engine.connect() as conn:
-                    lock = await conn.begin()
-                    await conn.execute(text("LOCK TABLE presence IN EXCLUSIVE MODE"))  # writes wait, reads do not
-                    joining = asyncio.create_task(RoomClient.open(server_a.ws(f"/rooms/{room}/ws"), member.token))
-                    async with asyncio.timeout(15), engine.connect() as look:
-                        while not await look.scalar(waiting):
-                            await asyncio.sleep(0.05)
-                    removed = await owner.api.delete(f"/rooms/{room}/members/{member.name}")
-                    assert removed.json()["changed"] is True
-                    await speaker.until("removed", user=member.name)  # the event has come to this process
-                    await lock.rollback()
-                gone = await joining
+                await removed_while_entering(engine, owner, member, room, speaker, join)
+                gone = await joins.pop()
                 assert await gone.wait_closed() == 4003
                 assert [f["type"] for f in gone.frames] == [], gone.frames
             await owner.api.post(f"/rooms/{room}/members", json={"user": member.name})
