@@ -236,38 +236,32 @@ class Connection:
             inflight=self.inflight,
         )
         # The replay reads its first page beside the presence enter; it sends nothing before
-        # the enter has confirmed the subscription.
-        replay = session.replay_early(after=frame.after)
-        try:
-            # A removal that committed after open_room's check, and whose event this process
-            # handled before the join, reached no subscription: the presence enter looks again
-            # under its lock, now that the feed has ours (a removal's event is published after
-            # its commit), in the same round trip. None: not a member, nothing counted.
-            online = await self.presence.enter(room_id, user, members_only=True)
-        except Exception as exc:
-            await replay.cancel()
-            log.warning("presence of %r failed: %r", room, exc)
-            self.hub.leave(sub)
-            self.error("unavailable", "could not subscribe: try again", room=room)
-            return
-        except BaseException:
-            await replay.cancel()
-            raise
-        if online is None:
-            await replay.cancel()
-            self.hub.leave(sub)
-            metrics.REFUSALS.labels("no such room").inc()
-            self.error("no_such_room", "no such room", room=room)
-            return
-        if removed.is_set():  # removed meanwhile (the hub has taken the subscription out already)
-            await replay.cancel()
-            await self.presence.leave(room_id, user)
-            self.error("removed", "you were removed from this room", room=room)
-            return
-        self.rooms[room] = session
-        sub.on_removed = self._on_removed
-        logs.event("open", room=room, user=user.name, token_id=user.token_id, client=logs.address(self.client.ws))
-        replay.go(online)
+        # the enter has confirmed the subscription (refused: it is cancelled on leaving the block).
+        async with session.replay_early(after=frame.after) as replay:
+            try:
+                # A removal that committed after open_room's check, and whose event this process
+                # handled before the join, reached no subscription: the presence enter looks again
+                # under its lock, now that the feed has ours (a removal's event is published after
+                # its commit), in the same round trip. None: not a member, nothing counted.
+                online = await self.presence.enter(room_id, user, members_only=True)
+            except Exception as exc:
+                log.warning("presence of %r failed: %r", room, exc)
+                self.hub.leave(sub)
+                self.error("unavailable", "could not subscribe: try again", room=room)
+                return
+            if online is None:
+                self.hub.leave(sub)
+                metrics.REFUSALS.labels("no such room").inc()
+                self.error("no_such_room", "no such room", room=room)
+                return
+            if removed.is_set():  # removed meanwhile (the hub has taken the subscription out already)
+                await self.presence.leave(room_id, user)
+                self.error("removed", "you were removed from this room", room=room)
+                return
+            self.rooms[room] = session
+            sub.on_removed = self._on_removed
+            logs.event("open", room=room, user=user.name, token_id=user.token_id, client=logs.address(self.client.ws))
+            replay.go(online)
         await replay.wait()
 
     async def unsubscribe(self, room: str) -> None:

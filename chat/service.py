@@ -201,17 +201,17 @@ class RoomSession:
     def replay_early(self, *, after: int | None) -> EarlyReplay:
         """The replay, started now: its slot and first page are taken while the caller confirms
         the join (the presence enter, which rechecks membership), and nothing is sent before
-        `EarlyReplay.go`. One round trip less before `ready` than replay() after the enter."""
+        `EarlyReplay.go`: one round trip less before `ready` than reading after the enter."""
         return EarlyReplay(self, after)
 
-    async def replay(self, *, after: int | None, online: list[str] | asyncio.Future[list[str]]) -> None:
+    async def replay(self, *, after: int | None, online: asyncio.Future[list[str]]) -> None:
         """Queue the room's history, then `ready`, then go live. Each page is read on a pooled
         connection that is given back before the page is sent; sending waits for the reader
         (bounded by CHAT_REPLAY_SEND_TIMEOUT_SECONDS, then close 4000), and each user replays
         at most CHAT_REPLAYS_PER_USER at a time. Live messages are held back (not queued) until
         replay has read up to what the room's feed has dispatched. With `after`: every message
-        after it; without: the last CHAT_HISTORY_ON_JOIN. `online` as a future (replay_early):
-        the first page is read at once, and sent once the future has who is online."""
+        after it; without: the last CHAT_HISTORY_ON_JOIN. The first page is read at once, and
+        sent once `online` has who is online (the join is confirmed: replay_early)."""
         sub = self.client
         timeout = self.settings.replay_send_timeout_seconds
         try:
@@ -228,7 +228,7 @@ class RoomSession:
             sub.kick(CLOSE_TRY_AGAIN, "database unavailable: reconnect and resume")
             return
 
-    async def _replay(self, after: int | None, timeout: float, online: list[str] | asyncio.Future[list[str]]) -> None:
+    async def _replay(self, after: int | None, timeout: float, online: asyncio.Future[list[str]]) -> None:
         sub = self.client
         seen = self.hub.last_seq(self.room_id)  # read before the page: the page includes it
         async with reading(self.engine) as conn:
@@ -258,8 +258,7 @@ class RoomSession:
         else:
             sub.cursor = min(after, head)  # a cursor from the future: resume from now
             complete = len(rows) < REPLAY_PAGE
-        if isinstance(online, asyncio.Future):
-            online = await online  # the join is confirmed (and the socket accepted): send from here
+        who = await online  # the join is confirmed (and the socket accepted): send from here
         while True:
             await sub.replay_rows(rows, timeout=timeout)
             if after is None:
@@ -274,7 +273,7 @@ class RoomSession:
                     "room": self.room,
                     "user": self.identity.name,
                     "last_seq": sub.cursor,
-                    "online": online,
+                    "online": who,
                 }
                 sub.offer(protocol.dumps(ready))
                 sub.go_live()
@@ -428,8 +427,9 @@ class RoomSession:
 
 
 class EarlyReplay:
-    """A replay running ahead of its join's confirmation (RoomSession.replay_early): `go` lets it
-    send, `cancel` ends it unsent (the join was refused). Either way, the caller awaits it."""
+    """A replay running ahead of its join's confirmation (RoomSession.replay_early), used as
+    `async with`: `go` lets it send; leaving the block without `go` (the join was refused or
+    failed) cancels it unsent, which gives its slot and pooled connection back."""
 
     # Running replays, held here until done: a socket kicked before its replay starts (revoked,
     # shutting down) does not await its task, and the loop keeps only weak references to tasks.
@@ -441,16 +441,18 @@ class EarlyReplay:
         self._running.add(self.task)
         self.task.add_done_callback(self._running.discard)
 
+    async def __aenter__(self) -> EarlyReplay:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if not self._online.done():
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
     def go(self, online: list[str]) -> None:
         """The join is confirmed: send the replay, then `ready` with who is `online`."""
         self._online.set_result(online)
-        del self._online  # not kept beyond the replay (a socket's frame may hold this object)
-
-    async def cancel(self) -> None:
-        """The join was refused: read pages are dropped unsent, the slot and connection given back."""
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
 
     async def wait(self) -> None:
         await self.task

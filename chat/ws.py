@@ -190,37 +190,31 @@ async def room_socket(
             writer=writer,
         )
         # The replay reads its first page beside the presence enter, and sends nothing before
-        # the enter has confirmed the join and the socket is accepted.
-        early = session.replay_early(after=after)
+        # the enter has confirmed the join and the socket is accepted (refused: it is cancelled).
+        entered = False  # counted in presence: to be taken out when the socket ends
         try:
-            # As on /socket (chat/connection.py): a removal that committed after open_room's check
-            # and whose event came before the join reached no subscription. The presence enter
-            # looks again, under its lock, in the same round trip (None: not a member, nothing
-            # counted).
-            online = await presence.enter(sub.room_id, user, members_only=True)
-        except BaseException:
-            await early.cancel()
-            raise
-        if online is None:
-            await early.cancel()
-            raise Refused(404, "no such room")
-        try:
-            try:
+            async with session.replay_early(after=after) as early:
+                # As on /socket (chat/connection.py): a removal that committed after open_room's
+                # check and whose event came before the join reached no subscription. The presence
+                # enter looks again, under its lock, in the same round trip (None: not a member,
+                # nothing counted).
+                online = await presence.enter(sub.room_id, user, members_only=True)
+                if online is None:
+                    raise Refused(404, "no such room")
+                entered = True
                 await websocket.accept()
-            except BaseException:
-                await early.cancel()
-                raise
-            # Who is online goes to the replay alone (its `ready` frame), not into a variable of
-            # this frame, which lives as long as the socket: a room of 20 would keep 20 names.
-            early.go(online)
-            del online
+                # Who is online goes to the replay alone (its `ready` frame), not into a variable
+                # of this frame, which lives as long as the socket: a room of 20 would keep 20 names.
+                early.go(online)
+                del online
             start = [early.wait]
             del early
             await client.serve(session.handle_weighed, start=start.pop())
         except WebSocketDisconnect:
             pass
         finally:
-            await presence.leave(sub.room_id, user)
+            if entered:
+                await presence.leave(sub.room_id, user)
     finally:
         _leave(shared, user, sub)
 
