@@ -177,9 +177,16 @@ class Database:
         return {r["name"]: f"{r['setting']}{' x ' + r['unit'] if r['unit'] else ''}" for r in rows}
 
 
+# The baselines' ASGI apps, by server kind.
+BASELINES = {"inmemory": "bench.inmemory_app:app", "plain": "bench.plain_app:app"}
+# The CpuMeter group of each system's servers.
+SERVERS = {"chat": "chat_servers", "inmemory": "inmemory", "plain": "plain_servers"}
+
+
 class Server:
-    """One server process on 127.0.0.1:<port>: `chat serve` (kind "chat") or the in-memory
-    baseline under uvicorn (kind "inmemory"), with the same uvicorn WebSocket implementation."""
+    """One server process on 127.0.0.1:<port>: `chat serve` (kind "chat"), or a baseline under
+    uvicorn with the same uvicorn WebSocket implementation: the in-memory broadcast ("inmemory")
+    or the plain durable server ("plain", bench/plain_app.py)."""
 
     def __init__(self, kind: str, log_dir: Path, *, database_url: str = "", ws: str, env: dict[str, str] | None = None):
         self.kind = kind
@@ -191,9 +198,11 @@ class Server:
             environment.update({"DATABASE_URL": database_url, "CHAT_WS": ws})
             args = ["-m", "chat", "serve", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
         else:
-            chat = Settings(database_url=None)  # the baseline gets the chat server's WebSocket settings
+            if kind == "plain":
+                environment["DATABASE_URL"] = database_url
+            chat = Settings(database_url=None)  # the baselines get the chat server's WebSocket settings
             args = [
-                "-m", "uvicorn", "bench.inmemory_app:app", "--host", "127.0.0.1", "--port", str(self.port),
+                "-m", "uvicorn", BASELINES[kind], "--host", "127.0.0.1", "--port", str(self.port),
                 "--ws", ws, "--ws-max-size", str(chat.frame_limit),
                 "--ws-per-message-deflate", str(chat.ws_deflate).lower(),
             ]  # fmt: skip

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SCENARIOS = (
-    "limits", "latency", "livebatch", "cpusplit", "throughput", "join", "idle", "history", "hot", "multiroom", "fanout",
+    "limits", "latency", "livebatch", "cpusplit", "plain", "throughput", "join", "idle", "history", "hot", "multiroom",
+    "fanout",
 )  # fmt: skip
 
 # The bench measures capacity, not policy: the per-connection and per-user rate limits and the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from bench.cluster import SERVERS
 from bench.stats import ratio, sum_quantile
 
 
@@ -51,8 +52,7 @@ def _pairs(rows: Any) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
 def cpu_cost(row: dict[str, Any]) -> dict[str, float | None]:
     """Server CPU over a load run's measured window, per stored message and per delivery, in µs.
     The servers' whole CPU is divided each way (storing and fanning out are not told apart)."""
-    servers = "chat_servers" if row["system"] == "chat" else "inmemory"
-    busy = row["cpu"].get(servers)  # % of one core: CPU seconds per second x 100
+    busy = row["cpu"].get(SERVERS[row["system"]])  # % of one core: CPU seconds per second x 100
     if busy is None:
         return {"per_stored_us": None, "per_delivery_us": None}
     cpu_s = busy / 100.0
@@ -64,8 +64,8 @@ def cpu_cost(row: dict[str, Any]) -> dict[str, float | None]:
 
 
 def _messages_per_s(row: dict[str, Any]) -> float:
-    """Messages a load run's servers took per second: stored (chat), or broadcast (in-memory)."""
-    if row["system"] == "chat":
+    """Messages a load run's servers took per second: stored (chat, plain), or broadcast (in-memory)."""
+    if row["system"] != "inmemory":
         return float(row["committed_per_s"])
     return float(row["deliveries_per_s"] / max(1, row["members"]))
 
@@ -75,12 +75,12 @@ def cpu_split(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     messages, more or fewer deliveries): the servers' CPU per delivery (the difference in CPU over
     the difference in deliveries) and per message besides its deliveries (what is left), in µs."""
     out = []
-    for system in ("chat", "inmemory"):
+    for system in SERVERS:
         mine = sorted((r for r in rows if r["system"] == system), key=lambda r: r["members"])
         if len(mine) < 2:
             continue
         low, high = mine[0], mine[-1]
-        busy = "chat_servers" if system == "chat" else "inmemory"
+        busy = SERVERS[system]
         cpu_low, cpu_high = low["cpu"].get(busy), high["cpu"].get(busy)
         extra = high["deliveries_per_s"] - low["deliveries_per_s"]
         messages = _messages_per_s(high)
@@ -132,9 +132,77 @@ def _split_lines(found: Any) -> list[str]:
     return lines
 
 
-def join_cpu_ms(variant: dict[str, Any]) -> float | None:
-    """The chat servers' CPU per join of a join variant, ms: their CPU over its joins."""
-    busy, rate = variant.get("cpu", {}).get("chat_servers"), variant.get("joins_per_s")
+def _plain_lines(found: Any) -> list[str]:
+    """Chat beside the plain durable server (bench/plain_app.py), both measured in one run."""
+    if not _ok(found):
+        return []
+    rows, joins = found.get("rows", []), found.get("joins", [])
+    loads = {(r["system"], r["members"]): r for r in rows}
+    members = max((r["members"] for r in rows), default=None)
+    lines = [
+        "### The plain durable server: what the stack costs",
+        "",
+        "bench/plain_app.py does chat's hot path as plainly as uvicorn, asyncpg and Postgres allow: the token "
+        "checked in the database before the accept, a replay of the last 50 messages, every send stored by one "
+        "writer per process (one multi-row INSERT per batch, same table and triggers) and acked after its "
+        "commit, fan-out by NOTIFY to every process. It has none of our guarantees or features (no presence, "
+        "limits, idempotency, bounded queues, catch-up or resync).",
+        "",
+        "| measure | chat | plain | chat / plain |",
+        "|---|---|---|---|",
+    ]
+    chat, plain = loads.get(("chat", members)), loads.get(("plain", members))
+    if chat and plain:
+        mine, theirs = cpu_cost(chat), cpu_cost(plain)
+        lines.append(
+            _row(
+                f"p99 ms at {_n(chat['rate'])} msg/s, {members} members per room (lost)",
+                f"{_n(chat['latency_ms']['p99'])} ({chat['lost']})",
+                f"{_n(plain['latency_ms']['p99'])} ({plain['lost']})",
+                _x(ratio(chat["latency_ms"]["p99"], plain["latency_ms"]["p99"])),
+            )
+        )  # fmt: skip
+        for label, key in (("µs per stored message", "per_stored_us"), ("µs per delivery", "per_delivery_us")):
+            lines.append(
+                _row(f"servers' CPU, {label}", _n(mine[key]), _n(theirs[key]), _x(ratio(mine[key], theirs[key])))
+            )
+    split = {s["system"]: s for s in cpu_split(rows)}
+    if "chat" in split and "plain" in split:
+        for label, key in (("a delivery", "per_delivery_us"), ("a message besides its deliveries", "per_message_us")):
+            a, b = split["chat"][key], split["plain"][key]
+            lines.append(_row(f"split: µs per {label}", _n(a, 2), _n(b, 2), _x(ratio(a, b))))
+    got = {(j["system"], j["key"]): j for j in joins}
+    for key, label in (("bare", "bare accept"), ("replay", "join + replay")):
+        a, b = got.get(("chat", key)), got.get(("plain", key))
+        if a and b:
+            lines.append(
+                _row(
+                    f"{label}, p50 / p99 ms", _pair(_n(a["ready_ms"]["p50"], 2), _n(a["ready_ms"]["p99"], 2)),
+                    _pair(_n(b["ready_ms"]["p50"], 2), _n(b["ready_ms"]["p99"], 2)),
+                    _x(ratio(a["ready_ms"]["p99"], b["ready_ms"]["p99"])),
+                )
+            )  # fmt: skip
+    over = [_join_over_bare(got, system) for system in ("chat", "plain")]
+    if None not in over:
+        lines.append(_row("join + replay p99 over the bare accept's (target: 3x)", _x(over[0]), _x(over[1]), ""))
+    a, b = got.get(("chat", "replay")), got.get(("plain", "replay"))
+    if a and b:
+        mine_ms, theirs_ms = join_cpu_ms(a, "chat"), join_cpu_ms(b, "plain")
+        lines.append(
+            _row("servers' CPU per join + replay, ms", _n(mine_ms, 2), _n(theirs_ms, 2), _x(ratio(mine_ms, theirs_ms)))
+        )
+    lines.append("")
+    return lines
+
+
+def _join_over_bare(got: dict[tuple[str, str], dict[str, Any]], system: str) -> float | None:
+    bare, joined = got.get((system, "bare")), got.get((system, "replay"))
+    return None if bare is None or joined is None else ratio(joined["ready_ms"]["p99"], bare["ready_ms"]["p99"])
+
+
+def join_cpu_ms(variant: dict[str, Any], system: str = "chat") -> float | None:
+    """The servers' CPU per join of a join variant, ms: their CPU over its joins."""
+    busy, rate = variant.get("cpu", {}).get(SERVERS[system]), variant.get("joins_per_s")
     return round(10.0 * busy / rate, 2) if busy is not None and rate else None  # % / 100 / rate x 1000
 
 
@@ -632,6 +700,7 @@ def markdown(results: dict[str, Any]) -> str:
 
     lines += _burst_lines(results.get("livebatch"))
     lines += _split_lines(results.get("cpusplit"))
+    lines += _plain_lines(results.get("plain"))
 
     tput = results.get("throughput")
     if _ok(tput):

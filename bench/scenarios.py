@@ -16,7 +16,7 @@ import asyncpg
 import psutil
 
 from bench import history, limits, profiling
-from bench.cluster import CpuMeter, Server
+from bench.cluster import SERVERS, CpuMeter, Server, start_servers
 from bench.run import Run, log
 from bench.stats import describe, summary
 
@@ -27,6 +27,7 @@ def run_all(run: Run) -> None:
     run.scenario("latency", lambda: latency(run))
     run.scenario("livebatch", lambda: live_batch(run))
     run.scenario("cpusplit", lambda: cpu_split(run))
+    run.scenario("plain", lambda: plain_server(run))
     run.scenario("hot", lambda: hot_sender(run))
     run.scenario("throughput", lambda: throughput(run))
     run.scenario("join", lambda: join_cost(run))
@@ -159,6 +160,74 @@ def cpu_split(run: Run) -> dict[str, Any]:
             )
             rows.append(row)
     return {"rows": rows}
+
+
+def plain_server(run: Run) -> dict[str, Any]:
+    """The plain durable server (bench/plain_app.py) beside chat, in one run: what uvicorn,
+    asyncpg and Postgres cost before our guarantees and features. The latency shape at the top
+    rate with `split_members` and with `members` per room (CPU per stored message, per delivery,
+    and the split of the two), then sequential joins with a replay against each one's bare accept."""
+    knobs = run.knobs
+    plain = start_servers("plain", knobs.processes, run.log_dir, database_url=run.db.dsn, ws=knobs.ws)
+    run.meter.groups["plain_servers"] = [s.pid for s in plain]
+    try:
+        rate = max(knobs.rates)
+        rows = []
+        for members in (knobs.split_members, knobs.members):
+            for system, servers in (("chat", run.chat), ("plain", plain)):
+                row = run.load_run(
+                    system, servers, tag=f"pl{members}-{system[:2]}", rate=rate, duration=knobs.duration,
+                    warmup=knobs.warmup, members=members,
+                )  # fmt: skip
+                busy = row["cpu"].get(SERVERS[system])
+                log(
+                    f"  {system} @ {rate}/s, {members} members per room: p99 {_f(row['latency_ms']['p99'])} ms, "
+                    f"{row['deliveries_per_s']:.0f} deliveries/s, servers' CPU {busy}%, lost {row['lost']}"
+                )
+                rows.append(row)
+        joins = _plain_joins(run, plain)
+    finally:
+        run.meter.groups.pop("plain_servers", None)
+        for server in plain:
+            server.stop()
+    return {"rows": rows, "joins": joins}
+
+
+def _plain_joins(run: Run, plain: list[Server]) -> list[dict[str, Any]]:
+    """Sequential joins of one room with `join_replay` messages (a member already on every
+    process), timed to ready, and bare accepts, on chat and on the plain server, alternating."""
+    knobs, gen = run.knobs, run.gen
+    room = f"plain-replay-{run.id}"
+    asyncio.run(_fill(run.db.dsn, room, knobs.join_replay))
+    anchors = [(run.gid(), s.ws(f"/rooms/{room}/ws"), room, run.tokens[-1]) for s in (*run.chat, *plain)]
+    opened = gen.call(0, "open", {"specs": anchors})
+    if opened["failed"]:
+        raise RuntimeError(f"could not open the room's resident members: {opened['failed']}")
+    rows = []
+    try:
+        for key in ("bare", "replay"):
+            for system, servers in (("chat", run.chat), ("plain", plain)):
+                bare = key == "bare"
+                path, joined, token = ("/ws", None, None) if bare else (f"/rooms/{room}/ws", room, run.tokens[0])
+                warm = {"urls": [s.ws(path) for s in servers], "room": joined, "token": token, "n": 5}
+                gen.call(0, "joins", warm)  # first joins warm caches and pools: not measured
+                before = run.meter.snapshot()
+                result = gen.call(0, "joins", {**warm, "n": knobs.join_samples})
+                row = {
+                    "system": system,
+                    "key": key,
+                    "n": knobs.join_samples,
+                    "ready_ms": describe(result["ready_ms"]),
+                    "replayed": result["replayed"],
+                    "failed": result["failed"],
+                    "joins_per_s": round(knobs.join_samples / result["wall_s"], 1) if result["wall_s"] else None,
+                    "cpu": CpuMeter.usage(before, run.meter.snapshot()),
+                }
+                log(f"  {system} {key}: p50 {_f(row['ready_ms']['p50'])} p99 {_f(row['ready_ms']['p99'])} ms")
+                rows.append(row)
+    finally:
+        gen.call(0, "close", {"gids": [a[0] for a in anchors]})
+    return rows
 
 
 def live_batch(run: Run) -> dict[str, Any]:

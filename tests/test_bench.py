@@ -36,6 +36,21 @@ def test_bench_smoke(database_url: str, tmp_path: Path) -> None:
         ("inmemory", 3),
     ]
     assert all(r["lost"] == 0 for r in split), split
+    # The plain durable server beside chat: the same load (every message stored, acked and
+    # delivered), and joins that replay the same messages on both.
+    plain = results["plain"]
+    assert sorted((r["system"], r["members"]) for r in plain["rows"]) == [
+        ("chat", 2),
+        ("chat", 3),
+        ("plain", 2),
+        ("plain", 3),
+    ]
+    assert all(r["lost"] == 0 and r["acked"] == r["sent"] > 0 for r in plain["rows"]), plain["rows"]
+    plain_joins = {(j["system"], j["key"]): j for j in plain["joins"]}
+    assert sorted(plain_joins) == [("chat", "bare"), ("chat", "replay"), ("plain", "bare"), ("plain", "replay")]
+    assert all(j["failed"] == {} and j["ready_ms"]["n"] == j["n"] > 0 for j in plain_joins.values()), plain_joins
+    assert plain_joins[("plain", "replay")]["replayed"] == plain_joins[("chat", "replay")]["replayed"]
+    assert plain_joins[("plain", "replay")]["replayed"]["p50"] > 0
     for run in results["hot"]:
         assert run["lost"] == 0 and run["senders"] == 1, run
     for kind in results["multiroom"]["memory"].values():
@@ -65,4 +80,5 @@ def test_bench_smoke(database_url: str, tmp_path: Path) -> None:
     assert "Targets" in Path(paths["markdown"]).read_text()
     assert "### Live batches: one commit of" in Path(paths["markdown"]).read_text()
     assert "### CPU split: 50 msg/s with 2 and with 3 members per room" in Path(paths["markdown"]).read_text()
+    assert "### The plain durable server: what the stack costs" in Path(paths["markdown"]).read_text()
     assert Path(paths["png"]).stat().st_size > 0

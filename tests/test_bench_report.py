@@ -6,19 +6,21 @@ from typing import Any
 
 import pytest
 
-from bench.report import cpu_cost, cpu_split, join_cpu_ms
+from bench.cluster import SERVERS
+from bench.report import cpu_cost, cpu_split, join_cpu_ms, markdown
 from bench.scenarios import refine_rate
 
 
 def _run(system: str, members: int, busy: float, rate: int = 2000) -> dict[str, Any]:
-    servers = "chat_servers" if system == "chat" else "inmemory"
     return {
         "system": system,
         "rate": rate,
         "members": members,
-        "committed_per_s": rate if system == "chat" else 0,
+        "committed_per_s": 0 if system == "inmemory" else rate,
         "deliveries_per_s": rate * members,
-        "cpu": {servers: busy},
+        "cpu": {SERVERS[system]: busy},
+        "latency_ms": {"p99": 7.0},
+        "lost": 0,
     }
 
 
@@ -49,6 +51,26 @@ def test_a_joins_cpu_is_the_servers_cpu_over_its_joins() -> None:
     assert join_cpu_ms({"cpu": {"chat_servers": 84.0}, "joins_per_s": 280.0}) == 3.0
     assert join_cpu_ms({"cpu": {}, "joins_per_s": 280.0}) is None
     assert join_cpu_ms({"cpu": {"chat_servers": 84.0}, "joins_per_s": None}) is None
+
+
+def _joins(system: str, key: str, p99: float, busy: float) -> dict[str, Any]:
+    return {"system": system, "key": key, "ready_ms": {"p50": p99 / 2, "p99": p99}, "joins_per_s": 200.0,
+            "cpu": {SERVERS[system]: busy}}  # fmt: skip
+
+
+def test_the_plain_servers_table_sets_each_figure_beside_chats() -> None:
+    # Shaped like the 08:25 run: chat 69.6% and plain 59.4% of a core at 2,000 msg/s, 10 members.
+    rows = [_run("chat", 2, 68.4), _run("plain", 2, 54.3), _run("chat", 10, 69.6), _run("plain", 10, 59.4)]
+    assert cpu_cost(rows[3]) == {"per_stored_us": 297.0, "per_delivery_us": 29.7}  # plain stores too
+    assert [s["system"] for s in cpu_split(rows)] == ["chat", "plain"]
+    joins = [_joins("chat", "bare", 1.44, 20.0), _joins("plain", "bare", 1.03, 15.0),
+             _joins("chat", "replay", 9.97, 84.6), _joins("plain", "replay", 2.18, 28.6)]  # fmt: skip
+    assert join_cpu_ms(joins[3], "plain") == 1.43
+    report = markdown({"meta": {}, "plain": {"rows": rows, "joins": joins}})
+    table = report[report.index("### The plain durable server") :]
+    assert "| servers' CPU, µs per stored message | 348 | 297 | 1.17x |" in table
+    assert "| join + replay p99 over the bare accept's (target: 3x) | 6.92x | 2.12x |  |" in table
+    assert "| servers' CPU per join + replay, ms | 4.23 | 1.43 | 2.96x |" in table
 
 
 def test_throughput_refines_between_the_best_pass_and_the_first_failure() -> None:
