@@ -148,29 +148,30 @@ def _plain_lines(found: Any) -> list[str]:
         "commit, fan-out by NOTIFY to every process. It has none of our guarantees or features (no presence, "
         "limits, idempotency, bounded queues, catch-up or resync).",
         "",
-        "| measure | chat | plain | chat / plain |",
-        "|---|---|---|---|",
+        "| measure | chat | plain | chat / plain | in-memory |",
+        "|---|---|---|---|---|",
     ]
-    chat, plain = loads.get(("chat", members)), loads.get(("plain", members))
+    chat, plain, memory = (loads.get((system, members)) for system in ("chat", "plain", "inmemory"))
     if chat and plain:
-        mine, theirs = cpu_cost(chat), cpu_cost(plain)
         lines.append(
             _row(
                 f"p99 ms at {_n(chat['rate'])} msg/s, {members} members per room (lost)",
                 f"{_n(chat['latency_ms']['p99'])} ({chat['lost']})",
                 f"{_n(plain['latency_ms']['p99'])} ({plain['lost']})",
                 _x(ratio(chat["latency_ms"]["p99"], plain["latency_ms"]["p99"])),
+                "-" if memory is None else f"{_n(memory['latency_ms']['p99'])} ({memory['lost']})",
             )
-        )  # fmt: skip
+        )
+        costs = [None if row is None else cpu_cost(row) for row in (chat, plain, memory)]
         for label, key in (("µs per stored message", "per_stored_us"), ("µs per delivery", "per_delivery_us")):
-            lines.append(
-                _row(f"servers' CPU, {label}", _n(mine[key]), _n(theirs[key]), _x(ratio(mine[key], theirs[key])))
-            )
+            a, b, c = (None if cost is None else cost[key] for cost in costs)
+            lines.append(_row(f"servers' CPU, {label}", _n(a), _n(b), _x(ratio(a, b)), _n(c)))
     split = {s["system"]: s for s in cpu_split(rows)}
     if "chat" in split and "plain" in split:
         for label, key in (("a delivery", "per_delivery_us"), ("a message besides its deliveries", "per_message_us")):
             a, b = split["chat"][key], split["plain"][key]
-            lines.append(_row(f"split: µs per {label}", _n(a, 2), _n(b, 2), _x(ratio(a, b))))
+            c = split["inmemory"][key] if "inmemory" in split else None
+            lines.append(_row(f"split: µs per {label}", _n(a, 2), _n(b, 2), _x(ratio(a, b)), _n(c, 2)))
     got = {(j["system"], j["key"]): j for j in joins}
     for key, label in (("bare", "bare accept"), ("replay", "join + replay")):
         a, b = got.get(("chat", key)), got.get(("plain", key))
@@ -179,17 +180,23 @@ def _plain_lines(found: Any) -> list[str]:
                 _row(
                     f"{label}, p50 / p99 ms", _pair(_n(a["ready_ms"]["p50"], 2), _n(a["ready_ms"]["p99"], 2)),
                     _pair(_n(b["ready_ms"]["p50"], 2), _n(b["ready_ms"]["p99"], 2)),
-                    _x(ratio(a["ready_ms"]["p99"], b["ready_ms"]["p99"])),
+                    _x(ratio(a["ready_ms"]["p99"], b["ready_ms"]["p99"])), "",
                 )
             )  # fmt: skip
     over = [_join_over_bare(got, system) for system in ("chat", "plain")]
     if None not in over:
-        lines.append(_row("join + replay p99 over the bare accept's (target: 3x)", _x(over[0]), _x(over[1]), ""))
+        lines.append(_row("join + replay p99 over the bare accept's (target: 3x)", _x(over[0]), _x(over[1]), "", ""))
     a, b = got.get(("chat", "replay")), got.get(("plain", "replay"))
     if a and b:
         mine_ms, theirs_ms = join_cpu_ms(a, "chat"), join_cpu_ms(b, "plain")
         lines.append(
-            _row("servers' CPU per join + replay, ms", _n(mine_ms, 2), _n(theirs_ms, 2), _x(ratio(mine_ms, theirs_ms)))
+            _row(
+                "servers' CPU per join + replay, ms",
+                _n(mine_ms, 2),
+                _n(theirs_ms, 2),
+                _x(ratio(mine_ms, theirs_ms)),
+                "",
+            )
         )
     lines.append("")
     return lines

@@ -165,16 +165,18 @@ def cpu_split(run: Run) -> dict[str, Any]:
 def plain_server(run: Run) -> dict[str, Any]:
     """The plain durable server (bench/plain_app.py) beside chat, in one run: what uvicorn,
     asyncpg and Postgres cost before our guarantees and features. The latency shape at the top
-    rate with `split_members` and with `members` per room (CPU per stored message, per delivery,
-    and the split of the two), then sequential joins with a replay against each one's bare accept."""
+    rate with `split_members` and with `members` per room, on chat, the plain server and the
+    in-memory baseline (CPU per stored message, per delivery, and the split of the two), then
+    sequential joins with a replay against each one's bare accept."""
     knobs = run.knobs
+    assert run.inmemory is not None
     plain = start_servers("plain", knobs.processes, run.log_dir, database_url=run.db.dsn, ws=knobs.ws)
     run.meter.groups["plain_servers"] = [s.pid for s in plain]
     try:
         rate = max(knobs.rates)
         rows = []
         for members in (knobs.split_members, knobs.members):
-            for system, servers in (("chat", run.chat), ("plain", plain)):
+            for system, servers in (("chat", run.chat), ("plain", plain), ("inmemory", [run.inmemory])):
                 row = run.load_run(
                     system, servers, tag=f"pl{members}-{system[:2]}", rate=rate, duration=knobs.duration,
                     warmup=knobs.warmup, members=members,

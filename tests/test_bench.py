@@ -42,6 +42,8 @@ def test_bench_smoke(database_url: str, tmp_path: Path) -> None:
     assert sorted((r["system"], r["members"]) for r in plain["rows"]) == [
         ("chat", 2),
         ("chat", 3),
+        ("inmemory", 2),
+        ("inmemory", 3),
         ("plain", 2),
         ("plain", 3),
     ]

@@ -61,16 +61,18 @@ def _joins(system: str, key: str, p99: float, busy: float) -> dict[str, Any]:
 def test_the_plain_servers_table_sets_each_figure_beside_chats() -> None:
     # Shaped like the 08:25 run: chat 69.6% and plain 59.4% of a core at 2,000 msg/s, 10 members.
     rows = [_run("chat", 2, 68.4), _run("plain", 2, 54.3), _run("chat", 10, 69.6), _run("plain", 10, 59.4)]
+    rows += [_run("inmemory", 2, 19.0), _run("inmemory", 10, 30.6)]
     assert cpu_cost(rows[3]) == {"per_stored_us": 297.0, "per_delivery_us": 29.7}  # plain stores too
-    assert [s["system"] for s in cpu_split(rows)] == ["chat", "plain"]
+    assert [s["system"] for s in cpu_split(rows)] == ["chat", "inmemory", "plain"]
     joins = [_joins("chat", "bare", 1.44, 20.0), _joins("plain", "bare", 1.03, 15.0),
              _joins("chat", "replay", 9.97, 84.6), _joins("plain", "replay", 2.18, 28.6)]  # fmt: skip
     assert join_cpu_ms(joins[3], "plain") == 1.43
     report = markdown({"meta": {}, "plain": {"rows": rows, "joins": joins}})
     table = report[report.index("### The plain durable server") :]
-    assert "| servers' CPU, µs per stored message | 348 | 297 | 1.17x |" in table
-    assert "| join + replay p99 over the bare accept's (target: 3x) | 6.92x | 2.12x |  |" in table
-    assert "| servers' CPU per join + replay, ms | 4.23 | 1.43 | 2.96x |" in table
+    assert "| servers' CPU, µs per stored message | 348 | 297 | 1.17x | 153 |" in table
+    assert "| servers' CPU, µs per delivery | 34.8 | 29.7 | 1.17x | 15.3 |" in table
+    assert "| join + replay p99 over the bare accept's (target: 3x) | 6.92x | 2.12x |  |  |" in table
+    assert "| servers' CPU per join + replay, ms | 4.23 | 1.43 | 2.96x |  |" in table
 
 
 def test_throughput_refines_between_the_best_pass_and_the_first_failure() -> None:
