@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -56,22 +56,26 @@ class MessageRecord:
     _frame: str | None = None  # the JSON frame, built once per process and shared by all sockets
 
     @classmethod
-    def from_row(cls, row: Any) -> MessageRecord:
-        mapping = row._mapping
+    def from_row(cls, row: Sequence[Any], *, reactions: bool = False) -> MessageRecord:
+        """A message from a row of _MESSAGE_COLUMNS, then its quote, then (`reactions`) its
+        reactions. By position: one unpacking instead of a lookup by name per column (a replay
+        turns 50 rows into messages on every join)."""
+        (seq, author, body, kind, author_id, client_id, sent_at, target_seq, reply_to, edited_at, deleted_at,
+         quote) = row[:12]  # fmt: skip
         return cls(
-            seq=row.seq,
-            author=row.author,
-            body=row.body,
-            kind=row.kind,
-            author_id=row.author_id,
-            client_id=row.client_id,
-            sent_at=row.created_at,
-            target_seq=row.target_seq,
-            reply_to=row.reply_to,
-            quote=mapping.get("quote"),
-            edited_at=row.edited_at,
-            deleted_at=row.deleted_at,
-            reactions=mapping.get("reactions"),
+            seq=seq,
+            author=author,
+            body=body,
+            kind=kind,
+            author_id=author_id,
+            client_id=client_id,
+            sent_at=sent_at,
+            target_seq=target_seq,
+            reply_to=reply_to,
+            quote=quote,
+            edited_at=edited_at,
+            deleted_at=deleted_at,
+            reactions=row[12] if reactions else None,
         )
 
 
@@ -123,6 +127,7 @@ def _reactions(viewer_id: int | None) -> Any:
     )
 
 
+# Every message query selects these first, in this order, then the quote (MessageRecord.from_row).
 _MESSAGE_COLUMNS = (
     Message.seq,
     Message.author,
@@ -257,7 +262,7 @@ async def history_page(
     there applies each change exactly once."""
     values = {"room_id": room_id, "viewer_id": viewer_id, "limit": limit, "before": before}
     rows = (await conn.execute(_history_query(before is not None), values)).all()
-    return [MessageRecord.from_row(r) for r in reversed(rows)], (int(rows[0].head) if rows else None)
+    return [MessageRecord.from_row(r, reactions=True) for r in reversed(rows)], (int(rows[0].head) if rows else None)
 
 
 @functools.cache
