@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
+import weakref
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, ExceptionContext
+from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
+from sqlalchemy.engine import Connection, Engine, ExceptionContext
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.util import await_
@@ -68,7 +72,12 @@ def create_engine(settings: Settings, url: str, **options: Any) -> AsyncEngine:
     drop_dead_connections(engine)
     if settings.database_pooler == "transaction":
         _one_transaction_per_statement(engine)
+        _TRANSACTIONAL.add(engine.sync_engine)
     return engine
+
+
+# Engines behind a transaction-mode pooler: fetch() runs each statement in a transaction too.
+_TRANSACTIONAL: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 _BEGAN = "chat_began"  # in Connection.info: we opened a transaction around an autocommit statement
@@ -109,3 +118,51 @@ async def reading(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     async with engine.connect() as conn:
         await conn.execution_options(isolation_level="AUTOCOMMIT")
         yield conn
+
+
+_ASYNCPG = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
+
+
+@dataclass(frozen=True, slots=True)
+class DriverStatement:
+    """A SQLAlchemy query compiled once for the asyncpg connection itself (see fetch): its SQL,
+    the name of the parameter behind each $n, and the constants SQLAlchemy bound in it."""
+
+    sql: str
+    names: tuple[str, ...]
+    constants: dict[str, Any]
+
+    @classmethod
+    def of(cls, query: Any) -> DriverStatement:
+        compiled = query.compile(dialect=_ASYNCPG)
+        sql, names = str(compiled), []
+        for name in compiled.positiontup or ():
+            marker = f"(__[POSTCOMPILE_{name}])"
+            if marker not in sql:
+                names.append(name)
+                continue
+            # A constant list (the message kinds): written in as literals, which also lets the
+            # planner match a partial index whose predicate lists the same values.
+            values = compiled.params[name]
+            if not all(isinstance(v, str) and re.fullmatch(r"[a-z_]+", v) for v in values):
+                raise ValueError(f"not a list of plain words: {name}={values!r}")
+            sql = sql.replace(marker, "(" + ", ".join(f"'{v}'" for v in values) + ")")
+        return cls(sql, tuple(names), dict(compiled.params))
+
+    def args(self, values: dict[str, Any]) -> list[Any]:
+        return [values[name] if name in values else self.constants[name] for name in self.names]
+
+
+async def fetch(conn: AsyncConnection, statement: DriverStatement, **values: Any) -> list[Any]:
+    """The rows (asyncpg Records) of one read, run on the asyncpg connection under `conn`, past
+    SQLAlchemy's execution path: that path costs about 100 µs per statement and 2.5 µs per row
+    on a 2-core machine, and a join reads a page of 50 messages. Behind a transaction-mode pooler
+    the statement gets a transaction of its own unless one is open (as SQLAlchemy's do, see
+    _one_transaction_per_statement)."""
+    driver = (await conn.get_raw_connection()).driver_connection
+    assert driver is not None
+    args = statement.args(values)
+    if conn.engine.sync_engine in _TRANSACTIONAL and not driver.is_in_transaction():
+        async with driver.transaction():
+            return list(await driver.fetch(statement.sql, *args))
+    return list(await driver.fetch(statement.sql, *args))

@@ -31,6 +31,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import aliased
 
+from chat.db import DriverStatement, fetch
 from chat.models import Membership, Message, MessageReaction, Room, Token, User
 
 TOKEN_PREFIX = "chat_"
@@ -227,14 +228,14 @@ async def messages_after(conn: AsyncConnection, *, room_id: int, after: int, lim
     (edit, delete, react, unreact) in seq order. A message shows its body, edited_at and
     deleted_at as they are now, which the changes that follow set again (so a client applying
     them ends where the table is); its reactions come only as those changes."""
-    rows = await conn.execute(_after_query(), {"room_id": room_id, "after": after, "limit": limit})
+    rows = await fetch(conn, _after_query(), room_id=room_id, after=after, limit=limit)
     return [MessageRecord.from_row(r) for r in rows]
 
 
 @functools.cache
-def _after_query() -> Any:
-    """messages_after's statement, built once (as _history_query)."""
-    return (
+def _after_query() -> DriverStatement:
+    """messages_after's statement, built and compiled once (as _history_query)."""
+    return DriverStatement.of(
         select(*_MESSAGE_COLUMNS, _quote())
         .where(
             Message.room_id == bindparam("room_id", type_=BigInteger),
@@ -261,15 +262,15 @@ async def history_page(
     empty): the page holds every change up to it and none after, so a client going on from
     there applies each change exactly once."""
     values = {"room_id": room_id, "viewer_id": viewer_id, "limit": limit, "before": before}
-    rows = (await conn.execute(_history_query(before is not None), values)).all()
-    return [MessageRecord.from_row(r, reactions=True) for r in reversed(rows)], (int(rows[0].head) if rows else None)
+    rows = await fetch(conn, _history_query(before is not None), **values)
+    return [MessageRecord.from_row(r, reactions=True) for r in reversed(rows)], (int(rows[0]["head"]) if rows else None)
 
 
 @functools.cache
-def _history_query(paged: bool) -> Any:
-    """history_page's statement, built once with its values as bound parameters: building it
-    (an alias, two correlated subqueries) took milliseconds of Python on every join and left
-    hundreds of objects in reference cycles for the collector."""
+def _history_query(paged: bool) -> DriverStatement:
+    """history_page's statement, built once with its values as bound parameters (building it,
+    an alias and two correlated subqueries, took milliseconds of Python on every join and left
+    hundreds of objects in reference cycles for the collector), and compiled once for fetch."""
     room_id = bindparam("room_id", type_=BigInteger)
     head = select(Room.last_seq).where(Room.id == room_id).scalar_subquery().label("head")
     viewer: Any = bindparam("viewer_id", type_=BigInteger)
@@ -278,7 +279,7 @@ def _history_query(paged: bool) -> Any:
     )
     if paged:
         query = query.where(Message.seq < bindparam("before", type_=BigInteger))
-    return query.order_by(Message.seq.desc()).limit(bindparam("limit", type_=Integer))
+    return DriverStatement.of(query.order_by(Message.seq.desc()).limit(bindparam("limit", type_=Integer)))
 
 
 # --- users and tokens --------------------------------------------------------------------------

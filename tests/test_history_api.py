@@ -335,23 +335,39 @@ Call = Callable[[AsyncConnection], Awaitable[object]]
 
 
 async def explain(engine: AsyncEngine, call: Call) -> dict[str, Any]:
-    """EXPLAIN (ANALYZE) exactly the SELECT that `call` sends, with its parameters."""
-    sent: list[tuple[str, Any]] = []
+    """EXPLAIN (ANALYZE) exactly the SELECT that `call` sends, with its parameters: through
+    SQLAlchemy, or on the asyncpg connection itself (chat.db.fetch)."""
+    sent: list[tuple[str, Any, bool]] = []
 
     def capture(conn: object, cursor: object, statement: str, parameters: Any, *_: object) -> None:
         if statement.lstrip().upper().startswith("SELECT"):
-            sent.append((statement, parameters))
+            sent.append((statement, parameters, False))
+
+    def logged(query: Any) -> None:
+        if query.query.lstrip().upper().startswith("SELECT"):
+            sent.append((query.query, query.args, True))
 
     event.listen(engine.sync_engine, "before_cursor_execute", capture)
     try:
         async with engine.connect() as conn:
-            await call(conn)
+            driver = (await conn.get_raw_connection()).driver_connection
+            assert driver is not None
+            driver.add_query_logger(logged)
+            try:
+                await call(conn)
+            finally:
+                driver.remove_query_logger(logged)
     finally:
         event.remove(engine.sync_engine, "before_cursor_execute", capture)
-    statement, parameters = sent[-1]
+    statement, parameters, on_driver = sent[-1]
     async with engine.connect() as conn:
-        result = await conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + statement, parameters)
-        plan: dict[str, Any] = result.scalar_one()[0]["Plan"]
+        if on_driver:
+            driver = (await conn.get_raw_connection()).driver_connection
+            assert driver is not None
+            found = await driver.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + statement, *parameters)
+        else:
+            found = (await conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + statement, parameters)).scalar_one()
+    plan: dict[str, Any] = found[0]["Plan"]
     return plan
 
 
