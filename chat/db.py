@@ -6,7 +6,7 @@ import contextlib
 import re
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +128,7 @@ class DriverStatement:
     """A SQLAlchemy query compiled once for the asyncpg connection itself (see fetch): its SQL,
     the name of the parameter behind each $n, and the constants SQLAlchemy bound in it."""
 
+    query: Any
     sql: str
     names: tuple[str, ...]
     constants: dict[str, Any]
@@ -147,22 +148,25 @@ class DriverStatement:
             if not all(isinstance(v, str) and re.fullmatch(r"[a-z_]+", v) for v in values):
                 raise ValueError(f"not a list of plain words: {name}={values!r}")
             sql = sql.replace(marker, "(" + ", ".join(f"'{v}'" for v in values) + ")")
-        return cls(sql, tuple(names), dict(compiled.params))
+        return cls(query, sql, tuple(names), dict(compiled.params))
 
     def args(self, values: dict[str, Any]) -> list[Any]:
         return [values[name] if name in values else self.constants[name] for name in self.names]
 
 
-async def fetch(conn: AsyncConnection, statement: DriverStatement, **values: Any) -> list[Any]:
-    """The rows (asyncpg Records) of one read, run on the asyncpg connection under `conn`, past
-    SQLAlchemy's execution path: that path costs about 100 µs per statement and 2.5 µs per row
-    on a 2-core machine, and a join reads a page of 50 messages. Behind a transaction-mode pooler
-    the statement gets a transaction of its own unless one is open (as SQLAlchemy's do, see
-    _one_transaction_per_statement)."""
+async def fetch(conn: AsyncConnection, statement: DriverStatement, **values: Any) -> Sequence[Any]:
+    """The rows of one statement, read by position (asyncpg Records, or SQLAlchemy Rows), run on
+    the asyncpg connection under `conn`, past SQLAlchemy's execution path: that path costs about
+    100 µs per statement and 2.5 µs per row on a 2-core machine, and every join runs a few. Behind
+    a transaction-mode pooler the statement gets a transaction of its own (as SQLAlchemy's do, see
+    _one_transaction_per_statement). Inside a transaction SQLAlchemy began, it runs there, through
+    SQLAlchemy: the driver's transaction may not have begun yet, and must stay SQLAlchemy's."""
+    if conn.in_transaction():
+        return (await conn.execute(statement.query, values)).all()
     driver = (await conn.get_raw_connection()).driver_connection
     assert driver is not None
     args = statement.args(values)
-    if conn.engine.sync_engine in _TRANSACTIONAL and not driver.is_in_transaction():
+    if conn.engine.sync_engine in _TRANSACTIONAL:
         async with driver.transaction():
-            return list(await driver.fetch(statement.sql, *args))
-    return list(await driver.fetch(statement.sql, *args))
+            return await driver.fetch(statement.sql, *args)  # type: ignore[no-any-return]
+    return await driver.fetch(statement.sql, *args)  # type: ignore[no-any-return]

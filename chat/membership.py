@@ -18,6 +18,7 @@ from sqlalchemy import LargeBinary, Text, and_, bindparam, delete, func, literal
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from chat.db import DriverStatement, fetch
 from chat.models import Membership, Room, Token, User
 from chat.store import TOKEN_COLUMNS, Identity, _write, hash_token, identity_of_row
 
@@ -76,24 +77,24 @@ async def token_and_access(conn: AsyncConnection, *, raw: str, room: str | None)
     """A socket's token (TokenRefused as store.identity_for_token) and the room as its user may
     see it (as `access`; room None: no room), in one statement: a room socket's join reads both,
     one round trip fewer than reading them one after the other."""
-    row = (await conn.execute(_token_and_access_query(), {"hash": hash_token(raw), "room": room})).one_or_none()
-    identity = identity_of_row(row)
-    assert row is not None
-    if row.room_id is None or (row.visibility == PRIVATE and not row.member):
+    rows = await fetch(conn, _token_and_access_query(), hash=hash_token(raw), room=room)
+    identity = identity_of_row(rows[0] if rows else None)
+    room_id, room_name, visibility, dm, created_by, member = rows[0][6:12]
+    if room_id is None or (visibility == PRIVATE and not member):
         return identity, None
-    return identity, RoomAccess(row.room_id, row.room_name, row.visibility, row.dm, row.created_by, bool(row.member))
+    return identity, RoomAccess(room_id, room_name, visibility, dm, created_by, bool(member))
 
 
 @functools.cache
-def _token_and_access_query() -> Any:
-    """token_and_access's statement, built once (values as bound parameters)."""
+def _token_and_access_query() -> DriverStatement:
+    """token_and_access's statement, built and compiled once (values as bound parameters)."""
     member = (
         select(literal(True))
         .where(Membership.room_id == Room.id, Membership.user_id == User.id)
         .exists()
         .label("member")
     )
-    return (
+    query = (
         select(
             *TOKEN_COLUMNS, Room.id.label("room_id"), Room.name.label("room_name"), Room.visibility, Room.dm,
             Room.created_by, member,
@@ -102,6 +103,7 @@ def _token_and_access_query() -> Any:
         .outerjoin(Room, Room.name == bindparam("room", type_=Text))
         .where(Token.hash == bindparam("hash", type_=LargeBinary))
     )  # fmt: skip
+    return DriverStatement.of(query)
 
 
 async def enter(conn: AsyncConnection, *, room_id: int, user_id: int) -> bool:

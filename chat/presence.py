@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from chat import notify
 from chat.config import get_settings
-from chat.db import create_engine, reading
+from chat.db import DriverStatement, create_engine, fetch, reading
 from chat.store import Identity
 
 log = logging.getLogger("chat.presence")
@@ -49,11 +49,13 @@ _LIVE_SOCKETS = text(
 # a join or leave (with :notify), and returns who is online in the room after it. With
 # :members_only it first checks, under the lock, that the user is still a member of the room
 # (`member` false: nothing was changed).
-_CHANGE = text(
-    "SELECT before, after, online, member FROM chat_presence_change(CAST(:room_id AS bigint),"
-    " CAST(:user_id AS bigint), CAST(:process_id AS text), CAST(:name AS text), CAST(:delta AS integer),"
-    " CAST(:stale AS double precision), CAST(:notify AS boolean), CAST(:channel AS text), CAST(:join AS text),"
-    " CAST(:leave AS text), CAST(:members_only AS boolean))"
+_CHANGE = DriverStatement.of(
+    text(
+        "SELECT before, after, online, member FROM chat_presence_change(CAST(:room_id AS bigint),"
+        " CAST(:user_id AS bigint), CAST(:process_id AS text), CAST(:name AS text), CAST(:delta AS integer),"
+        " CAST(:stale AS double precision), CAST(:notify AS boolean), CAST(:channel AS text), CAST(:join AS text),"
+        " CAST(:leave AS text), CAST(:members_only AS boolean))"
+    )
 )
 _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 
@@ -163,15 +165,15 @@ class Presence:
             "leave": notify.event_payload("leave", name),
             "members_only": members_only,
         }
-        row = (await conn.execute(_CHANGE, values)).one()
-        if not row.member:
+        [(before, after, online, member)] = await fetch(conn, _CHANGE, **values)
+        if not member:
             raise NotMember(room_id)
         if self.publish is not None:
-            if row.before == 0 and row.after > 0:
+            if before == 0 and after > 0:
                 await self._announce(conn, room_id, "join", name)
-            elif row.before > 0 and row.after == 0:
+            elif before > 0 and after == 0:
                 await self._announce(conn, room_id, "leave", name)
-        return list(row.online)
+        return list(online)
 
     async def _announce(self, conn: AsyncConnection, room_id: int, kind: str, name: str) -> None:
         if self.publish is not None:

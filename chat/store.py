@@ -263,7 +263,9 @@ async def history_page(
     there applies each change exactly once."""
     values = {"room_id": room_id, "viewer_id": viewer_id, "limit": limit, "before": before}
     rows = await fetch(conn, _history_query(before is not None), **values)
-    return [MessageRecord.from_row(r, reactions=True) for r in reversed(rows)], (int(rows[0]["head"]) if rows else None)
+    return [MessageRecord.from_row(r, reactions=True) for r in reversed(rows)], (
+        int(rows[0][-1]) if rows else None
+    )  # head: the last column
 
 
 @functools.cache
@@ -332,16 +334,17 @@ def identity_of_row(row: Any) -> Identity:
     revoked or expired."""
     if row is None:
         raise TokenRefused("invalid token")
-    if row.revoked_at is not None:
+    token_id, expires_at, revoked_at, rooms, user_id, name = row[:6]  # by position: Rows and Records alike
+    if revoked_at is not None:
         raise TokenRefused("token revoked")
-    if row.expires_at is not None and row.expires_at <= datetime.now(UTC):
+    if expires_at is not None and expires_at <= datetime.now(UTC):
         raise TokenRefused("token expired")
     return Identity(
-        user_id=row.user_id,
-        name=row.name,
-        token_id=row.id,
-        expires_at=row.expires_at,
-        rooms=tuple(row.rooms) if row.rooms is not None else None,
+        user_id=user_id,
+        name=name,
+        token_id=token_id,
+        expires_at=expires_at,
+        rooms=tuple(rooms) if rooms is not None else None,
     )
 
 
