@@ -11,10 +11,10 @@ import time
 from typing import Any
 
 import asyncpg
-from sqlalchemy import event
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from bench.stats import describe
+from chat.db import explain, statements_sent
 
 
 async def fill_room(dsn: str, *, name: str, rows: int) -> dict[str, Any]:
@@ -68,11 +68,6 @@ async def measure_sql(url: str, *, room_id: int, head: int, samples: int, limit:
     from chat import store
 
     engine = create_async_engine(url)
-    captured: list[tuple[str, Any]] = []
-
-    @event.listens_for(engine.sync_engine, "before_cursor_execute")
-    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
-        captured.append((statement, parameters))
 
     old = min(1001, head + 1)
     pages: dict[str, list[int | None]] = {
@@ -91,11 +86,10 @@ async def measure_sql(url: str, *, room_id: int, head: int, samples: int, limit:
                     rows = await store.messages_before(conn, room_id=room_id, before=before, limit=limit)
                     timings.append((time.perf_counter() - t) * 1000)
                     assert len(rows) == min(limit, head if before is None else before - 1)
-                captured.clear()
-                await store.messages_before(conn, room_id=room_id, before=befores[0], limit=limit)
-                statement, parameters = captured[-1]
-                plan_rows = await conn.exec_driver_sql(f"EXPLAIN (ANALYZE, BUFFERS) {statement}", parameters)
-                plan = "\n".join(str(r[0]) for r in plan_rows)
+                async with statements_sent(conn) as sent:
+                    await store.messages_before(conn, room_id=room_id, before=befores[0], limit=limit)
+                statement = sent[-1].sql
+                plan = "\n".join(str(r[0]) for r in await explain(conn, sent[-1], "ANALYZE, BUFFERS"))
                 results[label] = {
                     "before": befores[0] if label != "random" else "random",
                     "roundtrip_ms": describe(timings),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import uuid
@@ -170,3 +171,47 @@ async def fetch(conn: AsyncConnection, statement: DriverStatement, **values: Any
         async with driver.transaction():
             return await driver.fetch(statement.sql, *args)  # type: ignore[no-any-return]
     return await driver.fetch(statement.sql, *args)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """A statement a connection sent, with its parameters: through SQLAlchemy, or (`on_driver`)
+    by fetch on the asyncpg connection itself."""
+
+    sql: str
+    parameters: Any
+    on_driver: bool
+
+
+@contextlib.asynccontextmanager
+async def statements_sent(conn: AsyncConnection) -> AsyncIterator[list[Sent]]:
+    """Every statement `conn` sends meanwhile, whichever way: to EXPLAIN exactly what a query
+    function sends (the plan tests, the bench's history scenario)."""
+    sent: list[Sent] = []
+
+    def through_sqlalchemy(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        sent.append(Sent(statement, parameters, on_driver=False))
+
+    def on_driver(query: Any) -> None:
+        sent.append(Sent(query.query, query.args, on_driver=True))
+
+    driver = (await conn.get_raw_connection()).driver_connection
+    assert driver is not None
+    event.listen(conn.sync_connection, "before_cursor_execute", through_sqlalchemy)
+    driver.add_query_logger(on_driver)
+    try:
+        yield sent
+    finally:
+        await asyncio.sleep(0)  # the driver calls its query loggers soon after, not in the query
+        driver.remove_query_logger(on_driver)
+        event.remove(conn.sync_connection, "before_cursor_execute", through_sqlalchemy)
+
+
+async def explain(conn: AsyncConnection, sent: Sent, options: str) -> list[Any]:
+    """The rows of `EXPLAIN (options)` of a statement as it was sent, sent the same way."""
+    query = f"EXPLAIN ({options}) {sent.sql}"
+    if sent.on_driver:
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        return list(await driver.fetch(query, *sent.parameters))
+    return list((await conn.exec_driver_sql(query, sent.parameters)).all())

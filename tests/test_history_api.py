@@ -12,12 +12,13 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from chat import store
+from chat import db, store
 from chat.config import libpq_url
+from chat.db import statements_sent
 from tests.conftest import MakeToken, unique
 from tests.roomclient import RoomClient
 from tests.servers import Server
@@ -335,38 +336,13 @@ Call = Callable[[AsyncConnection], Awaitable[object]]
 
 
 async def explain(engine: AsyncEngine, call: Call) -> dict[str, Any]:
-    """EXPLAIN (ANALYZE) exactly the SELECT that `call` sends, with its parameters: through
-    SQLAlchemy, or on the asyncpg connection itself (chat.db.fetch)."""
-    sent: list[tuple[str, Any, bool]] = []
-
-    def capture(conn: object, cursor: object, statement: str, parameters: Any, *_: object) -> None:
-        if statement.lstrip().upper().startswith("SELECT"):
-            sent.append((statement, parameters, False))
-
-    def logged(query: Any) -> None:
-        if query.query.lstrip().upper().startswith("SELECT"):
-            sent.append((query.query, query.args, True))
-
-    event.listen(engine.sync_engine, "before_cursor_execute", capture)
-    try:
-        async with engine.connect() as conn:
-            driver = (await conn.get_raw_connection()).driver_connection
-            assert driver is not None
-            driver.add_query_logger(logged)
-            try:
-                await call(conn)
-            finally:
-                driver.remove_query_logger(logged)
-    finally:
-        event.remove(engine.sync_engine, "before_cursor_execute", capture)
-    statement, parameters, on_driver = sent[-1]
+    """EXPLAIN (ANALYZE) exactly the SELECT that `call` sends, with its parameters."""
     async with engine.connect() as conn:
-        if on_driver:
-            driver = (await conn.get_raw_connection()).driver_connection
-            assert driver is not None
-            found = await driver.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + statement, *parameters)
-        else:
-            found = (await conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + statement, parameters)).scalar_one()
+        async with statements_sent(conn) as sent:
+            await call(conn)
+        [*_, last] = [s for s in sent if s.sql.lstrip().upper().startswith("SELECT")]
+        await conn.rollback()
+        [(found,)] = await db.explain(conn, last, "ANALYZE, FORMAT JSON")
     plan: dict[str, Any] = found[0]["Plan"]
     return plan
 
