@@ -15,6 +15,7 @@ from sqlalchemy import (
     BigInteger,
     ColumnElement,
     Integer,
+    LargeBinary,
     and_,
     bindparam,
     delete,
@@ -321,12 +322,17 @@ TOKEN_COLUMNS = (Token.id, Token.expires_at, Token.revoked_at, Token.rooms, User
 
 
 async def identity_for_token(conn: AsyncConnection, *, raw: str) -> Identity:
-    row = (
-        await conn.execute(
-            select(*TOKEN_COLUMNS).join(User, User.id == Token.user_id).where(Token.hash == hash_token(raw))
-        )
-    ).one_or_none()
-    return identity_of_row(row)
+    rows = await fetch(conn, _token_query(), hash=hash_token(raw))  # every API request and /socket
+    return identity_of_row(rows[0] if rows else None)
+
+
+@functools.cache
+def _token_query() -> DriverStatement:
+    return DriverStatement.of(
+        select(*TOKEN_COLUMNS)
+        .join(User, User.id == Token.user_id)
+        .where(Token.hash == bindparam("hash", type_=LargeBinary))
+    )
 
 
 def identity_of_row(row: Any) -> Identity:
