@@ -153,7 +153,7 @@ def cpu_split(run: Run) -> dict[str, Any]:
                 system, servers, tag=f"split{members}-{system[:2]}", rate=rate, duration=knobs.duration,
                 warmup=knobs.warmup, members=members,
             )  # fmt: skip
-            busy = row["cpu"].get("chat_servers" if system == "chat" else "inmemory")
+            busy = row["cpu"].get(SERVERS[system])
             log(
                 f"  {system} @ {rate}/s, {members} members per room: {row['deliveries_per_s']:.0f} deliveries/s, "
                 f"servers' CPU {busy}%, lost {row['lost']}"
@@ -166,17 +166,27 @@ def plain_server(run: Run) -> dict[str, Any]:
     """The plain durable server (bench/plain_app.py) beside chat, in one run: what uvicorn,
     asyncpg and Postgres cost before our guarantees and features. The latency shape at the top
     rate with `split_members` and with `members` per room, on chat, the plain server and the
-    in-memory baseline (CPU per stored message, per delivery, and the split of the two), then
-    sequential joins with a replay against each one's bare accept."""
+    in-memory baseline (CPU per stored message, per delivery, and the split of the two; chat's and
+    the in-memory's are the CPU split's runs when that scenario ran), then sequential joins with
+    a replay against each one's bare accept."""
     knobs = run.knobs
     assert run.inmemory is not None
     plain = start_servers("plain", knobs.processes, run.log_dir, database_url=run.db.dsn, ws=knobs.ws)
     run.meter.groups["plain_servers"] = [s.pid for s in plain]
     try:
         rate = max(knobs.rates)
+        split = run.results.get("cpusplit")
+        measured = (
+            {(r["system"], r["members"]): r for r in split["rows"]}
+            if isinstance(split, dict) and "rows" in split
+            else {}
+        )
         rows = []
         for members in (knobs.split_members, knobs.members):
             for system, servers in (("chat", run.chat), ("plain", plain), ("inmemory", [run.inmemory])):
+                if (system, members) in measured:  # the CPU split's same run, a minute ago: not again
+                    rows.append(measured[system, members])
+                    continue
                 row = run.load_run(
                     system, servers, tag=f"pl{members}-{system[:2]}", rate=rate, duration=knobs.duration,
                     warmup=knobs.warmup, members=members,
@@ -215,16 +225,8 @@ def _plain_joins(run: Run, plain: list[Server]) -> list[dict[str, Any]]:
                 gen.call(0, "joins", warm)  # first joins warm caches and pools: not measured
                 before = run.meter.snapshot()
                 result = gen.call(0, "joins", {**warm, "n": knobs.join_samples})
-                row = {
-                    "system": system,
-                    "key": key,
-                    "n": knobs.join_samples,
-                    "ready_ms": describe(result["ready_ms"]),
-                    "replayed": result["replayed"],
-                    "failed": result["failed"],
-                    "joins_per_s": round(knobs.join_samples / result["wall_s"], 1) if result["wall_s"] else None,
-                    "cpu": CpuMeter.usage(before, run.meter.snapshot()),
-                }
+                cpu = CpuMeter.usage(before, run.meter.snapshot())
+                row = {"system": system, "key": key, **_joined(result, knobs.join_samples, cpu)}
                 log(f"  {system} {key}: p50 {_f(row['ready_ms']['p50'])} p99 {_f(row['ready_ms']['p99'])} ms")
                 rows.append(row)
     finally:
@@ -452,6 +454,18 @@ async def _fill(dsn: str, name: str, count: int) -> None:
         await conn.close()
 
 
+def _joined(result: dict[str, Any], n: int, cpu: dict[str, float]) -> dict[str, Any]:
+    """A row of `n` timed joins (the load generator's `joins` result) and the CPU meanwhile."""
+    return {
+        "n": n,
+        "ready_ms": describe(result["ready_ms"]),
+        "replayed": result["replayed"],
+        "failed": result["failed"],
+        "joins_per_s": round(n / result["wall_s"], 1) if result["wall_s"] else None,
+        "cpu": cpu,
+    }
+
+
 def join_cost(run: Run) -> dict[str, Any]:
     """Sequential joins, each timed from the TCP connect to the `ready` frame (for the bare
     accept: to the handshake), alternating between the server processes. The rooms of the main
@@ -528,13 +542,8 @@ def join_cost(run: Run) -> dict[str, Any]:
                 "key": key,
                 "variant": label,
                 "concurrent": concurrent,
-                "n": count,
-                "ready_ms": describe(result["ready_ms"]),
+                **_joined(result, count, cpu),
                 "handshake_ms": describe(result["handshake_ms"]),
-                "replayed": result["replayed"],
-                "failed": result["failed"],
-                "joins_per_s": round(count / result["wall_s"], 1) if result["wall_s"] else None,
-                "cpu": cpu,
             }
             if "profile" in result:
                 row["profile"] = result["profile"]
