@@ -160,4 +160,6 @@ SMOKE = Knobs(
     multiroom_rooms=4,
     multiroom_samples=2,
     tokens=3,
+    # A short presence linger: the join scenario waits it out twice (seconds, not the default's).
+    server_env={**SERVER_ENV, "CHAT_PRESENCE_LINGER_SECONDS": "0.3"},
 )

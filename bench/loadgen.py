@@ -524,9 +524,11 @@ class Worker:
         n: int,
         concurrent: bool = False,
         gid_base: int = 900_000,
+        tokens: Sequence[str] = (),
     ) -> dict[str, Any]:
         """Join cost: open n clients (one after another, or all at once), timing each from the
-        TCP connect to ready (room) or to the handshake (bare accept); close each afterwards."""
+        TCP connect to ready (room) or to the handshake (bare accept); close each afterwards.
+        With `tokens`, the i-th client uses the i-th of them (in turn) instead of `token`."""
         sink = Sink()
         timings: list[dict[str, float]] = []
         replayed: list[int] = []
@@ -535,8 +537,9 @@ class Worker:
         async def one(i: int) -> WsClient | None:
             try:
                 client, times = await connect(
-                    gid_base + i, urls[i % len(urls)], room, token, sink, deflate=self.deflate
-                )
+                    gid_base + i, urls[i % len(urls)], room, tokens[i % len(tokens)] if tokens else token, sink,
+                    deflate=self.deflate,
+                )  # fmt: skip
             except Exception as exc:
                 failures[type(exc).__name__ + ": " + str(exc)[:120]] += 1
                 return None

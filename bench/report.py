@@ -401,6 +401,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         # documented batch replay (replay=batch), and /socket (the page's: a batch frame).
         for key, label in (
             ("replay", "join (room socket, a frame per message)"),
+            ("online", "join of a member coming online (room socket, presence written)"),
             ("batch", "join (room socket, replay=batch)"),
             ("socket", "join on /socket"),
         ):

@@ -19,6 +19,7 @@ from bench import history, limits, profiling
 from bench.cluster import SERVERS, CpuMeter, Server, start_servers
 from bench.run import Run, log
 from bench.stats import describe, summary
+from chat.config import Settings
 
 
 def run_all(run: Run) -> None:
@@ -470,7 +471,11 @@ def join_cost(run: Run) -> dict[str, Any]:
     """Sequential joins, each timed from the TCP connect to the `ready` frame (for the bare
     accept: to the handshake), alternating between the server processes. The rooms of the main
     variants already have a member on every process, as a room being joined usually does; the
-    "first socket" variant joins rooms nobody is in, which also costs the room's LISTEN."""
+    "first socket" variant joins rooms nobody is in, which also costs the room's LISTEN. The
+    main variants' joins are one user's, again and again, as a reconnect or a reload is: within
+    the presence linger each finds the user online in the room already, and writes no presence.
+    The "online" variant is a different member each time, not online anywhere: its presence is
+    written (and let go once the linger is over, while the next joins go on)."""
     knobs, gen = run.knobs, run.gen
     replay_room = f"join-replay-{run.id}"
     empty_room = f"join-empty-{run.id}"
@@ -487,11 +492,17 @@ def join_cost(run: Run) -> dict[str, Any]:
         raise RuntimeError(f"could not open the rooms' resident members: {opened['failed']}")
     n, burst = knobs.join_samples, knobs.join_burst
     replayed = min(50, knobs.join_replay)
+    comers = asyncio.run(run.db.make_tokens(n, prefix=f"joiner-{run.id}"))
+    default_linger = Settings.model_fields["presence_linger_seconds"].default
+    linger = float(knobs.server_env.get("CHAT_PRESENCE_LINGER_SECONDS", default_linger))
     variants: list[tuple[str, str, str, str | None, str | None, bool, int]] = [
         ("bare", "bare accept (/ws, no auth, no database)", "/ws", None, None, False, n),
         ("first", "join, first socket of a room on its process (adds its LISTEN)", "", "", token, False, n),
         ("empty", "join, room with members, no history", f"/rooms/{empty_room}/ws", empty_room, token, False, n),
-        ("replay", f"join + replay of {replayed} messages", f"/rooms/{replay_room}/ws", replay_room, token, False, n),
+        ("replay", f"join + replay of {replayed} messages (one user rejoining)", f"/rooms/{replay_room}/ws",
+         replay_room, token, False, n),
+        ("online", f"join + replay of {replayed} messages, a member coming online (presence written)",
+         f"/rooms/{replay_room}/ws", replay_room, None, False, n),
         ("batch", f"join + replay of {replayed} messages, batch replay (room socket, replay=batch)",
          f"/rooms/{replay_room}/ws?replay=batch", replay_room, token, False, n),
         ("socket", f"join + replay of {replayed} messages on /socket (one subscribe)", "/socket", replay_room, token,
@@ -522,14 +533,21 @@ def join_cost(run: Run) -> dict[str, Any]:
                 cpu = CpuMeter.usage(before, run.meter.snapshot())
             else:
                 urls = [s.ws(path) for s in run.chat]
-                warm = {"urls": urls, "room": room, "token": tok, "n": 5}
+                warm: dict[str, Any] = {"urls": urls, "room": room, "token": tok, "n": 5}
                 command = "socket_joins" if key == "socket" else "joins"
-                gen.call(0, command, warm)  # first joins warm caches and pools: not measured
+                if key == "online":  # each comer joins once (a member now), then is let go
+                    warm = {**warm, "tokens": comers, "n": len(comers)}
+                    gen.call(0, command, warm)
+                    time.sleep(linger + 1.0)
+                else:
+                    gen.call(0, command, warm)  # first joins warm caches and pools: not measured
                 profile_to = run.log_dir / f"profile-join-{key}.txt" if knobs.profile and key == "replay" else None
                 spy = profiling.start(run.chat[0].pid, None, profile_to) if profile_to else None
                 before = run.meter.snapshot()
                 args = {**warm, "n": count} if key == "socket" else {**warm, "n": count, "concurrent": concurrent}
                 result = gen.call(0, command, args)
+                if key == "online":  # the comers' presence let go after the linger is theirs too
+                    time.sleep(linger + 1.0)
                 cpu = CpuMeter.usage(before, run.meter.snapshot())
                 if spy is not None and profile_to is not None:
                     profiling.stop(spy)

@@ -147,7 +147,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             writer.start()
             stack.push_async_callback(writer.stop)  # after the sockets' drain: what they sent last is stored
             presence = app.state.presence = Presence(
-                engine, beat=settings.presence_beat_seconds, stale=settings.presence_stale_seconds
+                engine,
+                beat=settings.presence_beat_seconds,
+                stale=settings.presence_stale_seconds,
+                linger=settings.presence_linger_seconds,
             )
             if not hub.database_notifies:
                 presence.publish = hub.publish  # join/leave through Redis, after commit

@@ -110,6 +110,8 @@ class Settings(BaseSettings):
 
     presence_beat_seconds: float = Field(default=2.0, gt=0)  # each process's heartbeat
     presence_stale_seconds: float = Field(default=10.0, gt=0)  # a process silent this long is dead
+    # A user's last socket in a room closed: online there this long yet (a reload, a reconnect).
+    presence_linger_seconds: float = Field(default=3.0, ge=0)
     typing_interval_seconds: float = Field(default=2.0, ge=0)  # at most one typing event per socket per this
     read_interval_seconds: float = Field(default=1.0, gt=0)  # read positions: one write per (user, room) per this
 

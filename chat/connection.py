@@ -255,7 +255,7 @@ class Connection:
                 self.error("no_such_room", "no such room", room=room)
                 return
             if removed.is_set():  # removed meanwhile (the hub has taken the subscription out already)
-                await self.presence.leave(room_id, user)
+                await self.presence.leave(room_id, user, linger=False)
                 self.error("removed", "you were removed from this room", room=room)
                 return
             self.rooms[room] = session
@@ -289,7 +289,7 @@ class Connection:
             return
         del self.rooms[room]
         self.error("removed", "you were removed from this room", room=room)
-        task = asyncio.create_task(self.presence.leave(session.room_id, self.identity))
+        task = asyncio.create_task(self.presence.leave(session.room_id, self.identity, linger=False))
         self._leaving.add(task)
         task.add_done_callback(self._leaving.discard)
 

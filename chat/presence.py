@@ -1,12 +1,19 @@
 """Who is online in which room, across every server process.
 
-Each process beats in `chat_processes`; each (room, user) it serves has a `presence` row with
-its socket count. A user goes online in a room with their first socket anywhere and offline with
-their last: that is decided under a per-(room, user) advisory lock, and the join or leave event
-is NOTIFYed in the same transaction, so events follow the state in commit order (with Redis
-fan-out the event is published right after its transaction commits, never for a rollback). A
-process that stops beating (kill -9, a frozen host) is dead after `stale` seconds: the living
-reap its rows and announce the leaves, with no manual clean-up.
+Each process beats in `chat_processes`; each (room, user) it serves has a `presence` row (its
+`sockets` is 1: the sockets themselves are counted here, in memory). A user goes online in a room
+with their first socket anywhere and offline with their last: that is decided under a per-(room,
+user) advisory lock, and the join or leave event is NOTIFYed in the same transaction, so events
+follow the state in commit order (with Redis fan-out the event is published right after its
+transaction commits, never for a rollback). A process that stops beating (kill -9, a frozen host)
+is dead after `stale` seconds: the living reap its rows and announce the leaves, with no manual
+clean-up.
+
+The table is written only when a process starts or stops holding a (room, user): a second socket
+of the user in the room on this process (another tab) writes nothing, and the last one's row
+lingers `linger` seconds after it closes, so that a reconnect or a page reload in that time
+writes nothing either and sends no leave and join to the room. A join that writes nothing still
+reads: the user's membership (its recheck of a removal that raced it) and who is online.
 """
 
 from __future__ import annotations
@@ -58,10 +65,23 @@ _CHANGE = DriverStatement.of(
     )
 )
 _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
+# A join of a (room, user) this process already holds: nothing to change, only the join's recheck
+# of the membership (with :members_only) and who is online, as _CHANGE answers them. No lock: the
+# joining socket is in the room's feed already, so a removal committed after this read reaches it.
+_LOOK = DriverStatement.of(
+    text(
+        "SELECT NOT CAST(:members_only AS boolean) OR EXISTS (SELECT 1 FROM memberships m"
+        " WHERE m.room_id = CAST(:room_id AS bigint) AND m.user_id = CAST(:user_id AS bigint)) AS member,"
+        " ARRAY(SELECT p.user_name FROM presence p JOIN chat_processes c ON c.id = p.process_id"
+        " WHERE p.room_id = CAST(:room_id AS bigint) AND p.sockets > 0"
+        " AND c.beat_at > now() - make_interval(secs => CAST(:stale AS double precision))"
+        " UNION SELECT CAST(:name AS text) ORDER BY 1) AS online"
+    )
+)
 
 
 class Presence:
-    def __init__(self, engine: AsyncEngine, *, beat: float, stale: float) -> None:
+    def __init__(self, engine: AsyncEngine, *, beat: float, stale: float, linger: float = 0.0) -> None:
         self.engine = engine
         # The heartbeat has a connection of its own: when thousands of sockets come or go at
         # once their presence writes fill the shared pool, and a beat that waited behind them
@@ -72,8 +92,14 @@ class Presence:
         )  # fmt: skip
         self.beat = beat
         self.stale = stale
+        self.linger = linger
         self.process_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.local: dict[tuple[int, int], tuple[str, int]] = {}  # (room, user) -> (name, sockets here)
+        # What this process holds in the table: (room, user) -> (name, 1). Held while the user has
+        # a socket in the room here, and for `linger` seconds after the last one closed.
+        self.local: dict[tuple[int, int], tuple[str, int]] = {}
+        self.sockets: dict[tuple[int, int], int] = {}  # (room, user) -> sockets here
+        self._lingering: dict[tuple[int, int], asyncio.TimerHandle] = {}
+        self._releases: set[asyncio.Task[None]] = set()
         # enter/leave calls under way per (room, user): counted in `local`, maybe not yet stored.
         self._in_flight: dict[tuple[int, int], int] = {}
         self._task: asyncio.Task[None] | None = None
@@ -87,6 +113,12 @@ class Presence:
 
     async def stop(self) -> None:
         """Leaving for good (shutdown): our users go offline where no other process has them."""
+        for lingering in self._lingering.values():
+            lingering.cancel()
+        self._lingering.clear()
+        for task in self._releases:
+            task.cancel()
+        await asyncio.gather(*self._releases, return_exceptions=True)  # the reap below covers them
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -103,38 +135,98 @@ class Presence:
         longer a member: nothing is counted then, and a failure of the database is raised (the
         join cannot be checked); without it a failure is logged, and the next beat puts it right."""
         key = (room_id, who.user_id)
-        name, count = self.local.get(key, (who.name, 0))
-        self.local[key] = (name, count + 1)
+        self.sockets[key] = self.sockets.get(key, 0) + 1
+        if (lingering := self._lingering.pop(key, None)) is not None:
+            lingering.cancel()  # back within the linger: the row is still ours
+        if key in self.local:
+            return await self._look(key, who, members_only=members_only)
+        self.local[key] = (who.name, 1)
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
         try:
             async with self._autocommit(self.engine) as conn:
                 return await self._change(conn, room_id, who.user_id, who.name, +1, members_only=members_only)
         except NotMember:
-            self._uncount(key)
+            self._refused(key, who, stored=False)
             return None
         except Exception as exc:  # the next heartbeat puts the row right
             if members_only:
-                self._uncount(key)
+                self._refused(key, who, stored=False)
                 raise
             log.warning("presence enter failed: %r", exc)
             return [who.name]
         finally:
             self._landed(key)
 
-    def _uncount(self, key: tuple[int, int]) -> None:
-        name, count = self.local.get(key, ("", 1))
-        if count <= 1:
-            self.local.pop(key, None)
-        else:
-            self.local[key] = (name, count - 1)
+    async def _look(self, key: tuple[int, int], who: Identity, *, members_only: bool) -> list[str] | None:
+        """The enter of a (room, user) held already: read the recheck and who is online."""
+        values = {"room_id": key[0], "user_id": key[1], "members_only": members_only, "stale": self.stale}
+        try:
+            async with reading(self.engine) as conn:
+                [(member, online)] = await fetch(conn, _LOOK, **values, name=who.name)
+        except Exception as exc:
+            if members_only:
+                self._refused(key, who, stored=True)
+                raise
+            log.warning("presence look failed: %r", exc)
+            return [who.name]
+        if not member:
+            self._refused(key, who, stored=True)
+            return None
+        return list(online)
 
-    async def leave(self, room_id: int, who: Identity) -> None:
+    def _refused(self, key: tuple[int, int], who: Identity, *, stored: bool) -> None:
+        """An enter that counted its socket was refused (or failed): take the socket out again.
+        `stored`: the (room, user) was held before it, and stays held (lingering if this was its
+        only socket); else this enter's hold is dropped with it (the next beat corrects the table
+        if the failed change did reach it)."""
+        left = self.sockets.get(key, 1) - 1
+        if left > 0:
+            self.sockets[key] = left
+            return
+        self.sockets.pop(key, None)
+        if stored:
+            self._linger(key, who, self.linger)
+        else:
+            self.local.pop(key, None)
+
+    async def leave(self, room_id: int, who: Identity, *, linger: bool = True) -> None:
+        """One socket of `who` left the room. With the last one here, the (room, user) is let go
+        `linger` seconds later (at once with `linger` False: the user was removed from the room),
+        unless a socket of theirs comes back first."""
         key = (room_id, who.user_id)
-        self._uncount(key)
+        left = self.sockets.get(key, 1) - 1
+        if left > 0:
+            self.sockets[key] = left
+            return
+        self.sockets.pop(key, None)
+        if key not in self.local:
+            return
+        if linger and self.linger > 0:
+            self._linger(key, who, self.linger)
+            return
+        if (lingering := self._lingering.pop(key, None)) is not None:
+            lingering.cancel()
+        await self._release(key, who)
+
+    def _linger(self, key: tuple[int, int], who: Identity, seconds: float) -> None:
+        if (earlier := self._lingering.pop(key, None)) is not None:
+            earlier.cancel()
+        self._lingering[key] = asyncio.get_running_loop().call_later(seconds, self._release_soon, key, who)
+
+    def _release_soon(self, key: tuple[int, int], who: Identity) -> None:
+        self._lingering.pop(key, None)
+        task = asyncio.create_task(self._release(key, who))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release(self, key: tuple[int, int], who: Identity) -> None:
+        """Let the (room, user) go: take this process's row out (a leave if it was the last)."""
+        if key in self.sockets or self.local.pop(key, None) is None:
+            return  # a socket came back, or it was let go already
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
         try:
             async with self._autocommit(self.engine) as conn:
-                await self._change(conn, room_id, who.user_id, who.name, -1)
+                await self._change(conn, key[0], key[1], who.name, -1)
         except Exception as exc:  # the next heartbeat puts the row right
             log.warning("presence leave failed: %r", exc)
         finally:

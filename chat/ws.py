@@ -22,7 +22,7 @@ from chat.connection import Connection
 from chat.hub import Hub
 from chat.limits import FrameGuard, Limits, TokenBucket, TooManyConnections
 from chat.membership import NoSuchRoom, RoomAccess
-from chat.protocol import CLOSE_FLOOD, CLOSE_IDLE, MAX_BIGINT
+from chat.protocol import CLOSE_FLOOD, CLOSE_IDLE, CLOSE_REMOVED, MAX_BIGINT
 from chat.service import UNSEEN, RoomSession, Unseen, admit, check_body, inflight_bound, inflight_bytes, open_room
 from chat.store import TOKEN_PREFIX, Identity
 from chat.subscription import Render, Subscription, chapter_render
@@ -213,8 +213,8 @@ async def room_socket(
         except WebSocketDisconnect:
             pass
         finally:
-            if entered:
-                await presence.leave(sub.room_id, user)
+            if entered:  # a removed user goes offline at once; anyone else lingers (a reload)
+                await presence.leave(sub.room_id, user, linger=client.close_code != CLOSE_REMOVED)
     finally:
         _leave(shared, user, sub)
 

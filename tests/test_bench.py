@@ -61,15 +61,17 @@ def test_bench_smoke(database_url: str, tmp_path: Path) -> None:
     sidebar = results["multiroom"]["sidebar_ms"]  # issue 11: the room list, then one socket for all its rooms
     assert sidebar["rooms"] == results["multiroom"]["rooms"] and sidebar["total"]["n"] > 0, sidebar
     assert results["limits"]["single_commit"]["commits"] > 0
-    # Join: the room socket's replay, one frame per message and batched, and /socket's: the same
-    # messages, every join made; each is a target line beside the bare accept.
+    # Join: the room socket's replay, one frame per message and batched, by one user rejoining and
+    # by members coming online, and /socket's: the same messages, every join made; each is a
+    # target line beside the bare accept.
     joins = {v["key"]: v for v in results["join"]["variants"]}
-    for key in ("replay", "batch", "socket"):
+    for key in ("replay", "online", "batch", "socket"):
         assert joins[key]["failed"] == {} and joins[key]["ready_ms"]["n"] == joins[key]["n"] > 0, joins[key]
         assert joins[key]["replayed"] == joins["replay"]["replayed"], (key, joins[key]["replayed"])
     assert joins["replay"]["replayed"]["p50"] > 0
     join_targets = [t for t in results["targets"] if "replay p99 vs bare accept" in str(t)]
-    assert len(join_targets) == 3 and any("replay=batch" in str(t) for t in join_targets), join_targets
+    assert len(join_targets) == 4 and any("replay=batch" in str(t) for t in join_targets), join_targets
+    assert any("coming online" in str(t) for t in join_targets), join_targets
     assert {"chat", "inmemory"} <= results["idle"].keys()
     if with_redis:
         configs = results["fanout"]["configs"]

@@ -54,6 +54,30 @@ async def test_online_list_and_join_leave_across_processes(
     await a.close()
 
 
+async def test_a_reload_is_no_leave_and_join(server_a: Server, server_b: Server, make_token: MakeToken) -> None:
+    """Bob reloads the page (his socket closes, a new one opens on either process) within the
+    linger: alice hears no leave and no join, and bob's message after it still reaches her."""
+    alice, bob = unique("alice"), unique("bob")
+    path = f"/rooms/{unique('r')}/ws"
+    a = await RoomClient.open(server_a.ws(path), await make_token(alice))
+    await a.ready()
+    bob_token = await make_token(bob)
+    b = await RoomClient.open(server_b.ws(path), bob_token)
+    await b.ready()
+    await a.until("join", user=bob)
+    await b.close()
+    await asyncio.sleep(0.3)  # a reload takes a moment: long enough for a leave to have been sent
+    b = await RoomClient.open(server_b.ws(path), bob_token)  # the reload
+    assert sorted((await b.ready())["online"]) == sorted([alice, bob])
+    await b.send("back")
+    await a.until_seq(1)  # a leave or join would have been sent before the message was stored
+    assert events(a, bob) == ["join"]
+    await b.close()
+    await a.until("leave", user=bob)  # gone for good: after the linger
+    assert events(a, bob) == ["join", "leave"]
+    await a.close()
+
+
 @pytest.fixture
 def doomed(database_url: str, tmp_root: Path) -> Iterator[tuple[Server, Server]]:
     servers = (Server(database_url, tmp_root, env=FAST_PRESENCE), Server(database_url, tmp_root, env=FAST_PRESENCE))
@@ -153,15 +177,15 @@ async def test_a_heartbeat_during_an_enter_or_leave_counts_sockets_once(
     engine: AsyncEngine, make_token: MakeToken, change: str
 ) -> None:
     """Before: a beat that came while an enter (leave) was under way saw the change here but not
-    yet in the table, and applied it too: 2 sockets stored for 1, or 0 for 1 (the user shown
-    offline with a socket open). After: it leaves that (room, user) to the next beat."""
+    yet in the table, and applied it too: the row stored twice over, or taken out under a socket
+    still open. After: it leaves that (room, user) to the next beat."""
     room_id, who = await someone_in_a_room(engine, make_token)
-    presence = Presence(engine, beat=3600, stale=10)  # beats only when the test says so
+    key = (room_id, who.user_id)
+    presence = Presence(engine, beat=3600, stale=10)  # beats only when the test says so; no linger
     await presence.start()
     admin = await asyncpg.connect(libpq_url(engine.url.render_as_string(hide_password=False)))
     try:
-        if change == "leave":  # two sockets, one of which is leaving
-            await presence.enter(room_id, who)
+        if change == "leave":  # one socket, whose leave lets the (room, user) go
             await presence.enter(room_id, who)
         # Hold the (room, user) lock, so that the change stops halfway: counted here, not stored.
         await admin.execute("BEGIN")
@@ -183,14 +207,98 @@ async def test_a_heartbeat_during_an_enter_or_leave_counts_sockets_once(
         await admin.execute("COMMIT")
         await halfway
         await beat
-        assert presence.local[(room_id, who.user_id)][1] == 1
-        assert await stored_sockets(engine, presence, room_id, who.user_id) == 1
+        held = 1 if change == "enter" else 0
+        assert presence.local.get(key, ("", 0))[1] == held
+        assert await stored_sockets(engine, presence, room_id, who.user_id) == held
         await presence._beat()  # and the next beat finds nothing to correct
-        assert await stored_sockets(engine, presence, room_id, who.user_id) == 1
-        await presence.leave(room_id, who)
-        assert await stored_sockets(engine, presence, room_id, who.user_id) == 0
+        assert await stored_sockets(engine, presence, room_id, who.user_id) == held
+        if change == "enter":
+            await presence.leave(room_id, who)
+            assert await stored_sockets(engine, presence, room_id, who.user_id) == 0
     finally:
         await admin.close()
+        await presence.stop()
+
+
+async def room_events(engine: AsyncEngine, room_id: int) -> tuple[asyncpg.Connection, list[str]]:
+    """A connection LISTENing to the room's channel, and the join/leave events it hears."""
+    listener = await asyncpg.connect(libpq_url(engine.url.render_as_string(hide_password=False)))
+    heard: list[str] = []
+
+    def hear(*args: object) -> None:
+        frame = json.loads(str(args[-1]))
+        if frame.get("type") in ("join", "leave"):
+            heard.append(frame["type"])
+
+    await listener.add_listener(notify.room_channel(room_id), hear)
+    return listener, heard
+
+
+async def test_a_second_socket_and_a_return_within_the_linger_change_nothing(
+    engine: AsyncEngine, make_token: MakeToken
+) -> None:
+    """The table holds a (room, user) per process, not per socket: a second socket (another tab)
+    changes nothing there and announces nothing, and the last socket's row lingers, so that the
+    user coming back within the linger (a reload, a reconnect) is no leave and join to the room.
+    Past the linger the user leaves as before."""
+    room_id, who = await someone_in_a_room(engine, make_token)
+    async with engine.connect() as conn:
+        await membership.enter(conn, room_id=room_id, user_id=who.user_id)
+    presence = Presence(engine, beat=3600, stale=10, linger=0.5)
+    await presence.start()
+    listener, heard = await room_events(engine, room_id)
+    try:
+        assert await presence.enter(room_id, who, members_only=True) == [who.name]
+        assert await presence.enter(room_id, who, members_only=True) == [who.name]  # a second tab
+        assert await stored_sockets(engine, presence, room_id, who.user_id) == 1
+        await presence.leave(room_id, who)
+        await presence.leave(room_id, who)  # the last socket: the row lingers
+        assert await stored_sockets(engine, presence, room_id, who.user_id) == 1
+        assert await presence.enter(room_id, who, members_only=True) == [who.name]  # back in time
+        await asyncio.sleep(1.0)  # past the linger: the socket that came back holds the row
+        assert await stored_sockets(engine, presence, room_id, who.user_id) == 1
+        await presence._beat()  # nothing to correct
+        assert await stored_sockets(engine, presence, room_id, who.user_id) == 1
+        await presence.leave(room_id, who)
+        async with asyncio.timeout(10):  # gone for good: the leave comes after the linger
+            while "leave" not in heard:
+                await asyncio.sleep(0.02)
+        assert heard == ["join", "leave"]
+        assert await stored_sockets(engine, presence, room_id, who.user_id) == 0
+        assert (room_id, who.user_id) not in presence.local
+    finally:
+        await listener.close()
+        await presence.stop()
+
+
+async def test_a_rejoin_within_the_linger_still_rechecks_membership(engine: AsyncEngine, make_token: MakeToken) -> None:
+    """A join that finds its (room, user) held writes nothing, but still rechecks the membership
+    (a removal that raced it): a removed user is refused, and counted nowhere; leaving at once
+    (`linger=False`, as a removal's sockets do) announces the leave without waiting."""
+    room_id, who = await someone_in_a_room(engine, make_token)
+    async with engine.connect() as conn:
+        await membership.enter(conn, room_id=room_id, user_id=who.user_id)
+    presence = Presence(engine, beat=3600, stale=10, linger=3600)
+    await presence.start()
+    listener, heard = await room_events(engine, room_id)
+    try:
+        assert await presence.enter(room_id, who, members_only=True) == [who.name]
+        await presence.leave(room_id, who)  # lingers (for an hour)
+        async with engine.begin() as conn:
+            await conn.execute(
+                text("DELETE FROM memberships WHERE room_id = :r AND user_id = :u"), {"r": room_id, "u": who.user_id}
+            )
+        assert await presence.enter(room_id, who, members_only=True) is None
+        assert (room_id, who.user_id) not in presence.sockets
+        assert await presence.enter(room_id, who) == [who.name]  # the server's own check: held, counted
+        await presence.leave(room_id, who, linger=False)
+        assert await stored_sockets(engine, presence, room_id, who.user_id) == 0
+        async with asyncio.timeout(10):
+            while "leave" not in heard:
+                await asyncio.sleep(0.02)
+        assert heard == ["join", "leave"]
+    finally:
+        await listener.close()
         await presence.stop()
 
 
