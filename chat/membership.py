@@ -10,11 +10,12 @@ is the owner: they invite and remove members and change the topic. Token room sc
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import LargeBinary, Text, and_, bindparam, delete, func, literal, select, text, update
+from sqlalchemy import BigInteger, LargeBinary, Text, and_, bindparam, delete, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -55,22 +56,36 @@ class RoomAccess:
     member: bool
 
 
-def _access_query(user_id: int) -> Any:
+@functools.cache
+def _access_query() -> DriverStatement:
+    """access's statement, built and compiled once (the room and the user as bound parameters)."""
     member = (
         select(literal(True))
-        .where(Membership.room_id == Room.id, Membership.user_id == user_id)
+        .where(Membership.room_id == Room.id, Membership.user_id == bindparam("user_id", type_=BigInteger))
         .exists()
         .label("member")
     )
-    return select(Room.id, Room.name, Room.visibility, Room.dm, Room.created_by, member)
+    query = select(Room.id, Room.name, Room.visibility, Room.dm, Room.created_by, member).where(
+        Room.name == bindparam("room", type_=Text)
+    )
+    return DriverStatement.of(query)
+
+
+def _access_of(row: Sequence[Any] | None) -> RoomAccess | None:
+    """A RoomAccess from (id, name, visibility, dm, created_by, member); None for no room, or a
+    private room the user is not in."""
+    if row is None or row[0] is None:
+        return None
+    room_id, room_name, visibility, dm, created_by, member = row
+    if visibility == PRIVATE and not member:
+        return None
+    return RoomAccess(room_id, room_name, visibility, dm, created_by, bool(member))
 
 
 async def access(conn: AsyncConnection, *, room: str, user_id: int) -> RoomAccess | None:
     """The room as `user_id` may see it: None when it does not exist or is private to others."""
-    row = (await conn.execute(_access_query(user_id).where(Room.name == room))).one_or_none()
-    if row is None or (row.visibility == PRIVATE and not row.member):
-        return None
-    return RoomAccess(row.id, row.name, row.visibility, row.dm, row.created_by, bool(row.member))
+    rows = await fetch(conn, _access_query(), room=room, user_id=user_id)
+    return _access_of(rows[0] if rows else None)
 
 
 async def token_and_access(conn: AsyncConnection, *, raw: str, room: str | None) -> tuple[Identity, RoomAccess | None]:
@@ -79,10 +94,7 @@ async def token_and_access(conn: AsyncConnection, *, raw: str, room: str | None)
     one round trip fewer than reading them one after the other."""
     rows = await fetch(conn, _token_and_access_query(), hash=hash_token(raw), room=room)
     identity = identity_of_row(rows[0] if rows else None)
-    room_id, room_name, visibility, dm, created_by, member = rows[0][6:12]
-    if room_id is None or (visibility == PRIVATE and not member):
-        return identity, None
-    return identity, RoomAccess(room_id, room_name, visibility, dm, created_by, bool(member))
+    return identity, _access_of(rows[0][6:12])
 
 
 @functools.cache
