@@ -59,16 +59,22 @@ class RoomAccess:
 @functools.cache
 def _access_query() -> DriverStatement:
     """access's statement, built and compiled once (the room and the user as bound parameters)."""
-    member = (
-        select(literal(True))
-        .where(Membership.room_id == Room.id, Membership.user_id == bindparam("user_id", type_=BigInteger))
-        .exists()
-        .label("member")
-    )
-    query = select(Room.id, Room.name, Room.visibility, Room.dm, Room.created_by, member).where(
+    query = select(*_room_columns(bindparam("user_id", type_=BigInteger))).where(
         Room.name == bindparam("room", type_=Text)
     )
     return DriverStatement.of(query)
+
+
+def _room_columns(user_id: Any) -> tuple[Any, ...]:
+    """The room's columns as `_access_of` reads them, by position, and whether `user_id` (a
+    column or a bound parameter) is a member: one place for both statements that check a room."""
+    member = (
+        select(literal(True))
+        .where(Membership.room_id == Room.id, Membership.user_id == user_id)
+        .exists()
+        .label("member")
+    )
+    return Room.id.label("room_id"), Room.name.label("room_name"), Room.visibility, Room.dm, Room.created_by, member
 
 
 def _access_of(row: Sequence[Any] | None) -> RoomAccess | None:
@@ -94,27 +100,18 @@ async def token_and_access(conn: AsyncConnection, *, raw: str, room: str | None)
     one round trip fewer than reading them one after the other."""
     rows = await fetch(conn, _token_and_access_query(), hash=hash_token(raw), room=room)
     identity = identity_of_row(rows[0] if rows else None)
-    return identity, _access_of(rows[0][6:12])
+    return identity, _access_of(rows[0][len(TOKEN_COLUMNS) :])
 
 
 @functools.cache
 def _token_and_access_query() -> DriverStatement:
     """token_and_access's statement, built and compiled once (values as bound parameters)."""
-    member = (
-        select(literal(True))
-        .where(Membership.room_id == Room.id, Membership.user_id == User.id)
-        .exists()
-        .label("member")
-    )
     query = (
-        select(
-            *TOKEN_COLUMNS, Room.id.label("room_id"), Room.name.label("room_name"), Room.visibility, Room.dm,
-            Room.created_by, member,
-        )
+        select(*TOKEN_COLUMNS, *_room_columns(User.id))
         .join(User, User.id == Token.user_id)
         .outerjoin(Room, Room.name == bindparam("room", type_=Text))
         .where(Token.hash == bindparam("hash", type_=LargeBinary))
-    )  # fmt: skip
+    )
     return DriverStatement.of(query)
 
 
