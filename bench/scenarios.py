@@ -541,7 +541,7 @@ def join_cost(run: Run) -> dict[str, Any]:
                     time.sleep(linger + 1.0)
                 else:
                     gen.call(0, command, warm)  # first joins warm caches and pools: not measured
-                profile_to = run.log_dir / f"profile-join-{key}.txt" if knobs.profile and key == "replay" else None
+                profile_to = run.log_dir / f"profile-join-{key}.txt" if knobs.profile else None
                 spy = profiling.start(run.chat[0].pid, None, profile_to) if profile_to else None
                 before = run.meter.snapshot()
                 args = {**warm, "n": count} if key == "socket" else {**warm, "n": count, "concurrent": concurrent}

@@ -195,34 +195,55 @@ class Connection:
 
     async def _join(self, frame: SubscribeFrame) -> None:
         room, user = frame.room, self.identity
+        # A user back in a room this process holds for them (a reload, a reconnect, another tab):
+        # its id is known here, and the presence look, which rechecks the membership anyway,
+        # confirms it by the room's name in the same round trip: one round trip less than the
+        # room check below. Not confirmed (renamed, say): the long way.
+        held = self.presence.held(room, user.user_id)
+        if held is not None and await self._subscribe(frame, held, rejoin=True):
+            return
         try:
             room_id = await open_room(
                 self.hub.engine, user=user, room=room, max_per_user=self.settings.max_rooms_per_user
             )
-            if room_id is None:
-                metrics.REFUSALS.labels("too many rooms created by this user").inc()
-                self.error("too_many_rooms_created", "too many rooms created by this user", room=room)
-                return
-            sub = Subscription(self.client, room_id, room, tag=True, batch=True, live_batch=self.live_batch)
-            removed = asyncio.Event()  # until the room is this socket's (below), a removal only notes it
-            sub.on_removed = lambda _: removed.set()
-            await self.hub.join(sub, timeout=self.settings.join_timeout_seconds)
-            if removed.is_set():
-                self.hub.leave(sub)
-                raise NoSuchRoom(room)
         except NoSuchRoom:
-            # A private room answers a non-member as a room that cannot be had, saying no more.
-            metrics.REFUSALS.labels("no such room").inc()
-            self.error("no_such_room", "no such room", room=room)
-            return
-        except TimeoutError:
-            metrics.REFUSALS.labels("room not ready").inc()
-            self.error("unavailable", "room not ready: try again", room=room)
+            self._no_such_room(room)
             return
         except Exception as exc:
             log.warning("subscribing to %r failed: %r", room, exc)
             self.error("unavailable", "could not subscribe: try again", room=room)
             return
+        if room_id is None:
+            metrics.REFUSALS.labels("too many rooms created by this user").inc()
+            self.error("too_many_rooms_created", "too many rooms created by this user", room=room)
+            return
+        await self._subscribe(frame, room_id)
+
+    def _no_such_room(self, room: str) -> None:
+        # A private room answers a non-member as a room that cannot be had, saying no more.
+        metrics.REFUSALS.labels("no such room").inc()
+        self.error("no_such_room", "no such room", room=room)
+
+    async def _subscribe(self, frame: SubscribeFrame, room_id: int, *, rejoin: bool = False) -> bool:
+        """Subscribe to the room `room_id`: the feed, the presence enter (which rechecks the
+        membership) beside the replay's first page, then the replay. With `rejoin` (the id is
+        presence.held()'s guess), False if the enter did not confirm the room: nothing is left
+        behind, and nothing was answered."""
+        room, user = frame.room, self.identity
+        sub = Subscription(self.client, room_id, room, tag=True, batch=True, live_batch=self.live_batch)
+        removed = asyncio.Event()  # until the room is this socket's (below), a removal only notes it
+        sub.on_removed = lambda _: removed.set()
+        try:
+            await self.hub.join(sub, timeout=self.settings.join_timeout_seconds)
+        except TimeoutError:
+            metrics.REFUSALS.labels("room not ready").inc()
+            self.error("unavailable", "room not ready: try again", room=room)
+            return True
+        if removed.is_set():
+            self.hub.leave(sub)
+            if not rejoin:
+                self._no_such_room(room)
+            return not rejoin
         session = RoomSession(
             settings=self.settings,
             engine=self.hub.engine,
@@ -243,26 +264,30 @@ class Connection:
                 # handled before the join, reached no subscription: the presence enter looks again
                 # under its lock, now that the feed has ours (a removal's event is published after
                 # its commit), in the same round trip. None: not a member, nothing counted.
-                online = await self.presence.enter(room_id, user, members_only=True)
+                if rejoin:
+                    online = await self.presence.rejoin(room_id, room, user)
+                else:
+                    online = await self.presence.enter(room_id, user, members_only=True, room=room)
             except Exception as exc:
                 log.warning("presence of %r failed: %r", room, exc)
                 self.hub.leave(sub)
                 self.error("unavailable", "could not subscribe: try again", room=room)
-                return
+                return True
             if online is None:
                 self.hub.leave(sub)
-                metrics.REFUSALS.labels("no such room").inc()
-                self.error("no_such_room", "no such room", room=room)
-                return
+                if not rejoin:
+                    self._no_such_room(room)
+                return not rejoin
             if removed.is_set():  # removed meanwhile (the hub has taken the subscription out already)
                 await self.presence.leave(room_id, user, linger=False)
                 self.error("removed", "you were removed from this room", room=room)
-                return
+                return True
             self.rooms[room] = session
             sub.on_removed = self._on_removed
             logs.event("open", room=room, user=user.name, token_id=user.token_id, client=logs.address(self.client.ws))
             replay.go(online)
         await replay.wait()
+        return True
 
     async def unsubscribe(self, room: str) -> None:
         if room not in self.rooms:

@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from sqlalchemy import text
@@ -35,6 +36,8 @@ from chat.db import DriverStatement, create_engine, fetch, reading
 from chat.store import Identity
 
 log = logging.getLogger("chat.presence")
+
+ROOM_NAMES_MAX = 10_000  # room names remembered for held()
 
 
 class NotMember(Exception):
@@ -68,10 +71,14 @@ _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 # A join of a (room, user) this process already holds: nothing to change, only the join's recheck
 # of the membership (with :members_only) and who is online, as _CHANGE answers them. No lock: the
 # joining socket is in the room's feed already, so a removal committed after this read reaches it.
+# With :room (a rejoin by the room's name, its id remembered here) the room must still be called
+# that: a rename is not announced to the other processes.
 _LOOK = DriverStatement.of(
     text(
         "SELECT NOT CAST(:members_only AS boolean) OR EXISTS (SELECT 1 FROM memberships m"
-        " WHERE m.room_id = CAST(:room_id AS bigint) AND m.user_id = CAST(:user_id AS bigint)) AS member,"
+        " JOIN rooms r ON r.id = m.room_id WHERE m.room_id = CAST(:room_id AS bigint)"
+        " AND m.user_id = CAST(:user_id AS bigint) AND (CAST(:room AS text) IS NULL OR r.name = CAST(:room AS text)))"
+        " AS member,"
         " ARRAY(SELECT p.user_name FROM presence p JOIN chat_processes c ON c.id = p.process_id"
         " WHERE p.room_id = CAST(:room_id AS bigint) AND p.sockets > 0"
         " AND c.beat_at > now() - make_interval(secs => CAST(:stale AS double precision))"
@@ -102,6 +109,9 @@ class Presence:
         self._releases: set[asyncio.Task[None]] = set()
         # enter/leave calls under way per (room, user): counted in `local`, maybe not yet stored.
         self._in_flight: dict[tuple[int, int], int] = {}
+        # Room name -> id of the rooms entered here lately, the most recent last: held()'s guess
+        # for a rejoin, which its look confirms. Bounded: an old name is forgotten, not wrong.
+        self._room_ids: OrderedDict[str, int] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         # With Redis fan-out: how join/leave events go out (after commit); None: NOTIFY in the transaction.
         self.publish: Callable[[int, str, str], Awaitable[None]] | None = None  # (room_id, kind, user)
@@ -129,15 +139,18 @@ class Presence:
 
     # --- sockets coming and going -------------------------------------------------------------
 
-    async def enter(self, room_id: int, who: Identity, *, members_only: bool = False) -> list[str] | None:
+    async def enter(
+        self, room_id: int, who: Identity, *, members_only: bool = False, room: str | None = None
+    ) -> list[str] | None:
         """Count one more socket of `who` in the room; returns who is online there now. With
         `members_only` (a join's recheck of a removal that raced it), None if the user is no
         longer a member: nothing is counted then, and a failure of the database is raised (the
-        join cannot be checked); without it a failure is logged, and the next beat puts it right."""
+        join cannot be checked); without it a failure is logged, and the next beat puts it right.
+        `room`: the room's name, remembered for held()."""
         key = (room_id, who.user_id)
-        self.sockets[key] = self.sockets.get(key, 0) + 1
-        if (lingering := self._lingering.pop(key, None)) is not None:
-            lingering.cancel()  # back within the linger: the row is still ours
+        self._count(key)
+        if room is not None:
+            self._remember(room, room_id)
         if key in self.local:
             return await self._look(key, who, members_only=members_only)
         self.local[key] = (who.name, 1)
@@ -157,9 +170,41 @@ class Presence:
         finally:
             self._landed(key)
 
-    async def _look(self, key: tuple[int, int], who: Identity, *, members_only: bool) -> list[str] | None:
-        """The enter of a (room, user) held already: read the recheck and who is online."""
-        values = {"room_id": key[0], "user_id": key[1], "members_only": members_only, "stale": self.stale}
+    def held(self, room: str, user_id: int) -> int | None:
+        """The id of the room called `room` when this process last entered it, if it holds the
+        (room, user) now (the user has a socket there here, or had one within the linger): a
+        rejoin's guess, for rejoin() to confirm. None: join the long way."""
+        room_id = self._room_ids.get(room)
+        return room_id if room_id is not None and (room_id, user_id) in self.local else None
+
+    async def rejoin(self, room_id: int, room: str, who: Identity) -> list[str] | None:
+        """enter(members_only=True) by the id held() gave for the room's name: the look that
+        rechecks the membership confirms the name too, in the same round trip. None: not
+        confirmed (renamed, the user removed, or the (room, user) let go since), nothing counted."""
+        key = (room_id, who.user_id)
+        if key not in self.local:
+            return None
+        self._count(key)
+        return await self._look(key, who, members_only=True, room=room)
+
+    def _count(self, key: tuple[int, int]) -> None:
+        self.sockets[key] = self.sockets.get(key, 0) + 1
+        if (lingering := self._lingering.pop(key, None)) is not None:
+            lingering.cancel()  # back within the linger: the row is still ours
+
+    def _remember(self, room: str, room_id: int) -> None:
+        ids = self._room_ids
+        ids[room] = room_id
+        ids.move_to_end(room)
+        if len(ids) > ROOM_NAMES_MAX:
+            ids.popitem(last=False)
+
+    async def _look(
+        self, key: tuple[int, int], who: Identity, *, members_only: bool, room: str | None = None
+    ) -> list[str] | None:
+        """The enter of a (room, user) held already: read the recheck (with `room`: of the
+        room's name too) and who is online."""
+        values = {"room_id": key[0], "user_id": key[1], "members_only": members_only, "stale": self.stale, "room": room}
         try:
             async with reading(self.engine) as conn:
                 [(member, online)] = await fetch(conn, _LOOK, **values, name=who.name)

@@ -123,9 +123,8 @@ def _reactions(viewer_id: int | None) -> Any:
     )
     entry = func.json_build_object("emoji", counted.c.emoji, "count", counted.c.n, "mine", counted.c.mine)
     return (
-        select(func.coalesce(func.json_agg(aggregate_order_by(entry, counted.c.emoji)), literal_column("'[]'::json")))
-        .scalar_subquery()
-        .label("reactions")
+        # NULL, not '[]', for a message without reactions (most): nothing to decode per row.
+        select(func.json_agg(aggregate_order_by(entry, counted.c.emoji))).scalar_subquery().label("reactions")
     )
 
 

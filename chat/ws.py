@@ -198,7 +198,7 @@ async def room_socket(
                 # check and whose event came before the join reached no subscription. The presence
                 # enter looks again, under its lock, in the same round trip (None: not a member,
                 # nothing counted).
-                online = await presence.enter(sub.room_id, user, members_only=True)
+                online = await presence.enter(sub.room_id, user, members_only=True, room=room)
                 if online is None:
                     raise Refused(404, "no such room")
                 entered = True

@@ -1,6 +1,7 @@
 """One socket for many rooms (`/socket`, chat/connection.py and chat/socket_frames.py) against
 real servers: subscribe, unsubscribe and resume per room across two processes, refusals that
-leave the other rooms working, the rooms-per-socket limit, and error frames for bad frames."""
+leave the other rooms working, the rooms-per-socket limit, error frames for bad frames, and a
+rejoin by a room id remembered from the linger (rename, removal)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from chat import store
 from tests.conftest import MakeToken, unique
 from tests.roomclient import RoomClient
 from tests.servers import Server
+from tests.test_membership import users
 from tests.test_writer import commit_together
 
 
@@ -190,3 +192,47 @@ async def test_live_batch_on_the_socket_of_many_rooms(
         assert messages(reader, room) == [(a["seq"], f"x{n}") for n, a in enumerate(acks)]
         live = reader.frames[[f["type"] for f in reader.frames].index("ready") + 1 :]
         assert max(len(f["messages"]) for f in live if f["type"] == "messages") >= 4
+
+
+async def test_a_rejoin_within_the_linger_checks_the_rooms_name_and_membership(
+    server_a: Server, make_token: MakeToken
+) -> None:
+    """A subscribe of a room this process still holds for the user (unsubscribed a moment ago,
+    within the presence linger) takes the room's id from memory, and the presence look confirms
+    it: a room renamed meanwhile is not joined by its old name (a new room of that name is), and
+    a member removed meanwhile is refused."""
+    async with users(server_a, make_token, "owner", "member") as (owner, member):
+        old, new = unique("rj"), unique("rj")
+        assert (await owner.api.post("/rooms", json={"name": old, "visibility": "private"})).status_code == 201
+        await owner.api.post(f"/rooms/{old}/members", json={"user": member.name})
+        async with (
+            await RoomClient.open(server_a.ws("/socket"), owner.token) as mine,
+            await RoomClient.open(server_a.ws("/socket"), member.token) as theirs,
+        ):
+            for client in (mine, theirs):
+                await send(client, type="subscribe", room=old)
+                await client.until("ready", room=old)
+            await send(mine, type="send", room=old, body="said before the rename", client_id="b")
+            await mine.until("ack", client_id="b")
+            await mine.until("message", room=old, body="said before the rename")
+            for client in (mine, theirs):
+                await send(client, type="unsubscribe", room=old)
+                await client.until("unsubscribed", room=old)
+            said = {client: messages(client, old) for client in (mine, theirs)}
+            assert said[mine][-1][1] == "said before the rename"
+
+            assert (await owner.api.patch(f"/rooms/{old}", json={"name": new})).status_code == 200
+            assert (await owner.api.delete(f"/rooms/{new}/members/{member.name}")).status_code == 200
+
+            await send(mine, type="subscribe", room=old)  # a new public room of the old name
+            assert (await mine.until("ready", room=old))["last_seq"] == 0
+            assert messages(mine, old) == said[mine]  # nothing replayed the second time
+            await send(mine, type="subscribe", room=new)
+            await mine.until("ready", room=new)
+            assert "said before the rename" in [body for _, body in messages(mine, new)]
+
+            await send(theirs, type="subscribe", room=new)  # removed meanwhile
+            assert (await theirs.until("error", room=new))["code"] == "no_such_room"
+            await send(theirs, type="subscribe", room=old)  # the new room of that name: not the old one
+            await theirs.until("ready", room=old)
+            assert messages(theirs, old) == said[theirs]
