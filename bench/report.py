@@ -208,9 +208,16 @@ def _join_over_bare(got: dict[tuple[str, str], dict[str, Any]], system: str) -> 
 
 
 def join_cpu_ms(variant: dict[str, Any], system: str = "chat") -> float | None:
-    """The servers' CPU per join of a join variant, ms: their CPU over its joins."""
-    busy, rate = variant.get("cpu", {}).get(SERVERS[system]), variant.get("joins_per_s")
-    return round(10.0 * busy / rate, 2) if busy is not None and rate else None  # % / 100 / rate x 1000
+    """The servers' CPU per join of a join variant, ms: their CPU over the metered window,
+    divided by its joins. (Runs before `cpu_window_s` was recorded: the CPU share over the joins'
+    rate, which undercounts a variant whose window also waits between or after its joins.)"""
+    busy, n, window = variant.get("cpu", {}).get(SERVERS[system]), variant.get("n"), variant.get("cpu_window_s")
+    if busy is None:
+        return None
+    if n and window:
+        return round(10.0 * float(busy) * float(window) / int(n), 2)  # % / 100 x seconds / joins x 1000
+    rate = variant.get("joins_per_s")
+    return round(10.0 * busy / rate, 2) if rate else None  # % / 100 / rate x 1000
 
 
 def _latency_pairs(results: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:

@@ -226,8 +226,8 @@ def _plain_joins(run: Run, plain: list[Server]) -> list[dict[str, Any]]:
                 gen.call(0, "joins", warm)  # first joins warm caches and pools: not measured
                 before = run.meter.snapshot()
                 result = gen.call(0, "joins", {**warm, "n": knobs.join_samples})
-                cpu = CpuMeter.usage(before, run.meter.snapshot())
-                row = {"system": system, "key": key, **_joined(result, knobs.join_samples, cpu)}
+                after = run.meter.snapshot()
+                row = {"system": system, "key": key, **_joined(result, knobs.join_samples, before, after)}
                 log(f"  {system} {key}: p50 {_f(row['ready_ms']['p50'])} p99 {_f(row['ready_ms']['p99'])} ms")
                 rows.append(row)
     finally:
@@ -455,15 +455,18 @@ async def _fill(dsn: str, name: str, count: int) -> None:
         await conn.close()
 
 
-def _joined(result: dict[str, Any], n: int, cpu: dict[str, float]) -> dict[str, Any]:
-    """A row of `n` timed joins (the load generator's `joins` result) and the CPU meanwhile."""
+def _joined(result: dict[str, Any], n: int, before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """A row of `n` timed joins (the load generator's `joins` result) and the CPU between two
+    meter snapshots around them. The window may be longer than the joins (waits between them):
+    CPU per join is the window's CPU over `n`, not its share over the joins' rate."""
     return {
         "n": n,
         "ready_ms": describe(result["ready_ms"]),
         "replayed": result["replayed"],
         "failed": result["failed"],
         "joins_per_s": round(n / result["wall_s"], 1) if result["wall_s"] else None,
-        "cpu": cpu,
+        "cpu": CpuMeter.usage(before, after),
+        "cpu_window_s": round(after["_wall"] - before["_wall"], 3),
     }
 
 
@@ -530,7 +533,7 @@ def join_cost(run: Run) -> dict[str, Any]:
                     for k in ("ready_ms", "handshake_ms"):
                         result[k] += one[k]
                     result["wall_s"] += one["wall_s"]
-                cpu = CpuMeter.usage(before, run.meter.snapshot())
+                after = run.meter.snapshot()
             else:
                 urls = [s.ws(path) for s in run.chat]
                 warm: dict[str, Any] = {"urls": urls, "room": room, "token": tok, "n": 5}
@@ -548,7 +551,7 @@ def join_cost(run: Run) -> dict[str, Any]:
                 result = gen.call(0, command, args)
                 if key == "online":  # the comers' presence let go after the linger is theirs too
                     time.sleep(linger + 1.0)
-                cpu = CpuMeter.usage(before, run.meter.snapshot())
+                after = run.meter.snapshot()
                 if spy is not None and profile_to is not None:
                     profiling.stop(spy)
                     if profile_to.exists():
@@ -560,7 +563,7 @@ def join_cost(run: Run) -> dict[str, Any]:
                 "key": key,
                 "variant": label,
                 "concurrent": concurrent,
-                **_joined(result, count, cpu),
+                **_joined(result, count, before, after),
                 "handshake_ms": describe(result["handshake_ms"]),
             }
             if "profile" in result:

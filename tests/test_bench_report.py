@@ -53,6 +53,13 @@ def test_a_joins_cpu_is_the_servers_cpu_over_its_joins() -> None:
     assert join_cpu_ms({"cpu": {"chat_servers": 84.0}, "joins_per_s": None}) is None
 
 
+def test_a_joins_cpu_counts_its_whole_window() -> None:
+    # 400 joins in 2 s, then 4 s of waiting (the presence linger) inside the same window: 22% of a
+    # core over 6 s is 3.3 ms per join, not 22% over the joins' 200 a second (1.1 ms).
+    joins = {"cpu": {"chat_servers": 22.0}, "n": 400, "joins_per_s": 200.0, "cpu_window_s": 6.0}
+    assert join_cpu_ms(joins) == 3.3
+
+
 def _joins(system: str, key: str, p99: float, busy: float) -> dict[str, Any]:
     return {"system": system, "key": key, "ready_ms": {"p50": p99 / 2, "p99": p99}, "joins_per_s": 200.0,
             "cpu": {SERVERS[system]: busy}}  # fmt: skip

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import asyncpg
 import pytest
@@ -234,6 +236,33 @@ async def room_events(engine: AsyncEngine, room_id: int) -> tuple[asyncpg.Connec
     return listener, heard
 
 
+class Present(NamedTuple):
+    room_id: int
+    room: str
+    who: Identity
+    presence: Presence
+    heard: list[str]  # the room's join and leave events
+
+
+@asynccontextmanager
+async def a_member_present(engine: AsyncEngine, make_token: MakeToken, *, linger: float) -> AsyncIterator[Present]:
+    """A member of a new room with one socket entered in a Presence of its own (beating only
+    when told to), and a listener of the room's join and leave events."""
+    room_id, who = await someone_in_a_room(engine, make_token)
+    async with engine.connect() as conn:
+        await membership.enter(conn, room_id=room_id, user_id=who.user_id)
+        room = str(await conn.scalar(text("SELECT name FROM rooms WHERE id = :r"), {"r": room_id}))
+    presence = Presence(engine, beat=3600, stale=10, linger=linger)
+    await presence.start()
+    listener, heard = await room_events(engine, room_id)
+    try:
+        assert await presence.enter(room_id, who, members_only=True, room=room) == [who.name]
+        yield Present(room_id, room, who, presence, heard)
+    finally:
+        await listener.close()
+        await presence.stop()
+
+
 async def test_a_second_socket_and_a_return_within_the_linger_change_nothing(
     engine: AsyncEngine, make_token: MakeToken
 ) -> None:
@@ -241,14 +270,7 @@ async def test_a_second_socket_and_a_return_within_the_linger_change_nothing(
     changes nothing there and announces nothing, and the last socket's row lingers, so that the
     user coming back within the linger (a reload, a reconnect) is no leave and join to the room.
     Past the linger the user leaves as before."""
-    room_id, who = await someone_in_a_room(engine, make_token)
-    async with engine.connect() as conn:
-        await membership.enter(conn, room_id=room_id, user_id=who.user_id)
-    presence = Presence(engine, beat=3600, stale=10, linger=0.5)
-    await presence.start()
-    listener, heard = await room_events(engine, room_id)
-    try:
-        assert await presence.enter(room_id, who, members_only=True) == [who.name]
+    async with a_member_present(engine, make_token, linger=0.5) as (room_id, _, who, presence, heard):
         assert await presence.enter(room_id, who, members_only=True) == [who.name]  # a second tab
         assert await stored_sockets(engine, presence, room_id, who.user_id) == 1
         await presence.leave(room_id, who)
@@ -266,23 +288,13 @@ async def test_a_second_socket_and_a_return_within_the_linger_change_nothing(
         assert heard == ["join", "leave"]
         assert await stored_sockets(engine, presence, room_id, who.user_id) == 0
         assert (room_id, who.user_id) not in presence.local
-    finally:
-        await listener.close()
-        await presence.stop()
 
 
 async def test_a_rejoin_within_the_linger_still_rechecks_membership(engine: AsyncEngine, make_token: MakeToken) -> None:
     """A join that finds its (room, user) held writes nothing, but still rechecks the membership
     (a removal that raced it): a removed user is refused, and counted nowhere; leaving at once
     (`linger=False`, as a removal's sockets do) announces the leave without waiting."""
-    room_id, who = await someone_in_a_room(engine, make_token)
-    async with engine.connect() as conn:
-        await membership.enter(conn, room_id=room_id, user_id=who.user_id)
-    presence = Presence(engine, beat=3600, stale=10, linger=3600)
-    await presence.start()
-    listener, heard = await room_events(engine, room_id)
-    try:
-        assert await presence.enter(room_id, who, members_only=True) == [who.name]
+    async with a_member_present(engine, make_token, linger=3600) as (room_id, _, who, presence, heard):
         await presence.leave(room_id, who)  # lingers (for an hour)
         async with engine.begin() as conn:
             await conn.execute(
@@ -297,9 +309,34 @@ async def test_a_rejoin_within_the_linger_still_rechecks_membership(engine: Asyn
             while "leave" not in heard:
                 await asyncio.sleep(0.02)
         assert heard == ["join", "leave"]
-    finally:
-        await listener.close()
-        await presence.stop()
+
+
+async def test_a_rejoin_by_the_rooms_name_is_confirmed_in_its_look(engine: AsyncEngine, make_token: MakeToken) -> None:
+    """held() gives the id of a room by the name it was entered with, while this process holds
+    the (room, user); rejoin() counts the socket only once its look has found the room still so
+    named and the user still a member. Unconfirmed: None, and nothing counted."""
+    async with a_member_present(engine, make_token, linger=3600) as (room_id, name, who, presence, heard):
+        assert presence.held(name, who.user_id) == room_id
+        assert presence.held(name + "x", who.user_id) is None
+        assert presence.held(name, who.user_id + 1) is None
+        await presence.leave(room_id, who)  # lingers: still held
+        assert presence.held(name, who.user_id) == room_id
+        assert await presence.rejoin(room_id, name, who) == [who.name]
+        assert presence.sockets[(room_id, who.user_id)] == 1
+        await presence.leave(room_id, who)
+        async with engine.begin() as conn:
+            await conn.execute(text("UPDATE rooms SET name = :n WHERE id = :r"), {"n": name + "-renamed", "r": room_id})
+        assert await presence.rejoin(room_id, name, who) is None
+        assert (room_id, who.user_id) not in presence.sockets
+        assert await presence.rejoin(room_id, name + "-renamed", who) == [who.name]
+        await presence.leave(room_id, who, linger=False)  # let go: not held any more
+        assert presence.held(name + "-renamed", who.user_id) is None
+        assert await presence.rejoin(room_id, name + "-renamed", who) is None
+        assert await stored_sockets(engine, presence, room_id, who.user_id) == 0
+        async with asyncio.timeout(10):
+            while "leave" not in heard:
+                await asyncio.sleep(0.02)
+        assert heard == ["join", "leave"]  # no leave and join for the rejoins within the linger
 
 
 async def test_the_heartbeat_does_not_wait_for_the_shared_pool(database_url: str, make_token: MakeToken) -> None:
