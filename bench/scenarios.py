@@ -474,7 +474,8 @@ def join_cost(run: Run) -> dict[str, Any]:
     """Sequential joins, each timed from the TCP connect to the `ready` frame (for the bare
     accept: to the handshake), alternating between the server processes. The rooms of the main
     variants already have a member on every process, as a room being joined usually does; the
-    "first socket" variant joins rooms nobody is in, which also costs the room's LISTEN. The
+    "first" variant joins rooms that do not exist yet, so each join also makes its room (and
+    its membership) and LISTENs to it. The
     main variants' joins are one user's, again and again, as a reconnect or a reload is: within
     the presence linger each finds the user online in the room already, and writes no presence.
     The "online" variant is a different member each time, not online anywhere: its presence is
@@ -500,7 +501,7 @@ def join_cost(run: Run) -> dict[str, Any]:
     linger = float(knobs.server_env.get("CHAT_PRESENCE_LINGER_SECONDS", default_linger))
     variants: list[tuple[str, str, str, str | None, str | None, bool, int]] = [
         ("bare", "bare accept (/ws, no auth, no database)", "/ws", None, None, False, n),
-        ("first", "join, first socket of a room on its process (adds its LISTEN)", "", "", token, False, n),
+        ("first", "join of a new room (the join makes it; adds its LISTEN)", "", "", token, False, n),
         ("empty", "join, room with members, no history", f"/rooms/{empty_room}/ws", empty_room, token, False, n),
         ("replay", f"join + replay of {replayed} messages (one user rejoining)", f"/rooms/{replay_room}/ws",
          replay_room, token, False, n),

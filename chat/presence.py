@@ -185,7 +185,10 @@ class Presence:
         if key not in self.local:
             return None
         self._count(key)
-        return await self._look(key, who, members_only=True, room=room)
+        online = await self._look(key, who, members_only=True, room=room)
+        if online is not None:
+            self._remember(room, room_id)  # in use: the last to be forgotten
+        return online
 
     def _count(self, key: tuple[int, int]) -> None:
         self.sockets[key] = self.sockets.get(key, 0) + 1
