@@ -32,7 +32,7 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option(
     "--p99-limit", "p99_limit_ms", type=float, help="A throughput step fails above this p99, ms [default 500]."
 )
-@click.option("--join-samples", type=int, help="Sequential joins per variant [default 200].")
+@click.option("--join-samples", type=int, help="Sequential joins per variant [default 500].")
 @click.option("--idle", "idle_levels", help="Idle socket counts [default 1000,5000,10000].")
 @click.option("--idle-room-size", type=int, help="Idle sockets per room [default 20].")
 @click.option("--history-rows", type=int, help="Messages in the history room [default 1000000].")

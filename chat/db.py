@@ -111,14 +111,24 @@ def _one_transaction_per_statement(engine: AsyncEngine) -> None:
                 await_(driver.execute("ROLLBACK"))
 
 
-@contextlib.asynccontextmanager
-async def reading(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+# The attribute of an engine that holds its autocommit view (same pool, same events): see
+# reading(). On the engine, which the view refers to: a weak-keyed table would keep both alive.
+_AUTOCOMMIT = "_chat_autocommit"
+
+
+def reading(engine: AsyncEngine) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
     """A pooled connection for reads alone, in autocommit: no BEGIN before its first statement
     and no ROLLBACK when it goes back to the pool, two round trips fewer (a join makes three such
-    reads). Each statement sees its own snapshot, as in a READ COMMITTED transaction anyway."""
-    async with engine.connect() as conn:
-        await conn.execution_options(isolation_level="AUTOCOMMIT")
-        yield conn
+    reads). Each statement sees its own snapshot, as in a READ COMMITTED transaction anyway.
+    Connected through the engine's autocommit view, which sets the mode as it connects: one
+    switch into SQLAlchemy's greenlet fewer than setting it afterwards (about 25 µs)."""
+    view: AsyncEngine | None = getattr(engine.sync_engine, _AUTOCOMMIT, None)
+    if view is None:
+        view = engine.execution_options(isolation_level="AUTOCOMMIT")
+        setattr(engine.sync_engine, _AUTOCOMMIT, view)
+        if engine.sync_engine in _TRANSACTIONAL:
+            _TRANSACTIONAL.add(view.sync_engine)
+    return view.connect()
 
 
 _ASYNCPG = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
@@ -164,13 +174,22 @@ async def fetch(conn: AsyncConnection, statement: DriverStatement, **values: Any
     SQLAlchemy: the driver's transaction may not have begun yet, and must stay SQLAlchemy's."""
     if conn.in_transaction():
         return (await conn.execute(statement.query, values)).all()
-    driver = (await conn.get_raw_connection()).driver_connection
+    driver = _driver(conn) or (await conn.get_raw_connection()).driver_connection
     assert driver is not None
     args = statement.args(values)
     if conn.engine.sync_engine in _TRANSACTIONAL:
         async with driver.transaction():
             return await driver.fetch(statement.sql, *args)  # type: ignore[no-any-return]
     return await driver.fetch(statement.sql, *args)  # type: ignore[no-any-return]
+
+
+def _driver(conn: AsyncConnection) -> Any:
+    """The asyncpg connection under `conn` without a switch into SQLAlchemy's greenlet (about
+    10 µs), when it needs no I/O to reach: None if `conn` was closed or invalidated."""
+    sync = conn.sync_connection
+    if sync is None or sync.closed or sync.invalidated:
+        return None
+    return sync.connection.driver_connection
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,8 @@ _TOKEN_SHAPED = re.compile(r"chat_[A-Za-z0-9_-]{16,}")
 
 def _decoded(text: str) -> str:
     """Percent-decoded until stable (a few rounds): `tok%65n` and `tok%2565n` both read `token`."""
+    if "%" not in text and "+" not in text:
+        return text  # nothing to decode: most log lines, each redacted as it is written
     for _ in range(4):
         decoded = unquote_plus(text)
         if decoded == text:
@@ -40,6 +42,8 @@ def _parameter(match: re.Match[str]) -> str:
 def redact(text: str) -> str:
     """Secrets out of a log line: any parameter whose decoded name is a token's, any value that
     decodes to something shaped like a token, and anything token-shaped left anywhere."""
+    if "=" not in text and "chat_" not in text:
+        return text  # neither a parameter nor a token: `connection open`
     return _TOKEN_SHAPED.sub("[redacted]", _PARAMETER.sub(_parameter, text))
 
 

@@ -149,15 +149,21 @@ class Presence:
         `room`: the room's name, remembered for held()."""
         key = (room_id, who.user_id)
         self._count(key)
-        if room is not None:
-            self._remember(room, room_id)
         if key in self.local:
-            return await self._look(key, who, members_only=members_only)
+            online = await self._look(key, who, members_only=members_only)
+        else:
+            online = await self._enter(key, who, members_only=members_only)
+        if online is not None and room is not None:
+            self._remember(room, room_id)  # a refused enter holds nothing to rejoin
+        return online
+
+    async def _enter(self, key: tuple[int, int], who: Identity, *, members_only: bool) -> list[str] | None:
+        """The enter of a (room, user) this process does not hold yet: store it, and announce a join."""
         self.local[key] = (who.name, 1)
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
         try:
             async with self._autocommit(self.engine) as conn:
-                return await self._change(conn, room_id, who.user_id, who.name, +1, members_only=members_only)
+                return await self._change(conn, key[0], key[1], who.name, +1, members_only=members_only)
         except NotMember:
             self._refused(key, who, stored=False)
             return None
