@@ -4,7 +4,9 @@ reason: a close sent before accept() would reach a real client only as a bare 40
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -17,6 +19,7 @@ from starlette.websockets import WebSocket
 
 from chat import config, deps, logs, membership, metrics, store
 from chat.db import reading
+from chat.hub import Hub
 from chat.membership import RoomAccess
 from chat.store import Identity, TokenRefused
 
@@ -30,6 +33,22 @@ class Refused(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+def shutting_down() -> Refused:
+    return Refused(503, "server shutting down: try again")  # the client reconnects elsewhere
+
+
+@contextlib.contextmanager
+def reading_token(hub: Hub) -> Iterator[None]:
+    """Around a socket's token read, a handshake's one await before the hub holds its socket.
+    uvicorn's own shutdown answers 500 to any handshake it finds unanswered: so once shutting
+    down, a handshake is refused before it awaits anything, and the drain waits for one already
+    reading (which _connect then refuses)."""
+    if hub.closing:
+        raise shutting_down()
+    with hub.handshake():
+        yield
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -108,8 +127,9 @@ async def identity_of(engine: AsyncEngine, raw: str) -> Identity:
             raise Refused(401, exc.reason) from None
 
 
-async def socket_identity(engine: deps.Engine, raw: Annotated[str, Depends(raw_token)]) -> Identity:
-    return await identity_of(engine, raw)
+async def socket_identity(shared: deps.Shared, raw: Annotated[str, Depends(raw_token)]) -> Identity:
+    with reading_token(shared.hub):
+        return await identity_of(shared.engine, raw)
 
 
 async def room_identity(engine: AsyncEngine, raw: str, room: str | None) -> tuple[Identity, RoomAccess | None]:

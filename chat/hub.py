@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -317,7 +317,8 @@ class Hub:
         self.user_feeds: dict[int, UserFeed] = {}
         self.sockets: set[Client] = set()  # every open socket, in rooms or not
         self.closing = False  # shutting down: no new sockets
-        self._idle = asyncio.Event()  # set while no socket is joined
+        self._handshakes = 0  # handshakes reading their token: not yet among the sockets
+        self._idle = asyncio.Event()  # set while no socket is open and no handshake reading
         self._idle.set()
         self.reads: ReadPositions | None = None  # set by the app's lifespan
 
@@ -327,8 +328,21 @@ class Hub:
 
     def detach(self, client: Client) -> None:
         self.sockets.discard(client)
-        if not self.sockets:
+        if not self.sockets and not self._handshakes:
             self._idle.set()
+
+    @contextlib.contextmanager
+    def handshake(self) -> Iterator[None]:
+        """Around a handshake's await before it is attached (its token's read): the drain waits
+        for it as for a socket (auth.reading_token says why)."""
+        self._handshakes += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._handshakes -= 1
+            if not self.sockets and not self._handshakes:
+                self._idle.set()
 
     async def join(self, subscription: Subscription, *, timeout: float = 10.0) -> None:
         room_id = subscription.room_id
@@ -409,7 +423,8 @@ class Hub:
 
     async def going_away(self, timeout: float) -> None:
         """Shutting down: refuse new sockets, ask every socket to finish and close with 1001,
-        and wait (bounded) until they have."""
+        and wait (bounded) until they have, and until every handshake reading its token has
+        been refused (or attached, then closed)."""
         self.closing = True
         clients = self.clients()
         log.info("going away: closing %d socket(s)", len(clients))

@@ -15,7 +15,16 @@ from fastapi.exceptions import WebSocketRequestValidationError
 from starlette.requests import HTTPConnection
 
 from chat import deps, logs, metrics, protocol, socket_frames
-from chat.auth import Refused, SocketToken, SocketUser, check_origin, refuse, room_identity
+from chat.auth import (
+    Refused,
+    SocketToken,
+    SocketUser,
+    check_origin,
+    reading_token,
+    refuse,
+    room_identity,
+    shutting_down,
+)
 from chat.client import Client
 from chat.config import Settings
 from chat.connection import Connection
@@ -63,7 +72,7 @@ def _connect(hub: Hub, limits: Limits, user: Identity, client: Client) -> FrameG
     among the process's sockets (revocation, shutdown). Taken before accept; give it back with
     _disconnect. (Plain functions, not context managers: an idle socket keeps no extra frames.)"""
     if hub.closing:
-        raise Refused(503, "server shutting down: try again")  # the client reconnects elsewhere
+        raise shutting_down()
     try:
         guard = limits.open(user.user_id)
     except TooManyConnections:
@@ -168,10 +177,11 @@ async def room_socket(
     live: Annotated[Framing, Query()] = "frames",
 ) -> None:
     settings, engine, hub, presence, writer = shared.settings, shared.engine, shared.hub, shared.presence, shared.writer
-    # The token and the room in one read (a 401 still comes before any other refusal); a name
-    # that is not a room's never reaches the database.
+    # The token and the room in one read (a 401 still comes before any other refusal but a
+    # shutdown's); a name that is not a room's never reaches the database.
     valid = ROOM_NAME.fullmatch(room) is not None
-    user, seen = await room_identity(engine, token, room if valid else None)
+    with reading_token(hub):
+        user, seen = await room_identity(engine, token, room if valid else None)
     if not valid:
         raise Refused(400, "invalid room name: 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
     client = _client(websocket, settings, user)

@@ -13,9 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.protocol import State
 from websockets.typing import Origin
 
@@ -232,6 +233,58 @@ async def test_a_join_timeout_is_a_refusal_with_a_reason(
         assert 'chat_refusals_total{reason="room not ready"}' in metrics
         assert "event=refused kind=websocket" in server.log() and 'reason="room not ready: try again"' in server.log()
         assert "Exception in ASGI application" not in server.log()  # refused, not crashed
+    finally:
+        server.stop()
+
+
+# --- a shutdown that finds handshakes reading their tokens ---------------------------------------
+
+
+async def _answer(url: str, token: str) -> tuple[int, str]:
+    """A handshake's HTTP status and the reason it was refused (101: accepted; 0: no answer)."""
+    try:
+        async with connect(url, additional_headers={"Cookie": f"session={token}"}, open_timeout=30):
+            return 101, ""
+    except InvalidStatus as exc:
+        body = bytes(exc.response.body or b"")
+        return exc.response.status_code, json.loads(body)["detail"] if body.startswith(b"{") else body.decode()
+    except (OSError, InvalidHandshake) as exc:
+        return 0, repr(exc)
+
+
+async def test_handshakes_reading_their_tokens_at_sigterm_are_refused_with_503(
+    database_url: str, tmp_root: Path, engine: AsyncEngine, make_token: MakeToken
+) -> None:
+    """Seen once behind nginx in a rolling restart: a handshake still reading its token when the
+    drain ended was answered 500 by uvicorn's own shutdown, which nginx passes on. Here two are
+    held in that read (a lock on tokens) across SIGTERM: the drain waits for them and each gets
+    the documented 503; one that comes during the drain is refused at once, without a read."""
+    server = Server(database_url, tmp_root)
+    shutting_down = (503, "server shutting down: try again")
+    try:
+        token = await make_token()
+        async with engine.connect() as conn:
+            lock = await conn.begin()
+            await conn.execute(text("LOCK TABLE tokens IN ACCESS EXCLUSIVE MODE"))
+            paths = [f"/rooms/{unique('held')}/ws", "/socket"]  # the two ways a token is read
+            reading = [asyncio.create_task(_answer(server.ws(path), token)) for path in paths]
+            waiting = text(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                "WHERE c.relname = 'tokens' AND NOT l.granted"
+            )
+            async with asyncio.timeout(15), engine.connect() as look:  # both are in their token read
+                while await look.scalar(waiting) != len(paths):
+                    await asyncio.sleep(0.05)
+            server.proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(15):
+                while "going away" not in server.log():
+                    await asyncio.sleep(0.05)
+            during = await _answer(server.ws("/socket"), token)  # answered while the lock is still held
+            await lock.rollback()
+        assert [during, *await asyncio.gather(*reading)] == [shutting_down] * (1 + len(paths))
+        assert server.proc.wait(30) in (0, 128 + signal.SIGTERM)
+        assert "500 Internal Server Error" not in server.log()
+        assert "Exception in ASGI application" not in server.log()
     finally:
         server.stop()
 
