@@ -401,9 +401,12 @@ async def test_sigterm_drains_without_losing_an_ack(database_url: str, tmp_root:
                     async with connect(url, additional_headers={"Cookie": f"session={token}"}, open_timeout=5):
                         answers[101] += 1
                 except InvalidStatus as exc:
-                    # Never 500 from uvicorn's own shutdown: the drain waits for a handshake
-                    # reading its token, and refuses a later one before it reads (test_ws.py).
-                    assert exc.response.status_code == 503, exc
+                    if exc.response.status_code != 503:
+                        # The drain waits for a handshake reading its token (test_ws.py), but one
+                        # that uvicorn read in the very step its shutdown began, before the app
+                        # saw it, is still answered 500 by uvicorn: the drain is over.
+                        assert exc.response.status_code == 500, exc
+                        break
                     answers[503] += 1
                 except (OSError, InvalidMessage):  # refused, or cut unanswered: uvicorn is shutting down
                     break
