@@ -328,6 +328,9 @@ class Hub:
 
     def detach(self, client: Client) -> None:
         self.sockets.discard(client)
+        self._settle()
+
+    def _settle(self) -> None:
         if not self.sockets and not self._handshakes:
             self._idle.set()
 
@@ -341,8 +344,7 @@ class Hub:
             yield
         finally:
             self._handshakes -= 1
-            if not self.sockets and not self._handshakes:
-                self._idle.set()
+            self._settle()
 
     async def join(self, subscription: Subscription, *, timeout: float = 10.0) -> None:
         room_id = subscription.room_id
