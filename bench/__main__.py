@@ -49,7 +49,7 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--deflate/--no-deflate", default=None, help="Offer permessage-deflate like a browser [on].")
 @click.option("--fanout-processes", help="Process counts for scenario 6, NOTIFY vs Redis [default 1,2,4].")
 @click.option("--only", help=f"Comma-separated scenarios: {','.join(SCENARIOS)}.")
-@click.option("--profile", is_flag=True, default=None, help="py-spy chat server 0 in the top latency and hot runs.")
+@click.option("--profile", is_flag=True, default=None, help="py-spy server 0 in the top latency, hot and join runs.")
 @click.option(
     "--server-env",
     multiple=True,

@@ -93,7 +93,7 @@ class Knobs:
     scenarios: tuple[str, ...] = SCENARIOS
     out_dir: Path = field(default_factory=lambda: Path("bench-results"))
     database_url: str | None = None  # default: an embedded, durable Postgres in a temporary folder
-    profile: bool = False  # py-spy on chat server 0 during the highest-rate latency and hot sender runs
+    profile: bool = False  # py-spy on server 0 in the top latency and hot sender runs and the joins
     tokens: int = 20
     server_env: dict[str, str] = field(default_factory=lambda: dict(SERVER_ENV))  # for the chat servers
 

@@ -224,10 +224,20 @@ def _plain_joins(run: Run, plain: list[Server]) -> list[dict[str, Any]]:
                 path, joined, token = ("/ws", None, None) if bare else (f"/rooms/{room}/ws", room, run.tokens[0])
                 warm = {"urls": [s.ws(path) for s in servers], "room": joined, "token": token, "n": 5}
                 gen.call(0, "joins", warm)  # first joins warm caches and pools: not measured
+                # Both systems' joins profiled alike, to tell the stack's share from ours.
+                profile_to = run.log_dir / f"profile-plainjoin-{system}.txt" if knobs.profile and not bare else None
+                spy = profiling.start(servers[0].pid, None, profile_to) if profile_to else None
                 before = run.meter.snapshot()
                 result = gen.call(0, "joins", {**warm, "n": knobs.join_samples})
                 after = run.meter.snapshot()
                 row = {"system": system, "key": key, **_joined(result, knobs.join_samples, before, after)}
+                if spy is not None and profile_to is not None:
+                    profiling.stop(spy)
+                    if profile_to.exists():
+                        row["profile"] = {
+                            "file": str(profile_to),
+                            **profiling.summarize(profile_to, result["wall_s"] / len(servers)),
+                        }
                 log(f"  {system} {key}: p50 {_f(row['ready_ms']['p50'])} p99 {_f(row['ready_ms']['p99'])} ms")
                 rows.append(row)
     finally:
