@@ -41,6 +41,15 @@ def stop(spy: subprocess.Popen[bytes]) -> None:
         spy.kill()
 
 
+def collect(spy: subprocess.Popen[bytes] | None, raw: Path | None, seconds: float) -> dict[str, Any] | None:
+    """End a recording started without a duration, and its summary over `seconds` with the file it
+    is in (None: nothing was recorded)."""
+    if spy is None or raw is None:
+        return None
+    stop(spy)
+    return {"file": str(raw), **summarize(raw, seconds)} if raw.exists() else None
+
+
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]*)(?::\d+)?\)$")
 
 

@@ -231,13 +231,8 @@ def _plain_joins(run: Run, plain: list[Server]) -> list[dict[str, Any]]:
                 result = gen.call(0, "joins", {**warm, "n": knobs.join_samples})
                 after = run.meter.snapshot()
                 row = {"system": system, "key": key, **_joined(result, knobs.join_samples, before, after)}
-                if spy is not None and profile_to is not None:
-                    profiling.stop(spy)
-                    if profile_to.exists():
-                        row["profile"] = {
-                            "file": str(profile_to),
-                            **profiling.summarize(profile_to, result["wall_s"] / len(servers)),
-                        }
+                if (profile := profiling.collect(spy, profile_to, result["wall_s"] / len(servers))) is not None:
+                    row["profile"] = profile
                 log(f"  {system} {key}: p50 {_f(row['ready_ms']['p50'])} p99 {_f(row['ready_ms']['p99'])} ms")
                 rows.append(row)
     finally:
@@ -484,10 +479,10 @@ def join_cost(run: Run) -> dict[str, Any]:
     """Sequential joins, each timed from the TCP connect to the `ready` frame (for the bare
     accept: to the handshake), alternating between the server processes. The rooms of the main
     variants already have a member on every process, as a room being joined usually does; the
-    "first" variant joins rooms that do not exist yet, so each join also makes its room (and
-    its membership) and LISTENs to it. The
-    main variants' joins are one user's, again and again, as a reconnect or a reload is: within
-    the presence linger each finds the user online in the room already, and writes no presence.
+    "first" variant joins rooms that do not exist yet, so each join also makes its room (and its
+    membership) and LISTENs to it. The main variants' joins are one user's, again and again, as a
+    reconnect or a reload is: within the presence linger each finds the user online in the room
+    already, and writes no presence.
     The "online" variant is a different member each time, not online anywhere: its presence is
     written (and let go once the linger is over, while the next joins go on)."""
     knobs, gen = run.knobs, run.gen
@@ -563,13 +558,8 @@ def join_cost(run: Run) -> dict[str, Any]:
                 if key == "online":  # the comers' presence let go after the linger is theirs too
                     time.sleep(linger + 1.0)
                 after = run.meter.snapshot()
-                if spy is not None and profile_to is not None:
-                    profiling.stop(spy)
-                    if profile_to.exists():
-                        result["profile"] = {
-                            "file": str(profile_to),
-                            **profiling.summarize(profile_to, result["wall_s"] / len(run.chat)),
-                        }
+                if (profile := profiling.collect(spy, profile_to, result["wall_s"] / len(run.chat))) is not None:
+                    result["profile"] = profile
             row = {
                 "key": key,
                 "variant": label,
